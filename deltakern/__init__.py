@@ -1,0 +1,13 @@
+"""deltakern: fused GPU kernels for parameter-efficient fine-tuning (delta-tuning).
+
+`import deltakern` needs only torch: Triton and the CUDA extension are loaded when a CUDA op first
+needs them, and a missing piece raises an error that says what to install.
+"""
+
+__version__ = "0.1.0"
+
+from deltakern import nf4, nn  # noqa: E402  (nf4 registers the torch.ops.deltakern.nf4_* ops)
+from deltakern.nf4 import NF4Weight  # noqa: E402
+from deltakern.quantize import QuantizeSummary, quantize  # noqa: E402
+
+__all__ = ["NF4Weight", "QuantizeSummary", "nf4", "nn", "quantize", "__version__"]

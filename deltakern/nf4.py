@@ -1,0 +1,330 @@
+"""NF4 4-bit weights with (optionally) double-quantized block scales: the QLoRA format.
+
+Bit-compatible with bitsandbytes 0.50 (checked against its wheel in the tests):
+
+* the weight [N, K] is flattened row-major and cut into blocks of `blocksize` consecutive
+  elements (the last block may be partial); each block stores absmax = max|x| in fp32;
+* each element becomes the index of the nearest NF4 level to x / absmax (ties go to the lower
+  level), and byte i packs element 2i in the high nibble and element 2i+1 in the low nibble;
+* double quantization stores absmax - mean(absmax) with bitsandbytes' signed 8-bit dynamic map in
+  blocks of 256, plus one fp32 scale per 256 blocks and the fp32 mean ("offset");
+* dequantize: absmax = fp32(map[q] * nested_absmax) + offset (two roundings), then
+  out = cast(fp32(code[nibble] * absmax)).
+
+One documented difference: bitsandbytes' CPU quantizer for the 8-bit nested absmax does not always
+pick the nearest map entry (about 0.15% of entries land on the neighbour when the value is within
+~2e-5 of a midpoint). `quantize` always picks the nearest entry; the 4-bit codes, the fp32 absmax,
+the offset and the nested scales are identical, and every checkpoint either side writes is read
+bit-exactly by the other.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from typing import Mapping, Optional
+
+import torch
+
+from deltakern import _codes
+
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+NESTED_BLOCKSIZE = 256
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+QUANT_TYPES = ("nf4", "fp4")
+_DTYPE_NAMES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def check_blocksize(blocksize) -> int:
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
+    return blocksize
+
+
+@dataclass(eq=False)
+class NF4Weight:
+    """A frozen 4-bit weight: packed codes plus everything needed to decode them.
+
+    packed:        the bytes, shape [(n+1)//2, 1] in `quant_storage` dtype (uint8 by default)
+    absmax:        fp32 [blocks], or uint8 [blocks] when double-quantized (`nested`)
+    shape, dtype:  the dense weight's shape and dtype (the default dequantize dtype)
+    code:          fp32 [16] levels (NF4 or FP4)
+    nested_absmax: fp32 [ceil(blocks/256)] and nested_code fp32 [256] and offset, when nested
+    """
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    blocksize: int
+    code: torch.Tensor
+    quant_type: str = "nf4"
+    nested_absmax: Optional[torch.Tensor] = None
+    nested_code: Optional[torch.Tensor] = None
+    offset: float = 0.0
+    nested_blocksize: int = NESTED_BLOCKSIZE
+    quant_storage: torch.dtype = field(default=torch.uint8)
+
+    # ---- derived facts -------------------------------------------------------------------
+    @property
+    def nested(self) -> bool:
+        return self.nested_absmax is not None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.numel // self.blocksize)
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held on the device: packed codes, scales and code books."""
+        tensors = [self.packed, self.absmax, self.code, self.nested_absmax, self.nested_code]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def packed_bytes(self) -> torch.Tensor:
+        """The packed codes as a flat uint8 tensor (a view, whatever `quant_storage` is)."""
+        return self.packed.reshape(-1).view(torch.uint8)
+
+    def to(self, device) -> "NF4Weight":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return replace(
+            self,
+            packed=move(self.packed),
+            absmax=move(self.absmax),
+            code=move(self.code),
+            nested_absmax=move(self.nested_absmax),
+            nested_code=move(self.nested_code),
+        )
+
+    def absmax_fp32(self) -> torch.Tensor:
+        """The per-block fp32 scales (decodes the nested 8-bit form, rounding as bitsandbytes)."""
+        from deltakern.triton_kernels.nf4_ref import absmax_ref
+
+        return absmax_ref(self.absmax, self.nested_absmax, self.nested_code, self.offset, self.nested_blocksize)
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        return dequantize(self, dtype)
+
+    def validate(self) -> "NF4Weight":
+        """Raise ValueError/TypeError if the parts do not describe one consistent weight."""
+        check_blocksize(self.blocksize)
+        if self.quant_type not in QUANT_TYPES:
+            raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {self.quant_type!r}")
+        if self.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"dtype must be one of {FLOAT_DTYPES}, got {self.dtype}")
+        n = self.numel
+        if len(self.shape) == 0 or n == 0:
+            raise ValueError(f"shape must be non-empty, got {tuple(self.shape)}")
+        n_bytes = self.packed.numel() * self.packed.element_size()
+        if n_bytes != (n + 1) // 2:
+            raise ValueError(
+                f"packed weight holds {n_bytes} bytes but shape {tuple(self.shape)} needs "
+                f"{(n + 1) // 2} ((numel+1)//2)"
+            )
+        _check_table("code", self.code, 16)
+        want_absmax = torch.uint8 if self.nested else torch.float32
+        if self.absmax.dtype != want_absmax:
+            raise TypeError(f"absmax must be {want_absmax} here, got {self.absmax.dtype}")
+        if self.absmax.numel() != self.n_blocks:
+            raise ValueError(
+                f"absmax has {self.absmax.numel()} entries but shape {tuple(self.shape)} with "
+                f"blocksize {self.blocksize} has {self.n_blocks} blocks"
+            )
+        if self.nested:
+            if self.nested_code is None:
+                raise ValueError("a nested weight needs nested_code (256 fp32 values)")
+            _check_table("nested_code", self.nested_code, 256)
+            if self.nested_blocksize != NESTED_BLOCKSIZE:
+                raise ValueError(f"nested_blocksize must be {NESTED_BLOCKSIZE}, got {self.nested_blocksize}")
+            groups = -(-self.n_blocks // self.nested_blocksize)
+            if self.nested_absmax.dtype != torch.float32 or self.nested_absmax.numel() != groups:
+                raise ValueError(
+                    f"nested_absmax must be fp32 with {groups} entries, got "
+                    f"{self.nested_absmax.dtype} with {self.nested_absmax.numel()}"
+                )
+            if not math.isfinite(self.offset):
+                raise ValueError(f"nested offset must be finite, got {self.offset}")
+        devices = {t.device for t in (self.packed, self.absmax, self.code, self.nested_absmax, self.nested_code) if t is not None}
+        if len(devices) > 1:
+            raise ValueError(f"all parts of an NF4Weight must be on one device, got {sorted(map(str, devices))}")
+        return self
+
+    # ---- bitsandbytes checkpoints --------------------------------------------------------
+    @classmethod
+    def from_bnb_state_dict(cls, state_dict: Mapping[str, torch.Tensor], prefix: str = "weight") -> "NF4Weight":
+        """Read the keys a bitsandbytes Linear4bit saves for its weight named `prefix`.
+
+        Keys: `{prefix}`, `{prefix}.absmax`, `{prefix}.quant_map`, `{prefix}.quant_state.bitsandbytes__nf4`
+        (or `__fp4`), and when double-quantized `{prefix}.nested_absmax`, `{prefix}.nested_quant_map`.
+        Everything is validated before the weight is built, so a bad checkpoint loads nothing.
+        """
+        state_keys = [k for k in state_dict if k.startswith(f"{prefix}.quant_state.bitsandbytes__")]
+        if len(state_keys) != 1:
+            raise ValueError(
+                f"expected exactly one '{prefix}.quant_state.bitsandbytes__nf4' (or __fp4) key, found "
+                f"{state_keys or 'none'}"
+            )
+        quant_type = state_keys[0].rsplit("__", 1)[1]
+        if quant_type not in QUANT_TYPES:
+            raise ValueError(f"unknown quant type {quant_type!r} in key {state_keys[0]!r}")
+        meta = _parse_quant_state(state_dict[state_keys[0]], state_keys[0])
+        if meta.get("quant_type", quant_type) != quant_type:
+            raise ValueError(f"quant state says {meta['quant_type']!r} but its key says {quant_type!r}")
+        nested = "nested_offset" in meta
+        needed = [prefix, f"{prefix}.absmax", f"{prefix}.quant_map"]
+        if nested:
+            needed += [f"{prefix}.nested_absmax", f"{prefix}.nested_quant_map"]
+        missing = [k for k in needed if k not in state_dict]
+        if missing:
+            raise ValueError(f"bitsandbytes state dict is missing keys: {missing}")
+        try:
+            dtype = _DTYPE_NAMES[meta["dtype"]]
+            shape = torch.Size(int(s) for s in meta["shape"])
+            blocksize = int(meta["blocksize"])
+            offset = float(meta["nested_offset"]) if nested else 0.0
+            nested_blocksize = int(meta.get("nested_blocksize", NESTED_BLOCKSIZE))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"malformed quant state in {state_keys[0]!r}: {exc!r}; got {meta}") from None
+        packed = state_dict[prefix]
+        weight = cls(
+            packed=packed,
+            absmax=state_dict[f"{prefix}.absmax"],
+            shape=shape,
+            dtype=dtype,
+            blocksize=blocksize,
+            code=state_dict[f"{prefix}.quant_map"].float(),
+            quant_type=quant_type,
+            nested_absmax=state_dict[f"{prefix}.nested_absmax"] if nested else None,
+            nested_code=state_dict[f"{prefix}.nested_quant_map"].float() if nested else None,
+            offset=offset,
+            nested_blocksize=nested_blocksize,
+            quant_storage=packed.dtype,
+        )
+        return weight.validate()
+
+    def to_bnb_state_dict(self, prefix: str = "weight") -> dict[str, torch.Tensor]:
+        """The keys and tensors bitsandbytes' Linear4bit writes, byte-identical to its own."""
+        meta = {"quant_type": self.quant_type, "blocksize": self.blocksize, "dtype": _dtype_name(self.dtype), "shape": list(self.shape)}
+        out = {prefix: self.packed, f"{prefix}.absmax": self.absmax, f"{prefix}.quant_map": self.code}
+        if self.nested:
+            meta.update(nested_blocksize=self.nested_blocksize, nested_dtype="float32", nested_offset=self.offset)
+            out[f"{prefix}.nested_absmax"] = self.nested_absmax
+            out[f"{prefix}.nested_quant_map"] = self.nested_code
+        blob = torch.tensor(list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8)
+        out[f"{prefix}.quant_state.bitsandbytes__{self.quant_type}"] = blob
+        return out
+
+
+def _check_table(name: str, t: torch.Tensor, size: int):
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.numel() != size:
+        raise ValueError(f"{name} must be an fp32 tensor of {size} values, got {getattr(t, 'dtype', type(t))} "
+                         f"with {getattr(t, 'numel', lambda: '?')()} values")
+
+
+def _parse_quant_state(blob, key: str) -> dict:
+    if not isinstance(blob, torch.Tensor) or blob.dtype != torch.uint8:
+        raise ValueError(f"{key!r} must be a uint8 tensor holding utf-8 JSON")
+    try:
+        meta = json.loads(bytes(blob.reshape(-1).tolist()).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{key!r} does not hold valid utf-8 JSON: {exc}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{key!r} must hold a JSON object, got {type(meta).__name__}")
+    missing = [k for k in ("blocksize", "dtype", "shape") if k not in meta]
+    if missing:
+        raise ValueError(f"quant state {key!r} lacks fields {missing}: {meta}")
+    if meta["dtype"] not in _DTYPE_NAMES:
+        raise ValueError(f"quant state {key!r} has unsupported dtype {meta['dtype']!r}")
+    return meta
+
+
+# ---- quantize / dequantize ------------------------------------------------------------------
+
+def quantize(
+    weight: torch.Tensor,
+    blocksize: int = 64,
+    double_quant: bool = True,
+    quant_storage: torch.dtype = torch.uint8,
+) -> NF4Weight:
+    """Quantize a dense fp16/bf16/fp32 weight of any shape to NF4 (on its own device)."""
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"weight must be float16, bfloat16 or float32, got {weight.dtype}")
+    check_blocksize(blocksize)
+    if weight.numel() == 0:
+        raise ValueError("weight is empty")
+    if not isinstance(quant_storage, torch.dtype) or quant_storage.is_complex:
+        raise TypeError(f"quant_storage must be a real torch dtype, got {quant_storage!r}")
+    n_bad = int((~torch.isfinite(weight)).sum())
+    if n_bad:
+        raise ValueError(f"weight has {n_bad} non-finite values (NaN/Inf) out of {weight.numel()}; refusing to quantize")
+    n_bytes = (weight.numel() + 1) // 2
+    itemsize = torch.empty((), dtype=quant_storage).element_size()
+    if n_bytes % itemsize:
+        raise ValueError(f"{n_bytes} packed bytes do not fill whole {quant_storage} elements ({itemsize} bytes each)")
+
+    packed, absmax = torch.ops.deltakern.nf4_quantize(weight.detach().contiguous().reshape(-1), blocksize)
+    packed = packed.view(quant_storage).unsqueeze(1)
+    code = _codes.nf4_code(weight.device)
+    if not double_quant:
+        return NF4Weight(packed, absmax, weight.shape, weight.dtype, blocksize, code, quant_storage=quant_storage)
+    offset = absmax.mean()
+    q, nested_absmax, nested_code = quantize_nested(absmax - offset)
+    return NF4Weight(
+        packed, q, weight.shape, weight.dtype, blocksize, code,
+        nested_absmax=nested_absmax, nested_code=nested_code, offset=float(offset), quant_storage=quant_storage,
+    )
+
+
+def quantize_nested(x: torch.Tensor):
+    """8-bit blockwise quantization (blocks of 256) of fp32 `x` with the signed dynamic map.
+
+    Returns (uint8 codes, fp32 per-block absmax, the map). Each value takes the index of the map
+    entry nearest to x / absmax (true fp32 division; distances compared in fp32, ties to the lower
+    index), searching a copy of the map whose first entry is -1.0 as bitsandbytes does. A block
+    whose absmax is 0 stores the index of 0.0, so it still decodes to exactly the offset.
+    """
+    code = _codes.dynamic_map(x.device)
+    search = code.clone()
+    search[0] = -1.0
+    n = x.numel()
+    groups = -(-n // NESTED_BLOCKSIZE)
+    padded = torch.nn.functional.pad(x, (0, groups * NESTED_BLOCKSIZE - n)).view(groups, NESTED_BLOCKSIZE)
+    absmax = padded.abs().amax(dim=1)
+    z = (padded / absmax[:, None]).reshape(-1)[:n]
+    lo = (torch.searchsorted(search, z, right=True) - 1).clamp(0, 255)
+    hi = (lo + 1).clamp(max=255)
+    pick_hi = (hi != lo) & ((z - search[hi]).abs() < (z - search[lo]).abs())
+    q = torch.where(pick_hi, hi, lo)
+    zero_index = int(torch.nonzero(code == 0)[0])
+    q = torch.where(torch.isnan(z), zero_index, q)
+    return q.to(torch.uint8), absmax, code
+
+
+def dequantize(q: NF4Weight, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The dense weight (shape `q.shape`) in `dtype` (default: the original weight dtype)."""
+    if not isinstance(q, NF4Weight):
+        raise TypeError(f"expected an NF4Weight, got {type(q).__name__}")
+    dtype = q.dtype if dtype is None else dtype
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+    flat = torch.ops.deltakern.nf4_dequantize(
+        q.packed_bytes(), q.absmax, q.nested_absmax, q.nested_code, q.offset, q.code, q.numel, q.blocksize, dtype
+    )
+    return flat.view(q.shape)
+
+
+from deltakern.ops import nf4 as _register_ops  # noqa: E402,F401  (defines torch.ops.deltakern.nf4_*)

@@ -1,0 +1,73 @@
+"""`deltakern.quantize(model)`: replace a model's nn.Linear layers by NF4Linear, in place."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from deltakern.nn.nf4_linear import NF4Linear
+
+
+@dataclass
+class QuantizeSummary:
+    layers: int
+    bytes_before: int
+    bytes_after: int
+    skipped: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        ratio = self.bytes_before / max(self.bytes_after, 1)
+        return (f"quantized {self.layers} linear layers to NF4: {self.bytes_before / 2**20:.2f} MiB -> "
+                f"{self.bytes_after / 2**20:.2f} MiB ({ratio:.2f}x smaller); skipped {len(self.skipped)}: "
+                f"{', '.join(self.skipped) or '-'}")
+
+
+def _matches(name: str, patterns) -> bool:
+    """A pattern matches a module name exactly, as a dotted suffix, or as a regex (fullmatch)."""
+    for p in patterns:
+        if name == p or name.endswith("." + p) or re.fullmatch(p, name):
+            return True
+    return False
+
+
+def _tensor_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)])
+
+
+def quantize(model: nn.Module, skip=("lm_head",), blocksize: int = 64, double_quant: bool = True,
+             quant_storage: torch.dtype = torch.uint8, progress: bool = True) -> QuantizeSummary:
+    """Replace every nn.Linear of `model` (except names matching `skip`) by an NF4Linear, in place.
+
+    One layer at a time, on the layer's own device: the extra peak memory is about one layer's
+    dense weight. Returns the number of layers and the bytes of their weights before and after.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(skip, str):
+        skip = (skip,)
+    from deltakern.nf4 import check_blocksize
+
+    check_blocksize(blocksize)
+    targets, skipped = [], []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            (skipped if _matches(name, skip) else targets).append(name)
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+    it = tqdm(targets, desc="NF4", unit="layer", disable=not progress) if tqdm else targets
+    before = after = 0
+    for name in it:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        linear = getattr(parent, child)
+        before += _tensor_bytes(linear)
+        q = NF4Linear.from_linear(linear, blocksize=blocksize, double_quant=double_quant, quant_storage=quant_storage)
+        setattr(parent, child, q)
+        del linear
+        after += _tensor_bytes(q)
+    return QuantizeSummary(len(targets), before, after, skipped)

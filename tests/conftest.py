@@ -1,0 +1,19 @@
+"""Test lanes: CPU references vs bitsandbytes/PEFT, the Triton interpreter (TRITON_INTERPRET=1, set
+by the test modules that need it when no GPU is present), the extension build, and `-m gpu`
+(skipped without CUDA)."""
+
+import pytest
+import torch
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (run with `pytest -m gpu` on a GPU machine)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
