@@ -12,8 +12,8 @@ Bit-compatible with bitsandbytes 0.50 (checked against its wheel in the tests):
   out = cast(fp32(code[nibble] * absmax)).
 
 One documented difference: bitsandbytes' CPU quantizer for the 8-bit nested absmax does not always
-pick the nearest map entry (about 0.15% of entries land on the neighbour when the value is within
-~2e-5 of a midpoint). `quantize` always picks the nearest entry; the 4-bit codes, the fp32 absmax,
+pick the nearest map entry: about 0.15% of entries land on another entry, mostly within 1e-4
+(relative to the nested scale) as near as the nearest one, rarely up to ~3e-3 farther. `quantize` always picks the nearest entry; the 4-bit codes, the fp32 absmax,
 the offset and the nested scales are identical, and every checkpoint either side writes is read
 bit-exactly by the other.
 """
