@@ -1,0 +1,135 @@
+"""NF4Linear and deltakern.quantize(model) on the CPU."""
+
+import pytest
+import torch
+from torch import nn
+
+import deltakern
+from deltakern import nf4
+from deltakern.nn import NF4Linear
+
+bnb = pytest.importorskip("bitsandbytes")
+
+
+def _linear(i=70, o=33, bias=True, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(i, o, bias=bias).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_forward_equals_dequantized_linear(dtype):
+    lin = _linear(dtype=dtype)
+    m = NF4Linear.from_linear(lin)
+    x = torch.randn(2, 5, 70, dtype=dtype)
+    ref = torch.nn.functional.linear(x, nf4.dequantize(nf4.quantize(lin.weight), dtype), lin.bias)
+    assert torch.equal(m(x), ref)
+    assert m.weight.shape == (33, 70) and m.bias.requires_grad  # the bias keeps its requires_grad
+
+
+def test_state_dict_is_bnb_format_and_round_trips():
+    m = NF4Linear.from_linear(_linear())
+    sd = m.state_dict()
+    assert set(sd) == {"weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax",
+                       "weight.nested_quant_map", "weight.quant_state.bitsandbytes__nf4", "bias"}
+    fresh = NF4Linear.from_linear(_linear(seed=1))
+    fresh.load_state_dict(sd)
+    x = torch.randn(4, 70)
+    assert torch.equal(fresh(x), m(x))
+
+
+def test_bnb_linear4bit_checkpoint_round_trip():
+    """A bnb Linear4bit's state dict loads into NF4Linear, and ours loads into bnb, same outputs."""
+    lin = _linear(dtype=torch.bfloat16)
+    theirs = bnb.nn.Linear4bit(70, 33, bias=True, compute_dtype=torch.bfloat16, quant_type="nf4")
+    theirs.load_state_dict(lin.state_dict())
+    theirs = theirs.to("cpu")  # bitsandbytes quantizes on the first move to a device
+    assert theirs.weight.bnb_quantized
+    x = torch.randn(3, 70, dtype=torch.bfloat16)
+    ours = NF4Linear.from_linear(_linear(seed=5, dtype=torch.bfloat16))
+    ours.load_state_dict(theirs.state_dict())
+    w_theirs = bnb.functional.dequantize_4bit(theirs.weight.data, theirs.weight.quant_state)
+    assert torch.equal(nf4.dequantize(ours.weight), w_theirs)
+
+    sd = NF4Linear.from_linear(lin).state_dict()
+    stats = {k[len("weight."):]: v for k, v in sd.items() if k.startswith("weight.")}
+    p = bnb.nn.Params4bit.from_prequantized(sd["weight"], stats, device="cpu")
+    assert torch.equal(bnb.functional.dequantize_4bit(p.data, p.quant_state), nf4.dequantize(nf4.quantize(lin.weight)))
+
+
+def test_load_rejects_bad_checkpoint_and_changes_nothing():
+    m = NF4Linear.from_linear(_linear())
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    other = NF4Linear.from_linear(_linear(i=64, o=33, seed=2)).state_dict()
+    with pytest.raises(RuntimeError, match=r"checkpoint weight has shape \(33, 64\)"):
+        m.load_state_dict(other)
+    sd = NF4Linear.from_linear(_linear(seed=3)).state_dict()
+    sd["weight.absmax"] = sd["weight.absmax"][:-1]
+    with pytest.raises(RuntimeError, match="absmax has"):
+        m.load_state_dict(sd)
+    after = m.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        m.load_state_dict({"bias": torch.zeros(33)})
+
+
+def test_bad_construction():
+    with pytest.raises(TypeError, match="NF4Weight"):
+        NF4Linear(torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="2-D"):
+        NF4Linear(nf4.quantize(torch.randn(2, 3, 64)))
+    with pytest.raises(ValueError, match="bias must have shape"):
+        NF4Linear(nf4.quantize(torch.randn(4, 64)), torch.zeros(5))
+    with pytest.raises(TypeError, match="nn.Linear"):
+        NF4Linear.from_linear(nn.Conv1d(2, 2, 1))
+    with pytest.raises(ValueError, match="expects 70"):
+        NF4Linear.from_linear(_linear())(torch.randn(2, 69))
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 64)
+        self.blocks = nn.ModuleList(nn.ModuleDict({"q_proj": nn.Linear(64, 64), "mlp": nn.Linear(64, 128, bias=False)})
+                                    for _ in range(2))
+        self.lm_head = nn.Linear(128, 10)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        for b in self.blocks:
+            h = b["mlp"](b["q_proj"](h))[..., :64]
+        return self.lm_head(torch.cat([h, h], -1))
+
+
+def test_quantize_model_in_place():
+    torch.manual_seed(0)
+    model = Tiny()
+    ids = torch.randint(0, 10, (2, 7))
+    before = model(ids)
+    summary = deltakern.quantize(model, progress=False)
+    assert summary.layers == 4 and summary.skipped == ["lm_head"]
+    assert isinstance(model.blocks[0]["q_proj"], NF4Linear) and isinstance(model.lm_head, nn.Linear)
+    dense = 2 * (64 * 64 * 4 + 64 * 4 + 64 * 128 * 4)
+    assert summary.bytes_before == dense
+    assert summary.bytes_after == sum(m.weight.nbytes + (m.bias.numel() * 4 if m.bias is not None else 0)
+                                      for m in model.modules() if isinstance(m, NF4Linear))
+    assert summary.bytes_after < dense / 4
+    after = model(ids)
+    assert (after - before).abs().max() < 0.2 * before.abs().max()
+    assert "quantized 4 linear layers" in str(summary)
+
+
+def test_quantize_model_skip_patterns_and_errors():
+    model = Tiny()
+    summary = deltakern.quantize(model, skip=("lm_head", r"blocks\.1\..*", "mlp"), progress=False)
+    assert summary.layers == 1 and isinstance(model.blocks[0]["q_proj"], NF4Linear)
+    with pytest.raises(ValueError, match="blocksize"):
+        deltakern.quantize(Tiny(), blocksize=100)
+    with pytest.raises(TypeError, match="nn.Module"):
+        deltakern.quantize("model")
+
+
+def test_compile_fullgraph():
+    m = NF4Linear.from_linear(_linear())
+    x = torch.randn(3, 70)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x), m(x))
