@@ -2,8 +2,16 @@
 by the test modules that need it when no GPU is present), the extension build, and `-m gpu`
 (skipped without CUDA)."""
 
-import pytest
+import os
+
 import torch
+
+if not torch.cuda.is_available():
+    # Without a GPU the Triton kernels run in Triton's CPU interpreter; this must be set before any
+    # kernel module is imported, i.e. before the test modules are collected.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 
 def pytest_configure(config):

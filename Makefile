@@ -1,0 +1,36 @@
+# make demo  - set up a virtual environment and run the main job
+# make test  - set up the same environment and run the tests (CPU, Triton interpreter, extension build)
+# make gpu-test / make bench - on a machine with a CUDA GPU
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.deltakern-installed
+
+.PHONY: setup demo test gpu-test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+demo: setup
+	$(PY) -m deltakern.demo
+
+test: setup
+	$(PY) -m pytest -q -m "not gpu" tests
+
+gpu-test: setup
+	$(PY) -m pytest -q -m gpu tests
+
+bench: setup
+	$(PY) benchmarks/run.py --out benchmarks/results.json
+
+clean:
+	rm -rf build *.egg-info deltakern/_C*.so $(VENV)
