@@ -1,0 +1,91 @@
+"""Shared benchmark helpers: CUDA-event timing, the device's own ceilings, environment, JSON.
+
+Every benchmark reports ratios against numbers measured in the same run on the same device:
+the copy bandwidth (bytes read + written per second of a large device-to-device copy) and the
+bf16 matmul throughput (8192^3).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+from importlib import metadata
+
+import torch
+
+
+def require_cuda():
+    if not torch.cuda.is_available():
+        sys.exit("this benchmark needs a CUDA GPU (torch.cuda.is_available() is False)")
+
+
+def bench(fn, warmup: int = 10, reps: int = 50) -> float:
+    """Median milliseconds of fn() by CUDA events, L2 flushed before each rep."""
+    flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def peak_mib(fn) -> float:
+    """Peak memory allocated above the starting point while fn() runs, in MiB."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def ceilings() -> dict:
+    """The device's copy bandwidth (GB/s) and bf16 matmul throughput (TFLOP/s), measured now."""
+    src = torch.empty(2**31, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    copy_ms = bench(lambda: dst.copy_(src), reps=20)
+    del src, dst
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    mm_ms = bench(lambda: a @ b, reps=20)
+    return {"copy_gbps": 2 * 2**31 / copy_ms / 1e6, "matmul_bf16_tflops": 2 * 8192**3 / mm_ms / 1e9}
+
+
+def environment() -> dict:
+    def version(name):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    env = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("triton", "bitsandbytes", "peft", "transformers", "deltakern"):
+        env[name] = version(name)
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def write_json(path, payload):
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)
+    print(f"wrote {path}")
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    """A GitHub-markdown table of `rows` restricted to `columns` (floats to 3 significant places)."""
+    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
