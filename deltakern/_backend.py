@@ -2,14 +2,17 @@
 
 `DELTAKERN_BACKEND` picks it, read at call time so tests and benchmarks can switch:
   triton (default) - the Triton kernels in deltakern.triton_kernels
-  cuda             - the CUDA C++ kernels in deltakern._C (ops that have one)
+  cuda             - the CUDA C++ kernels in deltakern._C (ops that have one; cuBLAS compositions
+                     for the others)
+  torch            - the pure-torch references, on the GPU too (for comparison)
 CPU tensors always run the pure-torch references.
 """
 
 import functools
+import importlib
 import os
 
-BACKENDS = ("triton", "cuda")
+BACKENDS = ("triton", "cuda", "torch")
 
 
 def backend() -> str:
@@ -38,9 +41,7 @@ def require_triton():
         )
 
 
-def triton_kernels():
-    """The Triton kernel package, imported on first use (never at `import deltakern`)."""
+def triton_module(name: str):
+    """deltakern.triton_kernels.<name>, imported on first use (never at `import deltakern`)."""
     require_triton()
-    from deltakern import triton_kernels as tk
-
-    return tk
+    return importlib.import_module(f"deltakern.triton_kernels.{name}")

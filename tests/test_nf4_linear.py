@@ -133,3 +133,14 @@ def test_compile_fullgraph():
     x = torch.randn(3, 70)
     compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(x), m(x))
+
+
+def test_dtype_cast_keeps_the_format():
+    m = NF4Linear.from_linear(_linear()).to(torch.bfloat16)
+    assert m.bias.dtype == torch.bfloat16
+    assert m.weight.absmax.dtype == torch.uint8 and m.weight.code.dtype == torch.float32
+    assert m.weight.nested_absmax.dtype == torch.float32
+    x = torch.randn(2, 70, dtype=torch.bfloat16)
+    assert m(x).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="this layer is"):
+        m.set_weight(nf4.quantize(torch.randn(4, 64)))

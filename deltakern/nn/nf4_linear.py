@@ -31,7 +31,7 @@ class NF4Linear(nn.Module):
                 raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
             bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
         self.bias = bias
-        self._set_weight(weight)
+        self.set_weight(weight)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True, quant_storage=torch.uint8):
@@ -44,10 +44,27 @@ class NF4Linear(nn.Module):
             module.bias.requires_grad_(linear.bias.requires_grad)
         return module
 
-    def _set_weight(self, weight: nf4.NF4Weight):
+    def set_weight(self, weight: nf4.NF4Weight):
+        """Replace the frozen weight (same shape), e.g. after merging a delta and requantizing."""
+        if not isinstance(weight, nf4.NF4Weight):
+            raise TypeError(f"weight must be an NF4Weight, got {type(weight).__name__}")
+        if hasattr(self, "_meta") and tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight has shape {tuple(weight.shape)}, this layer is "
+                             f"{(self.out_features, self.in_features)}")
         for name in _PARTS:
             self.register_buffer(f"_{name}", getattr(weight, name), persistent=False)
         self._meta = {k: getattr(weight, k) for k in ("shape", "dtype", "blocksize", "quant_type", "offset", "nested_blocksize", "quant_storage")}
+
+    def _apply(self, fn, recurse=True):
+        """`.to(device)` moves the weight; `.to(dtype)`/`.half()` cast only the bias: the packed codes
+        and fp32 scales are the format itself, and the compute dtype follows the input."""
+        keep = {name: getattr(self, f"_{name}") for name in _PARTS}
+        super()._apply(fn, recurse)
+        for name, old in keep.items():
+            new = getattr(self, f"_{name}")
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[f"_{name}"] = old.to(new.device)
+        return self
 
     @property
     def weight(self) -> nf4.NF4Weight:
@@ -83,7 +100,7 @@ class NF4Linear(nn.Module):
             except (ValueError, TypeError) as exc:
                 error_msgs.append(f"{prefix}weight: {exc}")
                 return  # load nothing of this module, the bias included
-            self._set_weight(weight.to(self._packed.device))
+            self.set_weight(weight.to(self._packed.device))
         rest = {k: v for k, v in state_dict.items() if k not in own}
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 

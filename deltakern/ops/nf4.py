@@ -21,8 +21,8 @@ def _refs():
 @torch.library.custom_op("deltakern::nf4_quantize", mutates_args=())
 def nf4_quantize(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat fp16/bf16/fp32 x -> (packed uint8 [(n+1)//2], fp32 absmax [ceil(n/blocksize)])."""
-    if x.device.type == "cuda":
-        return _backend.triton_kernels().nf4.quantize_nf4(x, blocksize)
+    if x.device.type == "cuda" and _backend.backend() != "torch":
+        return _backend.triton_module("nf4").quantize_nf4(x, blocksize)
     return _refs().quantize_nf4_ref(x, blocksize)
 
 
@@ -46,12 +46,12 @@ def nf4_dequantize(
 ) -> torch.Tensor:
     """Flat packed uint8 + scales -> flat [n] tensor of `dtype`; absmax is uint8 when nested."""
     args = (packed, absmax, n, blocksize, dtype, code, nested_absmax, nested_code, offset)
-    if packed.device.type == "cuda":
+    if packed.device.type == "cuda" and _backend.backend() != "torch":
         if _backend.backend() == "cuda":
             from deltakern import _ext
 
             return _ext.dequantize_nf4_cuda(packed, absmax, nested_absmax, nested_code, offset, code, n, blocksize, dtype)
-        return _backend.triton_kernels().nf4.dequantize_nf4(*args)
+        return _backend.triton_module("nf4").dequantize_nf4(*args)
     return _refs().dequantize_nf4_ref(*args)
 
 

@@ -1,0 +1,307 @@
+"""LoRA / QLoRA linear as one autograd Function over the fused `deltakern::lora_*` ops."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from deltakern import _backend
+from deltakern.ops import lora as _ops
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_FUSED_R = 128  # the Triton kernels pad r to a power of two >= 16 held in registers
+
+
+def _use_triton(M: int, N: int, K: int, weight_kind: str, r: int = 16) -> bool:
+    """Whether a CUDA call runs the fused Triton kernels (True) or the torch composition (False).
+
+    The composition is cuBLAS for a dense W (addmm for the base, addmm_ for the LoRA term; dX =
+    dY.W, then addmm_ of dyb.A) and dequantize-to-dense-then-cuBLAS for NF4 (a transient dense W
+    per call, freed before the next layer; never saved for backward).
+
+    `DELTAKERN_LORA_IMPL=triton|torch` forces the choice. The defaults below are UNTUNED guesses
+    made without a GPU to measure on:
+      dense: Triton only for small M (M <= 64), where fusing saves a launch and an [M, N] pass;
+             cuBLAS otherwise (it is the stronger matmul at training shapes).
+      nf4:   Triton for M <= 1024 (reading 4-bit W is what bounds small M); dequantize + cuBLAS
+             above, where re-decoding a W tile for every M tile costs more than one dequantize.
+      r > 128 always takes the composition.
+    """
+    forced = os.environ.get("DELTAKERN_LORA_IMPL", "").strip().lower()
+    if forced == "triton":
+        return True
+    if forced == "torch":
+        return False
+    if forced:
+        raise ValueError(f"DELTAKERN_LORA_IMPL={forced!r} is not one of ('triton', 'torch')")
+    if r > _MAX_FUSED_R:
+        return False
+    if weight_kind == "nf4":
+        return M <= 1024
+    return M <= 64
+
+
+def _fused(x: torch.Tensor, M: int, N: int, K: int, weight_kind: str, r: int) -> bool:
+    """CPU tensors: the fused op (its CPU kernel is the pure-torch reference) unless the
+    composition is forced. CUDA: `_use_triton`, except that DELTAKERN_BACKEND=cuda (no CUDA C++
+    LoRA kernel exists) or =torch means the cuBLAS composition."""
+    if x.device.type != "cuda":
+        return os.environ.get("DELTAKERN_LORA_IMPL", "").strip().lower() != "torch"
+    if _backend.backend() in ("cuda", "torch") or r > _MAX_FUSED_R or M * max(N, K) >= 2**31 or N * K >= 2**31:
+        return False  # (the Triton kernels index with int32)
+    return _use_triton(M, N, K, weight_kind, r)
+
+
+def _dropped(x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+    """x * keep / (1 - p), computed the same way in forward and backward."""
+    return torch.where(keep, x * scale, 0.0).to(x.dtype)
+
+
+def _compose_out(x2, w, bias, xa, lora_B, scaling):
+    out = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias, x2, w.t())
+    return out.addmm_(xa, lora_B.t(), alpha=scaling)
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    r"""y = x W^T + b + s (D(x) A^T) B^T, with W frozen (dense or NF4).
+
+    Shapes: x [..., K] (flattened to [M, K]), W [N, K], b [N], A [r, K], B [N, r], s = scaling.
+    D is inverted dropout on the LoRA branch only (PEFT's semantics): x_d = D(x) = x * m / (1 - p)
+    with m ~ Bernoulli(1 - p) drawn as torch's dropout draws it (same RNG stream: seeding torch
+    gives PEFT's mask); with p = 0 or outside training x_d = x and no mask exists.
+
+    Forward:
+        xa  = x_d A^T                                   [M, r]  (torch matmul)
+        y   = x W^T + s xa B^T + b                      [M, N]  (one fused op, fp32 accumulator)
+    Backward, with dY = dL/dy [M, N]:
+        dyb = dY B                                      [M, r]  (torch matmul)
+        dX  = dY W + s (dyb A) * m / (1 - p)            [M, K]  (one fused op; mask term only if p > 0)
+        dA  = s dyb^T x_d                               [r, K]
+        dB  = s dY^T xa                                 [N, r]
+        db  = sum over tokens of dY                     [N]     (folded into dB's matmul as a
+                                                                 column of ones when both are needed)
+        dW  : never computed; a W that requires grad is rejected (PEFT freezes the base weight).
+    Saved for backward: x (only if dA is needed), the bool keep-mask (only if p > 0), xa (only if
+    dB is needed), and the parameters themselves (W as given: dense, or the packed NF4 bytes with
+    their decoded fp32 block scales). No dequantized copy of W is ever saved.
+    NF4 weights are dequantized to x's dtype: cast(fp32(code[nibble] * absmax[block])).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, absmax, code, bias, lora_A, lora_B, scaling, dropout_p, blocksize):
+        with torch.autocast(x.device.type, enabled=False):  # lora_linear already cast the inputs
+            return LoRALinearFunction._forward(ctx, x, weight, absmax, code, bias, lora_A, lora_B, scaling,
+                                               dropout_p, blocksize)
+
+    @staticmethod
+    def backward(ctx, dy):
+        with torch.autocast(dy.device.type, enabled=False):
+            return LoRALinearFunction._backward(ctx, dy)
+
+    @staticmethod
+    def _forward(ctx, x, weight, absmax, code, bias, lora_A, lora_B, scaling, dropout_p, blocksize):
+        K = x.shape[-1]
+        N, r = lora_B.shape
+        x2 = x.reshape(-1, K)
+        M = x2.shape[0]
+        is_nf4 = absmax is not None
+        fused = _fused(x2, M, N, K, "nf4" if is_nf4 else "dense", r)
+
+        if dropout_p > 0.0:
+            keep = torch.native_dropout(x2, dropout_p, True)[1]
+            xd = _dropped(x2, keep, 1.0 / (1.0 - dropout_p))
+        else:
+            keep = None
+            xd = x2
+        xa = torch.mm(xd, lora_A.t())
+
+        if is_nf4 and fused:
+            out = torch.ops.deltakern.lora_fwd_nf4(x2, weight, absmax, code, N, K, blocksize, bias, xa, lora_B, scaling)
+        elif fused:
+            out = torch.ops.deltakern.lora_fwd(x2, weight, bias, xa, lora_B, scaling)
+        else:
+            w = _ops.nf4_weight_ref(weight, absmax, code, N, K, blocksize, x.dtype) if is_nf4 else weight
+            out = _compose_out(x2, w, bias, xa, lora_B, scaling)
+
+        need_A, need_B = ctx.needs_input_grad[5], ctx.needs_input_grad[6]
+        ctx.save_for_backward(
+            x2 if need_A else None, keep, xa if need_B else None, weight, absmax, code, lora_A, lora_B
+        )
+        ctx.meta = (tuple(x.shape), M, N, K, r, float(scaling), float(dropout_p), int(blocksize), is_nf4, fused)
+        return out.view(*x.shape[:-1], N)
+
+    @staticmethod
+    def _backward(ctx, dy):
+        x2, keep, xa, weight, absmax, code, lora_A, lora_B = ctx.saved_tensors
+        x_shape, M, N, K, r, s, p, blocksize, is_nf4, fused = ctx.meta
+        need_x, _, _, _, need_bias, need_A, need_B = ctx.needs_input_grad[:7]
+        dy2 = dy.reshape(M, N)
+        keep_scale = 1.0 / (1.0 - p)
+        dx = db = dA = dB = None
+
+        dyb = torch.mm(dy2, lora_B) if (need_x or need_A) else None
+        if need_x:
+            if is_nf4 and fused:
+                dx = torch.ops.deltakern.lora_dx_nf4(dy2, weight, absmax, code, N, K, blocksize, dyb, lora_A, s,
+                                                     keep, keep_scale)
+            elif fused:
+                dx = torch.ops.deltakern.lora_dx(dy2, weight, dyb, lora_A, s, keep, keep_scale)
+            else:
+                w = _ops.nf4_weight_ref(weight, absmax, code, N, K, blocksize, dy.dtype) if is_nf4 else weight
+                dx = torch.mm(dy2, w)
+                if keep is None:
+                    dx.addmm_(dyb, lora_A, alpha=s)
+                else:
+                    dx.add_(_dropped(torch.mm(dyb, lora_A), keep, keep_scale), alpha=s)
+            dx = dx.view(x_shape)
+        if need_A:
+            xd = x2 if keep is None else _dropped(x2, keep, keep_scale)
+            dA = torch.mm(dyb.t(), xd).mul_(s)
+        if need_B and need_bias:
+            cols = torch.cat([xa * s, xa.new_ones(M, 1)], dim=1)
+            both = torch.mm(dy2.t(), cols)  # [N, r + 1]: s dY^T xa | dY^T 1
+            dB, db = both[:, :r].contiguous(), both[:, r].contiguous()
+        elif need_B:
+            dB = torch.mm(dy2.t(), xa * s)
+        elif need_bias:
+            db = dy2.sum(0)
+        return dx, None, None, None, db, dA, dB, None, None, None
+
+
+def _nf4_type():
+    from deltakern.nf4 import NF4Weight
+
+    return NF4Weight
+
+
+def _check_param(name: str, t, dtype: torch.dtype, device: torch.device, shape: Optional[tuple]):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise TypeError(
+            f"{name} has dtype {t.dtype} but x has {dtype}; cast them to one dtype (or run under "
+            "torch.autocast, which casts both)"
+        )
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but x is on {device}")
+    if shape is not None and tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = True,
+) -> torch.Tensor:
+    """y = x W^T + b + scaling * (dropout(x) A^T) B^T, fused (see LoRALinearFunction for the maths).
+
+    x [..., K]; weight: a frozen dense tensor [N, K] or a `deltakern.NF4Weight` of shape [N, K];
+    bias [N] or None; lora_A [r, K]; lora_B [N, r]. Dropout (probability `dropout_p`, PEFT's
+    inverted dropout on the LoRA branch only) applies when `training` is true.
+
+    x, lora_A, lora_B, bias and a dense weight must share one dtype (fp16, bf16 or fp32) and one
+    device; an NF4 weight is dequantized to x's dtype. Under torch.autocast the floating inputs are
+    cast to the autocast dtype first (gradients flow back through the casts). A weight that
+    requires grad raises ValueError: training the base weight is not supported.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (its last is in_features)")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+        raise TypeError(f"scaling must be a float, got {type(scaling).__name__}")
+
+    NF4Weight = _nf4_type()
+    is_nf4 = isinstance(weight, NF4Weight)
+    if not is_nf4 and not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor or an NF4Weight, got {type(weight).__name__}")
+    if not is_nf4 and weight.requires_grad:
+        raise ValueError(
+            "weight requires grad: lora_linear never computes a gradient for the base weight; "
+            "freeze it (weight.requires_grad_(False)) as PEFT does"
+        )
+
+    if x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
+        cast = torch.get_autocast_dtype(x.device.type)
+        x, lora_A, lora_B = x.to(cast), lora_A.to(cast), lora_B.to(cast)
+        if bias is not None:
+            bias = bias.to(cast)
+        if not is_nf4:
+            weight = weight.to(cast)
+
+    dtype, device = x.dtype, x.device
+    if dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16 or float32, got {dtype}")
+    if is_nf4:
+        if len(weight.shape) != 2:
+            raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+        if weight.device != device:
+            raise ValueError(f"weight is on {weight.device} but x is on {device}")
+        N, K = weight.shape
+    else:
+        if weight.dim() != 2:
+            raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+        _check_param("weight", weight, dtype, device, None)
+        N, K = weight.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"x has {x.shape[-1]} features in its last dimension, the weight expects {K}")
+    if not isinstance(lora_A, torch.Tensor) or lora_A.dim() != 2:
+        raise ValueError("lora_A must be a 2-D tensor [r, in_features]")
+    r = lora_A.shape[0]
+    _check_param("lora_A", lora_A, dtype, device, (r, K))
+    _check_param("lora_B", lora_B, dtype, device, (N, r))
+    if bias is not None:
+        _check_param("bias", bias, dtype, device, (N,))
+
+    p = float(dropout_p) if training else 0.0
+    if is_nf4:
+        return LoRALinearFunction.apply(
+            x, weight.packed_bytes(), weight.absmax_fp32(), weight.code, bias, lora_A, lora_B,
+            float(scaling), p, int(weight.blocksize),
+        )
+    return LoRALinearFunction.apply(x, weight, None, None, bias, lora_A, lora_B, float(scaling), p, 0)
+
+
+def lora_linear_ref(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=True, keep=None):
+    """Plain-torch reference (autograd by torch, any device, any float dtype incl. float64).
+
+    `keep` is an optional bool keep-mask [..., K] to use instead of drawing one (so tests can
+    replay a mask); otherwise dropout is torch's.
+    """
+    NF4Weight = _nf4_type()
+    if isinstance(weight, NF4Weight):
+        weight = weight.dequantize(x.dtype)
+    xd = x
+    if training and dropout_p > 0.0:
+        if keep is None:
+            xd = torch.nn.functional.dropout(x, dropout_p, True)
+        else:
+            xd = x * keep.to(x.dtype) / (1.0 - dropout_p)
+    out = torch.nn.functional.linear(x, weight, bias)
+    return out + scaling * torch.nn.functional.linear(torch.nn.functional.linear(xd, lora_A), lora_B)
+
+
+def lora_linear_backward_ref(dy, x, weight, lora_A, lora_B, scaling, keep=None, dropout_p=0.0):
+    """The gradients written out in LoRALinearFunction, in plain torch: (dx, dA, dB, db).
+
+    x [M, K], dy [M, N], weight dense [N, K]; keep: bool keep-mask [M, K] or None.
+    """
+    xd = x if keep is None else x * keep.to(x.dtype) / (1.0 - dropout_p)
+    dyb = dy @ lora_B
+    lora_dx = scaling * (dyb @ lora_A)
+    if keep is not None:
+        lora_dx = lora_dx * keep.to(x.dtype) / (1.0 - dropout_p)
+    dx = dy @ weight + lora_dx
+    dA = scaling * dyb.t() @ xd
+    dB = scaling * dy.t() @ (xd @ lora_A.t())
+    db = dy.sum(0)
+    return dx, dA, dB, db

@@ -1,0 +1,134 @@
+"""LoRALinear: a frozen linear (dense nn.Linear or 4-bit NF4Linear) plus a trainable low-rank update.
+
+    y = base(x) + scaling * lora_B(lora_A(dropout(x))),   scaling = alpha / r  (alpha / sqrt(r) with rsLoRA)
+
+Initialisation, scaling and dropout follow PEFT's LoRA (lora_A: kaiming_uniform_(a=sqrt(5)),
+lora_B: zeros; dropout on the LoRA branch only), so a PEFT adapter's tensors load directly into
+`lora_A` [r, in_features] and `lora_B` [out_features, r]. The forward is one call to
+`deltakern.autograd.lora.lora_linear`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from deltakern.autograd.lora import lora_linear
+
+
+def _nf4_type():
+    from deltakern.nf4 import NF4Weight
+
+    return NF4Weight
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+        super().__init__()
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise ValueError(f"r must be a positive int, got {r!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0 or not math.isfinite(alpha):
+            raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+        weight = getattr(base, "weight", None)
+        NF4Weight = _nf4_type()
+        if isinstance(base, nn.Linear) and isinstance(weight, torch.Tensor):
+            self.is_nf4 = False
+            out_features, in_features = weight.shape
+            dtype, device = weight.dtype, weight.device
+            weight.requires_grad_(False)
+        elif isinstance(base, nn.Module) and isinstance(weight, NF4Weight):
+            self.is_nf4 = True
+            if len(weight.shape) != 2:
+                raise ValueError(f"base's NF4 weight must be 2-D, got shape {tuple(weight.shape)}")
+            out_features, in_features = weight.shape
+            dtype, device = weight.dtype, weight.device
+        else:
+            raise TypeError(
+                f"base must be an nn.Linear or a module whose .weight is an NF4Weight (e.g. "
+                f"deltakern.nn.NF4Linear), got {type(base).__name__}"
+            )
+        bias = getattr(base, "bias", None)
+        if isinstance(bias, torch.Tensor):
+            bias.requires_grad_(False)  # PEFT's bias="none": the whole base layer is frozen
+
+        self.base = base
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.r, self.alpha, self.dropout, self.use_rslora = r, alpha, float(dropout), bool(use_rslora)
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, dtype=dtype, device=device))
+        self.merged = False
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self):
+        """PEFT's default init: A ~ kaiming_uniform_(a=sqrt(5)), B = 0 (so the adapter starts as a no-op)."""
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"x must have in_features={self.in_features} in its last dimension, got shape {tuple(x.shape)}"
+            )
+        if self.merged:
+            return self.base(x)
+        return lora_linear(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scaling,
+                           self.dropout, self.training)
+
+    # ---- merging ------------------------------------------------------------------------------
+
+    def _delta(self) -> torch.Tensor:
+        return self.scaling * (self.lora_B.detach().float() @ self.lora_A.detach().float())
+
+    def merge(self, requantize: bool = False):
+        """Fold the adapter into the base weight: W <- W + scaling * B A (fp32 maths, one rounding).
+
+        For an NF4 base this dequantizes, adds and requantizes; that is lossy (the result is not
+        W + s B A exactly and `unmerge` cannot restore the original codes), so it only happens
+        with `requantize=True`.
+        """
+        if self.merged:
+            raise RuntimeError("the adapter is already merged; call unmerge() first")
+        self._apply_delta(+1.0, requantize)
+        self.merged = True
+
+    def unmerge(self, requantize: bool = False):
+        """Undo `merge`: W <- W - scaling * B A. Exact up to the rounding of the dense dtype for a
+        dense base; for an NF4 base it requantizes again (`requantize=True` required)."""
+        if not self.merged:
+            raise RuntimeError("the adapter is not merged")
+        self._apply_delta(-1.0, requantize)
+        self.merged = False
+
+    def _apply_delta(self, sign: float, requantize: bool):
+        if not self.is_nf4:
+            with torch.no_grad():
+                w = self.base.weight
+                w.copy_((w.float() + sign * self._delta()).to(w.dtype))
+            return
+        if not requantize:
+            raise ValueError(
+                "the base weight is NF4: merging means dequantize, add scaling*B@A, and quantize again, "
+                "which loses precision (the merged layer is not exactly base + adapter, and unmerge "
+                "cannot restore the original 4-bit weight). Call merge(requantize=True) / "
+                "unmerge(requantize=True) to do it anyway, or keep the adapter unmerged."
+            )
+        from deltakern import nf4
+
+        q = self.base.weight
+        dense = nf4.dequantize(q, torch.float32) + sign * self._delta().to(q.device)
+        new = nf4.quantize(dense.to(q.dtype), blocksize=q.blocksize, double_quant=q.nested,
+                           quant_storage=q.quant_storage)
+        self.base.set_weight(new)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout}, "
+                f"rslora={self.use_rslora}, nf4={self.is_nf4}, merged={self.merged}")

@@ -1,0 +1,395 @@
+# Fused LoRA / QLoRA linear: Triton kernels.
+#
+# Forward   out[M, N] = x[M, K] . W[N, K]^T + s * xa[M, r] . B[N, r]^T (+ bias[N])
+# Backward  dx[M, K]  = dy[M, N] . W[N, K]   + s * (dyb[M, r] . A[r, K]) * mask * 1/(1-p)
+#
+# W is dense (fp16 / bf16 / fp32, any strides) or NF4 (bitsandbytes layout: flat index n*K + k,
+# byte index // 2, high nibble first, one fp32 absmax per `blocksize` consecutive flat elements).
+# NF4 tiles are dequantized in registers inside the reduction loop: bytes and absmax are gathered
+# by flat index, so odd K (rows straddling bytes and blocks) needs no special case and no dense
+# copy of W is ever written to memory. xa = dropout(x) . A^T and dyb = dy . B are computed by the
+# caller (tiny [M, r] matmuls); the LoRA term is one extra tl.dot per output tile after the
+# reduction loop, added into the same fp32 accumulator, with the bias in the epilogue.
+#
+# Limits: r <= 128 (r is padded to a power of two >= 16 as a constexpr); every operand's element
+# offsets (and N * K for NF4) < 2**31 (int32 index math; the launchers check). No split-K yet, so
+# small M under-fills the GPU (the dX grid is ceil(M/BM) * ceil(K/BK) programs). The references
+# these kernels are tested against live in deltakern/ops/lora.py (pure torch, no Triton needed).
+#
+# Cost model (bf16, M=8192, K=4096, N=14336, r=16): forward 2*M*N*K = 0.96 TFLOP, so it is
+# matmul-bound (~1.4 ms at 700 TFLOP/s); the LoRA dot adds 2*M*N*r (+0.4 %). Bytes: x and W read
+# once per tile row/column (W: 117 MB dense, 29 MB + 3.7 MB absmax as NF4), out written once.
+# For decode (M <= 16) the kernel is bound by reading W: NF4 moves ~0.27x the bytes of bf16.
+#
+# Autotuning: a few configs keyed on (M bucket, N, K, flags). Pinned to one config when
+# TRITON_INTERPRET=1 (tiny tiles, CPU interpreter) or DELTAKERN_TRITON_PIN=1 (first GPU config).
+# The GPU configs are untuned guesses: no GPU was available when this file was written.
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_PIN = os.environ.get("DELTAKERN_TRITON_PIN", "0") == "1"
+
+_MAX_R = 128
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages); the first entry is the pinned one.
+# For the dX kernel BLOCK_N is the reduction tile (over N) and BLOCK_K the output-column tile.
+# NF4 tiles gather two fp32 values per weight element (code, absmax), which the software pipeline
+# stages through shared memory, so the NF4 lists use fewer stages.
+_CONFIGS = {
+    ("fwd", "dense"): [
+        (128, 128, 64, 8, 8, 3), (128, 256, 64, 8, 8, 3), (128, 128, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4),
+        (64, 64, 64, 8, 4, 4), (16, 64, 128, 1, 4, 4), (16, 128, 64, 1, 4, 3), (16, 32, 128, 1, 4, 4),
+    ],
+    ("fwd", "nf4"): [
+        (128, 128, 64, 8, 8, 2), (128, 128, 32, 8, 8, 3), (64, 128, 64, 8, 4, 2), (64, 64, 64, 8, 4, 3),
+        (32, 128, 64, 4, 4, 2), (16, 128, 64, 1, 4, 2), (16, 64, 128, 1, 4, 2), (16, 32, 128, 1, 4, 3),
+    ],
+    ("dx", "dense"): [
+        (128, 64, 128, 8, 8, 3), (128, 64, 256, 8, 8, 3), (128, 64, 128, 8, 4, 4), (64, 64, 128, 8, 4, 4),
+        (64, 64, 64, 8, 4, 4), (16, 128, 64, 1, 4, 3),
+    ],
+    ("dx", "nf4"): [
+        (128, 64, 128, 8, 8, 2), (128, 32, 128, 8, 8, 3), (64, 64, 128, 8, 4, 2), (64, 64, 64, 8, 4, 3),
+        (16, 128, 64, 1, 4, 2),
+    ],
+}
+_SMEM_BUDGET = 200 * 1024  # H100/H200 allow 227 KB per block; keep a margin for the epilogue
+
+
+def _configs(kernel, weight):
+    if _INTERPRET:
+        shapes = [(16, 32, 32, 4, 4, 1)]
+    else:
+        shapes = _CONFIGS[(kernel, weight)]
+        if _PIN:
+            shapes = shapes[:1]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g}, num_warps=w, num_stages=s)
+        for bm, bn, bk, g, w, s in shapes
+    ]
+
+
+def _smem_estimate(kernel, cfg, elem, nf4):
+    """Rough shared-memory bytes of one config (fitted to sm_90 compiles of these kernels)."""
+    bm, bn, bk, stages = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"], cfg.num_stages
+    red, other = (bk, bn) if kernel == "fwd" else (bn, bk)  # reduction tile, W's other dim
+    operands = (bm * red + red * other) * elem
+    if not nf4:
+        return max(stages, 1) * operands
+    return operands + max(stages - 1, 0) * (bm * red * elem + red * other * 8)
+
+
+def _fit_smem(kernel, nf4):
+    def prune(configs, named_args, **kwargs):
+        elem = named_args["x_ptr" if kernel == "fwd" else "dy_ptr"].element_size()
+        kept, seen = [], set()
+        for cfg in configs:
+            while cfg.num_stages > 1 and _smem_estimate(kernel, cfg, elem, nf4) > _SMEM_BUDGET:
+                cfg = triton.Config(dict(cfg.kwargs), num_warps=cfg.num_warps, num_stages=cfg.num_stages - 1)
+            if _smem_estimate(kernel, cfg, elem, nf4) > _SMEM_BUDGET:
+                continue
+            sig = (tuple(sorted(cfg.kwargs.items())), cfg.num_warps, cfg.num_stages)
+            if sig not in seen:
+                seen.add(sig)
+                kept.append(cfg)
+        return kept or configs[-1:]
+
+    return {"early_config_prune": prune}
+
+
+# --------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_weight_tile(w_ptr, absmax_ptr, code_ptr, rows, cols, N, K, stride_wn, stride_wk,
+                      IS_NF4: tl.constexpr, NF4_BLOCK: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """W[rows, cols] for broadcastable index tensors `rows` (n) and `cols` (k), 0 outside."""
+    inb = (rows < N) & (cols < K)
+    if IS_NF4:
+        idx = rows * K + cols  # flat element index, row-major over [N, K]
+        byte = tl.load(w_ptr + (idx >> 1), mask=inb, other=0).to(tl.int32)
+        nib = (byte >> ((1 - (idx & 1)) * 4)) & 0xF  # even index -> high nibble
+        val = tl.load(code_ptr + nib)  # nib is always in [0, 16)
+        amax = tl.load(absmax_ptr + idx // NF4_BLOCK, mask=inb, other=0.0)
+        w = (val * amax).to(OUT_DTYPE)  # fp32 product, one rounding to the compute dtype
+    else:
+        w = tl.load(w_ptr + rows * stride_wn + cols * stride_wk, mask=inb, other=0.0)
+    return w
+
+
+@triton.jit
+def _mma(a, b, acc, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    if DOT_FP32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _tile_ids(M, N_OUT, BLOCK_M: tl.constexpr, BLOCK_OUT: tl.constexpr, GROUP_M: tl.constexpr):
+    # grouped ordering: GROUP_M row tiles share the column tiles they stream (L2 reuse of W)
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_o = tl.cdiv(N_OUT, BLOCK_OUT)
+    per_group = GROUP_M * num_o
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_o = (pid % per_group) // group_rows
+    return pid_m, pid_o
+
+
+@triton.jit
+def _lora_fwd_kernel(
+    x_ptr, w_ptr, absmax_ptr, code_ptr, xa_ptr, b_ptr, bias_ptr, out_ptr,
+    M, N, K, R, M_BUCKET,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_am, stride_ar,
+    stride_bn, stride_br, stride_om, stride_on,
+    scaling,
+    IS_NF4: tl.constexpr, NF4_BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr,
+    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m[:, None] < M
+    cdt = x_ptr.dtype.element_ty
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + offs_k
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + ks[None, :] * stride_xk,
+                    mask=m_ok & (ks[None, :] < K), other=0.0)
+        # W^T tile [BLOCK_K, BLOCK_N]: rows of W are n, columns k
+        wt = _load_weight_tile(w_ptr, absmax_ptr, code_ptr, offs_n[None, :], ks[:, None], N, K,
+                               stride_wn, stride_wk, IS_NF4, NF4_BLOCK, cdt)
+        acc = _mma(x, wt, acc, DOT_FP32, INPUT_PRECISION)
+
+    # LoRA term: [BLOCK_M, R_PAD] . [R_PAD, BLOCK_N], r zero-padded
+    offs_r = tl.arange(0, R_PAD)
+    xa = tl.load(xa_ptr + offs_m[:, None] * stride_am + offs_r[None, :] * stride_ar,
+                 mask=m_ok & (offs_r[None, :] < R), other=0.0)
+    bt = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
+                 mask=(offs_n[None, :] < N) & (offs_r[:, None] < R), other=0.0)
+    lora = _mma(xa, bt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_FP32, INPUT_PRECISION)
+    acc += scaling * lora
+
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        acc += bias[None, :]
+
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=m_ok & (offs_n[None, :] < N))
+
+
+@triton.jit
+def _lora_dx_kernel(
+    dy_ptr, w_ptr, absmax_ptr, code_ptr, dyb_ptr, a_ptr, mask_ptr, dx_ptr,
+    M, N, K, R, M_BUCKET,
+    stride_dym, stride_dyn, stride_wn, stride_wk, stride_bm, stride_br,
+    stride_ar, stride_ak, stride_mm, stride_mk, stride_xm, stride_xk,
+    scaling, mask_scale,
+    IS_NF4: tl.constexpr, NF4_BLOCK: tl.constexpr, HAS_MASK: tl.constexpr, R_PAD: tl.constexpr,
+    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # output tile [BLOCK_M, BLOCK_K] of dx; reduction over N; HAS_MASK: dropout keep-mask
+    pid_m, pid_k = _tile_ids(M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = tl.arange(0, BLOCK_N)
+    m_ok = offs_m[:, None] < M
+    k_ok = offs_k[None, :] < K
+    cdt = dy_ptr.dtype.element_ty
+
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        ns = n0 + offs_n
+        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + ns[None, :] * stride_dyn,
+                     mask=m_ok & (ns[None, :] < N), other=0.0)
+        w = _load_weight_tile(w_ptr, absmax_ptr, code_ptr, ns[:, None], offs_k[None, :], N, K,
+                              stride_wn, stride_wk, IS_NF4, NF4_BLOCK, cdt)
+        acc = _mma(dy, w, acc, DOT_FP32, INPUT_PRECISION)
+
+    offs_r = tl.arange(0, R_PAD)
+    dyb = tl.load(dyb_ptr + offs_m[:, None] * stride_bm + offs_r[None, :] * stride_br,
+                  mask=m_ok & (offs_r[None, :] < R), other=0.0)
+    a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                mask=(offs_r[:, None] < R) & k_ok, other=0.0)
+    lora = _mma(dyb, a, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), DOT_FP32, INPUT_PRECISION)
+    if HAS_MASK:
+        keep = tl.load(mask_ptr + offs_m[:, None] * stride_mm + offs_k[None, :] * stride_mk,
+                       mask=m_ok & k_ok, other=0)
+        lora = tl.where(keep != 0, lora * mask_scale, 0.0)
+    acc += scaling * lora
+
+    tl.store(dx_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+             acc.to(dx_ptr.dtype.element_ty), mask=m_ok & k_ok)
+
+
+# One autotuner per (kernel, weight kind) over the same jit function: separate config lists.
+def _tuned(fn, kernel, weight, flag):
+    return triton.autotune(configs=_configs(kernel, weight), key=["M_BUCKET", "N", "K", "R_PAD", flag],
+                           prune_configs_by=_fit_smem(kernel, weight == "nf4"))(fn)
+
+
+_FWD = {0: _tuned(_lora_fwd_kernel, "fwd", "dense", "HAS_BIAS"), 1: _tuned(_lora_fwd_kernel, "fwd", "nf4", "HAS_BIAS")}
+_DX = {0: _tuned(_lora_dx_kernel, "dx", "dense", "HAS_MASK"), 1: _tuned(_lora_dx_kernel, "dx", "nf4", "HAS_MASK")}
+
+
+# --------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _r_pad(r):
+    if r < 1 or r > _MAX_R:
+        raise ValueError(f"LoRA rank r={r} is outside the kernel's range [1, {_MAX_R}]")
+    return max(16, triton.next_power_of_2(r))
+
+
+def _m_bucket(m):
+    return triton.next_power_of_2(max(int(m), 1))
+
+
+def _dot_flags(dtype):
+    """(DOT_FP32, INPUT_PRECISION). The interpreter computes bf16 tl.dot wrongly: upcast there."""
+    if dtype == torch.float32:
+        tf32 = (not _INTERPRET) and torch.backends.cuda.matmul.allow_tf32
+        return 0, ("tf32" if tf32 else "ieee")
+    if dtype == torch.bfloat16 and _INTERPRET:
+        return 1, "ieee"
+    return 0, "tf32"  # the default; it only affects fp32 operands
+
+
+def _check(cond, msg):
+    if not cond:
+        raise ValueError(msg)
+
+
+def _check_int32(name, t):
+    """Tile offsets are int32: the largest element offset of a 2-D operand must fit."""
+    if t is not None and t.numel() > 0:
+        last = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+        _check(last < 2**31, f"{name} spans {last + 1} elements; the kernel's int32 offsets need < 2**31")
+
+
+def _weight_args(weight, nf4, N, K):
+    """(w_ptr tensor, absmax, code, stride_wn, stride_wk, IS_NF4, NF4_BLOCK)."""
+    if nf4 is None:
+        _check(weight.dim() == 2 and tuple(weight.shape) == (N, K),
+               f"weight must be [N, K] = [{N}, {K}], got {tuple(weight.shape)}")
+        return weight, weight, weight, weight.stride(0), weight.stride(1), 0, 1
+    absmax, code, blocksize = nf4
+    _check(N * K < 2**31, f"NF4 weight with N*K = {N * K} elements needs int64 indexing (unsupported)")
+    packed = weight.reshape(-1)
+    if packed.dtype != torch.uint8:
+        packed = packed.view(torch.uint8)  # other quant_storage dtypes hold the same bytes
+    _check(packed.numel() >= (N * K + 1) // 2, f"packed NF4 data has {packed.numel()} bytes, need {(N * K + 1) // 2}")
+    _check(absmax.dtype == torch.float32 and absmax.numel() >= triton.cdiv(N * K, blocksize),
+           "absmax must be fp32 with ceil(N*K/blocksize) entries")
+    _check(code.dtype == torch.float32 and code.numel() == 16, "code must be 16 fp32 values")
+    _check(blocksize > 0 and blocksize & (blocksize - 1) == 0, f"blocksize {blocksize} must be a power of two")
+    return packed, absmax.contiguous(), code.contiguous(), 0, 0, 1, int(blocksize)
+
+
+def lora_forward(x, weight, bias, xa, lora_B, scaling, nf4=None):
+    """out = x . W^T + s * xa . B^T (+ bias).
+
+    x [M, K]; weight: dense [N, K] in x's dtype, or (with `nf4=(absmax_fp32, code, blocksize)`)
+    the packed NF4 bytes of an [N, K] weight whose N is lora_B.shape[0]; xa [M, r]; lora_B [N, r];
+    bias [N] or None. Returns [M, N] in x's dtype.
+    """
+    _check(x.dim() == 2, f"x must be 2-D, got {x.dim()}-D")
+    M, K = x.shape
+    N, r = lora_B.shape
+    dtype = x.dtype
+    _check(dtype in _DTYPES, f"unsupported dtype {dtype}")
+    _check(tuple(xa.shape) == (M, r), f"xa must be [{M}, {r}], got {tuple(xa.shape)}")
+    for name, t in (("xa", xa), ("lora_B", lora_B), ("bias", bias)) + ((("weight", weight),) if nf4 is None else ()):
+        if t is not None:
+            _check(t.dtype == dtype, f"{name} dtype {t.dtype} != x dtype {dtype}")
+            _check(t.device == x.device, f"{name} is on {t.device}, x on {x.device}")
+    if bias is not None:
+        _check(bias.shape == (N,), f"bias must be [{N}]")
+        bias = bias.contiguous()
+    w, absmax, code, swn, swk, is_nf4, blk = _weight_args(weight, nf4, N, K)
+    out = torch.empty((M, N), device=x.device, dtype=dtype)
+    for name, t in (("x", x), ("weight", weight if nf4 is None else None), ("out", out)):
+        _check_int32(name, t)
+    if M == 0 or N == 0:
+        return out
+    if K == 0:
+        raise ValueError("K must be >= 1")
+    dot_fp32, precision = _dot_flags(dtype)
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    _FWD[is_nf4][grid](
+        x, w, absmax, code, xa, lora_B, bias if bias is not None else x, out,
+        M, N, K, r, _m_bucket(M),
+        x.stride(0), x.stride(1), swn, swk, xa.stride(0), xa.stride(1),
+        lora_B.stride(0), lora_B.stride(1), out.stride(0), out.stride(1),
+        float(scaling),
+        IS_NF4=is_nf4, NF4_BLOCK=blk, HAS_BIAS=int(bias is not None), R_PAD=_r_pad(r),
+        DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
+    )
+    return out
+
+
+def lora_backward_dx(dy, weight, dyb, lora_A, scaling, mask=None, mask_scale=1.0, nf4=None):
+    """dx = dy . W + s * (dyb . A) [* mask * mask_scale].
+
+    dy [M, N]; weight dense [N, K] or packed NF4 (see lora_forward); dyb = dy . B [M, r];
+    lora_A [r, K]; mask: the dropout keep-mask [M, K] (bool / uint8) or None. Returns [M, K].
+    """
+    _check(dy.dim() == 2, f"dy must be 2-D, got {dy.dim()}-D")
+    M, N = dy.shape
+    r, K = lora_A.shape
+    dtype = dy.dtype
+    _check(dtype in _DTYPES, f"unsupported dtype {dtype}")
+    _check(tuple(dyb.shape) == (M, r), f"dyb must be [{M}, {r}], got {tuple(dyb.shape)}")
+    for name, t in (("dyb", dyb), ("lora_A", lora_A)) + ((("weight", weight),) if nf4 is None else ()):
+        _check(t.dtype == dtype, f"{name} dtype {t.dtype} != dy dtype {dtype}")
+        _check(t.device == dy.device, f"{name} is on {t.device}, dy on {dy.device}")
+    if mask is not None:
+        _check(tuple(mask.shape) == (M, K), f"mask must be [{M}, {K}]")
+        if mask.dtype == torch.bool:
+            mask = mask.view(torch.uint8)
+    w, absmax, code, swn, swk, is_nf4, blk = _weight_args(weight, nf4, N, K)
+    out = torch.empty((M, K), device=dy.device, dtype=dtype)
+    for name, t in (("dy", dy), ("weight", weight if nf4 is None else None), ("mask", mask), ("dx", out)):
+        _check_int32(name, t)
+    if M == 0 or K == 0:
+        return out
+    if N == 0:
+        raise ValueError("N must be >= 1")
+    dot_fp32, precision = _dot_flags(dtype)
+    m = mask if mask is not None else dy
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
+
+    _DX[is_nf4][grid](
+        dy, w, absmax, code, dyb, lora_A, m, out,
+        M, N, K, r, _m_bucket(M),
+        dy.stride(0), dy.stride(1), swn, swk, dyb.stride(0), dyb.stride(1),
+        lora_A.stride(0), lora_A.stride(1), m.stride(0), m.stride(1), out.stride(0), out.stride(1),
+        float(scaling), float(mask_scale),
+        IS_NF4=is_nf4, NF4_BLOCK=blk, HAS_MASK=int(mask is not None), R_PAD=_r_pad(r),
+        DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
+    )
+    return out
