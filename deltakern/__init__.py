@@ -7,8 +7,9 @@ needs them, and a missing piece raises an error that says what to install.
 __version__ = "0.1.0"
 
 from deltakern import nf4, nn  # noqa: E402  (nf4 registers the torch.ops.deltakern.nf4_* ops)
-from deltakern.autograd.lora import lora_linear  # noqa: E402
+from deltakern.autograd import dora_linear, lora_linear  # noqa: E402  (registers the ops)
+from deltakern.autograd.linear import linear  # noqa: E402
 from deltakern.nf4 import NF4Weight  # noqa: E402
 from deltakern.quantize import QuantizeSummary, quantize  # noqa: E402
 
-__all__ = ["NF4Weight", "QuantizeSummary", "lora_linear", "nf4", "nn", "quantize", "__version__"]
+__all__ = ["NF4Weight", "QuantizeSummary", "dora_linear", "linear", "lora_linear", "nf4", "nn", "quantize", "__version__"]

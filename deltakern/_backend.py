@@ -31,6 +31,10 @@ def _triton_import_error():
     return None
 
 
+def triton_available() -> bool:
+    return _triton_import_error() is None
+
+
 def require_triton():
     err = _triton_import_error()
     if err is not None:

@@ -1,0 +1,219 @@
+# NF4 blockwise 4-bit quantization, bit-compatible with bitsandbytes 0.50.2.
+#
+# Format. n elements, flattened row-major, split into blocks of `blocksize` consecutive elements
+# (32, 64, ..., 4096; the last block may be partial). Byte i = nibble(2i) << 4 | nibble(2i+1):
+# the high nibble is the first element; an odd n pads a zero low nibble. Scales: fp32 absmax per
+# block, or (nested / double quantization) a uint8 per block decoded as
+#     absmax_f = fp32(nested_code[q] * nested_absmax[block // 256]);  absmax_f = fp32(absmax_f + offset)
+# (two roundings, never an FMA).
+#
+# dequantize_nf4: out[e] = cast_rne(fp32(code[nibble(e)] * absmax_f[e // blocksize])).
+#   One launch. A program expands BLOCK packed bytes into 2*BLOCK outputs: one vector load of
+#   bytes, the 16-entry code and the scales gathered through L1 (both nibbles of a byte share a
+#   block because blocksize is even), one contiguous interleaved store.
+#   Memory bound: n/2 + n*sizeof(out) bytes + the scales (4 B per block, or 1 B per block + 4 B
+#   per 256 blocks nested).
+#
+# quantize_nf4: the semantics of bitsandbytes' pure-torch quantize_4bit (its CPU path), quirks
+# included. x is read as fp32.
+#   full block:          absmax = max|x| (stored as is);  s = clamp(x * (1 / max(absmax, 1e-38)), -1, 1)
+#   last partial block:  absmax = max(max|x|, 1e-38);     s = clamp(x / absmax, -1, 1)
+#   nibble = #{j : s > m_j}, m_j = fp32(code[j] + code[j+1]) / 2, j < 15 (a tie takes the lower
+#   code). An all-zero block stores absmax 0 and packs 0x77 (bitsandbytes' CUDA kernel packs 0x00).
+#   An odd n pads s = 0 (nibble 7) into the last low nibble.
+#   One program per ROWS blocks, a [ROWS, blocksize] tile; nibble found by a 4-step binary search
+#   over the midpoints. Bytes: n*sizeof(x) + n/2 + 4 per block.
+#
+# Exactness on the GPU: divisions use tl.math.div_rn (IEEE, no fast math) and every launch passes
+# enable_fp_fusion=False so no multiply/add pair is contracted into an FMA.
+# Autotuning is pinned to its first config when DELTAKERN_TRITON_PIN=1 or TRITON_INTERPRET=1.
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .nf4_ref import dequantize_nf4_ref, quantize_nf4_ref  # noqa: F401  (the references, beside the kernels)
+
+NF4_CODE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+NESTED_BLOCKSIZE = 256
+_OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+_PIN = os.environ.get("DELTAKERN_TRITON_PIN") == "1" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _pinned(configs):
+    return configs[:1] if _PIN else configs
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.autotune(
+    configs=_pinned([
+        triton.Config({"BLOCK": 2048}, num_warps=4),
+        triton.Config({"BLOCK": 2048}, num_warps=8),
+        triton.Config({"BLOCK": 4096}, num_warps=8),
+        triton.Config({"BLOCK": 8192}, num_warps=8),
+        triton.Config({"BLOCK": 8192}, num_warps=16),
+    ]),
+    key=["n", "NESTED"],
+)
+@triton.jit
+def _dequantize_nf4_kernel(
+    packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, out_ptr,
+    n, nbytes, log2_bytes_per_block, offset,
+    NESTED: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    byte = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = byte < nbytes
+    b = tl.load(packed_ptr + byte, mask=mask, other=0).to(tl.int32)
+    hi = tl.load(code_ptr + (b >> 4))
+    lo = tl.load(code_ptr + (b & 15))
+    blk = byte >> log2_bytes_per_block
+    if NESTED:
+        q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(nested_code_ptr + q) * tl.load(nested_absmax_ptr + (blk >> 8), mask=mask, other=0.0)
+        scale = scale + offset
+    else:
+        scale = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+    vals = tl.interleave(hi * scale, lo * scale)
+    elem = pid * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
+    tl.store(out_ptr + elem, vals.to(out_ptr.dtype.element_ty), mask=elem < n)
+
+
+@triton.jit
+def _quantize_nf4_kernel(
+    x_ptr, mid_ptr, packed_ptr, absmax_ptr, n, nbytes, nblocks,
+    BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    elem = row[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+    x = tl.load(x_ptr + elem, mask=elem < n, other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(x), axis=1)
+    am = tl.maximum(amax, tl.full([ROWS], 1e-38, tl.float32))  # a bare 1e-38 literal is fp64 in Triton
+    partial = (row + 1) * BLOCKSIZE > n  # only the last block can be partial
+    recip = tl.math.div_rn(tl.full([ROWS], 1.0, tl.float32), am)
+    s_full = x * recip[:, None]
+    s_part = tl.math.div_rn(x, tl.broadcast_to(am[:, None], (ROWS, BLOCKSIZE)))
+    s = tl.where(partial[:, None], s_part, s_full)
+    s = tl.minimum(tl.maximum(s, -1.0), 1.0)
+    # q = number of midpoints strictly below s (binary search over the 15 sorted midpoints)
+    q = tl.zeros([ROWS, BLOCKSIZE], tl.int32)
+    for i in tl.static_range(4):
+        q = tl.where(s > tl.load(mid_ptr + q + (7 >> i)), q + (8 >> i), q)
+    hi, lo = tl.split(tl.reshape(q, (ROWS, BLOCKSIZE // 2, 2)))
+    byte = row[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]
+    tl.store(packed_ptr + byte, ((hi << 4) | lo).to(tl.uint8), mask=byte < nbytes)
+    tl.store(absmax_ptr + row, tl.where(partial, am, amax), mask=row < nblocks)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+_midpoint_cache = {}
+
+
+def _nf4_midpoints(device):
+    mids = _midpoint_cache.get(device)
+    if mids is None:
+        code = torch.tensor(NF4_CODE, dtype=torch.float32)
+        mids = _midpoint_cache[device] = ((code[:-1] + code[1:]) / 2).to(device)
+    return mids
+
+
+def _check_blocksize(blocksize):
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize}")
+
+
+def _as_bytes(packed):
+    packed = packed.reshape(-1)
+    return packed if packed.dtype == torch.uint8 else packed.view(torch.uint8)
+
+
+def _check_dequant_args(packed, absmax, n, blocksize, out_dtype, code, nested_absmax, nested_code):
+    _check_blocksize(blocksize)
+    if out_dtype not in _OUT_DTYPES:
+        raise ValueError(f"out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
+    if n < 0 or packed.numel() != (n + 1) // 2:
+        raise ValueError(f"packed has {packed.numel()} bytes, expected (n + 1) // 2 = {(n + 1) // 2}")
+    nblocks = -(-n // blocksize)
+    if absmax.numel() != nblocks:
+        raise ValueError(f"absmax has {absmax.numel()} values, expected {nblocks}")
+    if code.numel() != 16 or code.dtype != torch.float32:
+        raise ValueError("code must hold 16 float32 values")
+    tensors = [packed, absmax, code]
+    if (nested_absmax is None) != (nested_code is None):
+        raise ValueError("nested_absmax and nested_code go together")
+    if nested_absmax is None:
+        if absmax.dtype != torch.float32:
+            raise ValueError(f"absmax must be float32 (uint8 only with nested_absmax), got {absmax.dtype}")
+    else:
+        if absmax.dtype != torch.uint8:
+            raise ValueError(f"nested absmax must be uint8, got {absmax.dtype}")
+        if nested_absmax.dtype != torch.float32 or nested_absmax.numel() != -(-nblocks // NESTED_BLOCKSIZE):
+            raise ValueError("nested_absmax must be float32 with one value per 256 blocks")
+        if nested_code.dtype != torch.float32 or nested_code.numel() != 256:
+            raise ValueError("nested_code must hold 256 float32 values")
+        tensors += [nested_absmax, nested_code]
+    if any(t.device != packed.device for t in tensors):
+        raise ValueError("all tensors must be on one device")
+
+
+# ----------------------------------------------------------------------------- dequantize
+
+
+def dequantize_nf4(packed, absmax, n, blocksize, out_dtype, code,
+                   nested_absmax=None, nested_code=None, offset=0.0):
+    """Expand n NF4 values to `out_dtype` (a flat tensor of n elements); one kernel launch."""
+    packed = _as_bytes(packed)
+    _check_dequant_args(packed, absmax, n, blocksize, out_dtype, code, nested_absmax, nested_code)
+    out = torch.empty(n, dtype=out_dtype, device=packed.device)
+    if n == 0:
+        return out
+    nested = nested_absmax is not None
+    absmax = absmax.reshape(-1).contiguous()
+    code = code.reshape(-1).contiguous()
+    if nested:
+        nested_absmax = nested_absmax.reshape(-1).contiguous()
+        nested_code = nested_code.reshape(-1).contiguous()
+    nbytes = packed.numel()
+    grid = lambda meta: (triton.cdiv(nbytes, meta["BLOCK"]),)  # noqa: E731
+    _dequantize_nf4_kernel[grid](
+        packed.contiguous(), absmax, code,
+        nested_absmax if nested else absmax, nested_code if nested else code, out,
+        n, nbytes, blocksize.bit_length() - 2, float(offset),
+        NESTED=int(nested), enable_fp_fusion=False,
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------- quantize
+
+
+def quantize_nf4(x, blocksize):
+    """Quantize x (fp16/bf16/fp32, any shape) to NF4: (packed uint8 [(n+1)//2], absmax fp32 [nblocks])."""
+    _check_blocksize(blocksize)
+    if x.dtype not in _OUT_DTYPES:
+        raise ValueError(f"x must be float32/float16/bfloat16, got {x.dtype}")
+    x = x.reshape(-1).contiguous()
+    n = x.numel()
+    nblocks = -(-n // blocksize)
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=x.device)
+    absmax = torch.empty(nblocks, dtype=torch.float32, device=x.device)
+    if n == 0:
+        return packed, absmax
+    rows = max(1, 2048 // blocksize)
+    _quantize_nf4_kernel[(triton.cdiv(nblocks, rows),)](
+        x, _nf4_midpoints(x.device), packed, absmax, n, packed.numel(), nblocks,
+        BLOCKSIZE=blocksize, ROWS=rows, num_warps=8 if blocksize >= 4096 else 4,
+        enable_fp_fusion=False,
+    )
+    return packed, absmax
