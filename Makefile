@@ -30,7 +30,7 @@ gpu-test: setup
 	$(PY) -m pytest -q -m gpu tests
 
 bench: setup
-	$(PY) benchmarks/run.py --out benchmarks/results.json
+	$(PY) benchmarks/run.py --out benchmarks/results.json --results-md benchmarks/RESULTS.md
 
 clean:
 	rm -rf build *.egg-info deltakern/_C*.so $(VENV)
