@@ -710,6 +710,8 @@ def test_gpu_config_pruning(tk):
     lin, _ = tk
     import triton
 
+    from deltakern.triton_kernels._common import SMEM_BUDGET, smem_estimate
+
     for (kernel, weight), shapes in lin._CONFIGS.items():
         configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g}, num_warps=w,
                                  num_stages=st) for bm, bn, bk, g, w, st in shapes]
@@ -720,7 +722,7 @@ def test_gpu_config_pruning(tk):
                 kept = prune(configs, {ptr: torch.empty(0, dtype=torch.bfloat16), "M": M}, DROP=drop)
                 assert kept, (kernel, weight, M)
                 elem = 2
-                assert all(lin._smem(kernel, c, elem, weight == "nf4", drop) <= lin._SMEM_BUDGET for c in kept)
+                assert all(smem_estimate(kernel, c, elem, weight == "nf4", drop) <= SMEM_BUDGET for c in kept)
                 min_bm = 64 if M > lin._SMALL_M else min(s[0] for s in shapes)
                 assert min(c.kwargs["BLOCK_M"] for c in kept) >= min_bm
 

@@ -23,14 +23,12 @@ import torch
 import triton
 import triton.language as tl
 
-from deltakern.triton_kernels.linear import (
-    _INTERPRET, _check, check_int32, dot_flags, mma, r_pad, w_tile, weight_args,
-)
+from ._common import INTERPRET, check, check_int32, dot_flags, mma, r_pad, w_tile, weight_args
 
 # (BLOCK_N, BLOCK_K): rows of W x reduction tile for norm_parts, reduction tile x columns for ctw.
 # Chunks of the split reduction are whole tiles, so tiles never cross into the next chunk.
-_NORM_TILE = (16, 32) if _INTERPRET else (64, 128)
-_CTW_TILE = (32, 32) if _INTERPRET else (128, 64)
+_NORM_TILE = (16, 32) if INTERPRET else (64, 128)
+_CTW_TILE = (32, 32) if INTERPRET else (128, 64)
 
 
 @triton.jit
@@ -108,13 +106,20 @@ def _splits(tiles, reduce_len, block, device):
     return max(1, min(want, -(-reduce_len // (4 * block))))
 
 
+def _chunks(tiles, reduce_len, block, device):
+    """(number of chunks, chunk length): the reduction split into whole `block` tiles per chunk."""
+    split = _splits(tiles, reduce_len, block, device) if reduce_len > 0 else 1
+    chunk = triton.cdiv(triton.cdiv(max(reduce_len, 1), split), block) * block
+    return triton.cdiv(max(reduce_len, 1), chunk), chunk
+
+
 def norm_parts(weight, lora_A, N, nf4=None, want_sumsq=True):
     """(W A^T fp32 [N, r], ||W_j||^2 fp32 [N] or None) in one pass over W.
 
     weight: dense [N, K] in lora_A's dtype, or packed NF4 bytes with nf4=(absmax_fp32, code,
     blocksize) (dequantized to lora_A's dtype, the compute dtype). lora_A [r, K].
     """
-    _check(lora_A.dim() == 2, "lora_A must be [r, K]")
+    check(lora_A.dim() == 2, "lora_A must be [r, K]")
     r, K = lora_A.shape
     dtype, device = lora_A.dtype, lora_A.device
     w, absmax, code, swn, swk, is_nf4, blk = weight_args(weight, nf4, N, K, dtype, device)
@@ -122,9 +127,7 @@ def norm_parts(weight, lora_A, N, nf4=None, want_sumsq=True):
     check_int32("lora_A", lora_A)
     bn, bk = _NORM_TILE
     tiles = triton.cdiv(N, bn)
-    split = _splits(tiles, K, bk, device) if K > 0 else 1
-    chunk = triton.cdiv(triton.cdiv(max(K, 1), split), bk) * bk
-    split = triton.cdiv(max(K, 1), chunk)
+    split, chunk = _chunks(tiles, K, bk, device)
     wa = torch.zeros((split, N, r), device=device, dtype=torch.float32)
     sq = torch.zeros((split, N), device=device, dtype=torch.float32)
     if N == 0 or K == 0:
@@ -133,14 +136,14 @@ def norm_parts(weight, lora_A, N, nf4=None, want_sumsq=True):
     _norm_parts_kernel[(tiles, split)](
         w, absmax, code, lora_A, wa, sq, N, K, r, chunk, swn, swk, lora_A.stride(0), lora_A.stride(1),
         IS_NF4=is_nf4, NF4_BLOCK=blk, SUMSQ=int(want_sumsq), R_PAD=rp, DOT_FP32=dot_fp32, INPUT_PRECISION=prec,
-        BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=1 if _INTERPRET else (2 if is_nf4 else 3),
+        BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=1 if INTERPRET else (2 if is_nf4 else 3),
     )
     return wa.sum(0), (sq.sum(0) if want_sumsq else None)
 
 
 def ctw(c, weight, K, nf4=None):
     """C^T W as fp32 [r, K]: c [N, r] in the compute dtype; weight as in norm_parts."""
-    _check(c.dim() == 2, "c must be [N, r]")
+    check(c.dim() == 2, "c must be [N, r]")
     N, r = c.shape
     dtype, device = c.dtype, c.device
     w, absmax, code, swn, swk, is_nf4, blk = weight_args(weight, nf4, N, K, dtype, device)
@@ -148,9 +151,7 @@ def ctw(c, weight, K, nf4=None):
     check_int32("c", c)
     bn, bk = _CTW_TILE
     tiles = triton.cdiv(K, bk)
-    split = _splits(tiles, N, bn, device) if N > 0 else 1
-    chunk = triton.cdiv(triton.cdiv(max(N, 1), split), bn) * bn
-    split = triton.cdiv(max(N, 1), chunk)
+    split, chunk = _chunks(tiles, N, bn, device)
     out = torch.zeros((split, r, K), device=device, dtype=torch.float32)
     if N == 0 or K == 0:
         return out.sum(0)
@@ -158,6 +159,6 @@ def ctw(c, weight, K, nf4=None):
     _ctw_kernel[(tiles, split)](
         c, w, absmax, code, out, N, K, r, chunk, c.stride(0), c.stride(1), swn, swk,
         IS_NF4=is_nf4, NF4_BLOCK=blk, R_PAD=rp, DOT_FP32=dot_fp32, INPUT_PRECISION=prec,
-        BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=1 if _INTERPRET else (2 if is_nf4 else 3),
+        BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=1 if INTERPRET else (2 if is_nf4 else 3),
     )
     return out.sum(0)

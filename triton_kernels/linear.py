@@ -36,16 +36,14 @@
 # N, K and the mode flags; pinned to one tiny config in the interpreter (TRITON_INTERPRET=1) and
 # to the first GPU config with DELTAKERN_TRITON_PIN=1.
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_PIN = os.environ.get("DELTAKERN_TRITON_PIN", "0") == "1"
-_MAX_R = 128
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from ._common import (
+    DTYPES, autotuned, check, check_int32, config_shapes, dot_flags, fit_smem, grouped_tile, m_bucket, mma, r_pad,
+    smem_estimate, w_tile, weight_args,
+)
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages); the first entry is the pinned one.
 # For the dx kernel BLOCK_N is the reduction tile and BLOCK_K the output-column tile.
@@ -59,50 +57,24 @@ _CONFIGS = {
     ("dx", "nf4"): [(128, 64, 128, 8, 8, 2), (64, 64, 128, 8, 4, 2), (64, 64, 64, 8, 4, 3),
                     (16, 128, 64, 1, 4, 2)],
 }
-_INTERPRET_CONFIG = (16, 32, 32, 4, 4, 1)
-_SMEM_BUDGET = 200 * 1024  # sm_90 allows 227 KB per block; leave room for the epilogue
 _SMALL_M = 256  # M above this never uses BLOCK_M < 64 (bounds the column-sum buffer)
-
-
-def _shapes(kernel, weight):
-    if _INTERPRET:
-        return [_INTERPRET_CONFIG]
-    shapes = _CONFIGS[(kernel, weight)]
-    return shapes[:1] if _PIN else shapes
 
 
 def _min_block_m(kernel, weight, M):
     """The smallest BLOCK_M the pruner can keep for this M: sizes the column-sum buffer."""
-    bms = [s[0] for s in _shapes(kernel, weight)]
+    bms = [s[0] for s in config_shapes(_CONFIGS, kernel, weight)]
     big = [bm for bm in bms if bm >= 64]
     return min(big) if (M > _SMALL_M and big) else min(bms)
-
-
-def _smem(kernel, cfg, elem, nf4, drop):
-    bm, bn, bk, stages = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"], cfg.num_stages
-    red, other = (bk, bn) if kernel == "fwd" else (bn, bk)
-    a_tile = bm * red * elem * (2 if drop and kernel == "fwd" else 1)  # DROP also stages the keep mask / x_d
-    operands = a_tile + red * other * elem
-    if not nf4:
-        return max(stages, 1) * operands
-    return operands + max(stages - 1, 0) * (a_tile + red * other * 8)
 
 
 def _prune(kernel, nf4):
     def prune(configs, named_args, **kwargs):
         elem = named_args["x_ptr" if kernel == "fwd" else "dy_ptr"].element_size()
         drop = bool(kwargs.get("DROP", named_args.get("DROP", 0)))
-        big_m = named_args["M"] > _SMALL_M
-        kept, seen = [], set()
-        for cfg in configs:
-            if big_m and cfg.kwargs["BLOCK_M"] < 64 and any(c.kwargs["BLOCK_M"] >= 64 for c in configs):
-                continue
-            while cfg.num_stages > 1 and _smem(kernel, cfg, elem, nf4, drop) > _SMEM_BUDGET:
-                cfg = triton.Config(dict(cfg.kwargs), num_warps=cfg.num_warps, num_stages=cfg.num_stages - 1)
-            sig = (tuple(sorted(cfg.kwargs.items())), cfg.num_warps, cfg.num_stages)
-            if _smem(kernel, cfg, elem, nf4, drop) <= _SMEM_BUDGET and sig not in seen:
-                seen.add(sig)
-                kept.append(cfg)
+        candidates = configs
+        if named_args["M"] > _SMALL_M and any(c.kwargs["BLOCK_M"] >= 64 for c in configs):
+            candidates = [c for c in configs if c.kwargs["BLOCK_M"] >= 64]
+        kept = fit_smem(candidates, lambda cfg: smem_estimate(kernel, cfg, elem, nf4, drop))
         if not kept:  # nothing fits: the largest BLOCK_M (keeps the column-sum buffer large enough), 1 stage
             cfg = max(configs, key=lambda c: c.kwargs["BLOCK_M"])
             kept = [triton.Config(dict(cfg.kwargs), num_warps=cfg.num_warps, num_stages=1)]
@@ -111,56 +83,8 @@ def _prune(kernel, nf4):
     return {"early_config_prune": prune}
 
 
-def _configs(kernel, weight):
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g}, num_warps=w, num_stages=s)
-            for bm, bn, bk, g, w, s in _shapes(kernel, weight)]
-
-
 # --------------------------------------------------------------------------------------------
-# jit helpers (also used by triton_kernels/dora.py)
-# --------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def w_tile(w_ptr, absmax_ptr, code_ptr, rows, cols, N, K, stride_wn, stride_wk,
-           IS_NF4: tl.constexpr, NF4_BLOCK: tl.constexpr, OUT_DTYPE: tl.constexpr):
-    """W[rows, cols] in OUT_DTYPE for broadcastable index tensors (0 outside [N, K])."""
-    ok = (rows < N) & (cols < K)
-    if IS_NF4:
-        flat = rows * K + cols
-        packed = tl.load(w_ptr + (flat >> 1), mask=ok, other=0).to(tl.int32)
-        shift = 4 - 4 * (flat & 1)  # element 2i sits in the high nibble of byte i
-        level = tl.load(code_ptr + ((packed >> shift) & 15))
-        scale = tl.load(absmax_ptr + flat // NF4_BLOCK, mask=ok, other=0.0)
-        w = (level * scale).to(OUT_DTYPE)  # one fp32 product, one rounding (the dequantize rule)
-    else:
-        w = tl.load(w_ptr + rows * stride_wn + cols * stride_wk, mask=ok, other=0.0)
-    return w
-
-
-@triton.jit
-def mma(a, b, acc, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """acc + a.b; DOT_FP32 upcasts both operands (the interpreter mis-computes bf16 dots)."""
-    if DOT_FP32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=INPUT_PRECISION)
-    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-
-
-@triton.jit
-def grouped_tile(M, N_OUT, BLOCK_M: tl.constexpr, BLOCK_OUT: tl.constexpr, GROUP_M: tl.constexpr):
-    """(row tile, column tile) of this program; GROUP_M row tiles walk the same column tiles
-    together so the W tiles they stream stay in L2."""
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_o = tl.cdiv(N_OUT, BLOCK_OUT)
-    group = GROUP_M * tiles_o
-    first = (pid // group) * GROUP_M
-    rows = tl.minimum(tiles_m - first, GROUP_M)
-    return first + (pid % group) % rows, (pid % group) // rows
-
-
-# --------------------------------------------------------------------------------------------
-# kernels
+# kernels (the shared jit helpers live in _common.py)
 # --------------------------------------------------------------------------------------------
 
 
@@ -311,8 +235,7 @@ def _dx_kernel(
 
 
 def _tuned(fn, kernel, weight, flags):
-    return triton.autotune(configs=_configs(kernel, weight), key=["M_BUCKET", "N", "K", "R_PAD"] + flags,
-                           prune_configs_by=_prune(kernel, weight == "nf4"))(fn)
+    return autotuned(fn, _CONFIGS, kernel, weight, flags, _prune(kernel, weight == "nf4"))
 
 
 _FWD_FLAGS = ["HAS_LORA", "HAS_SCALE", "DROP", "COLSUM"]
@@ -326,81 +249,25 @@ _DX = {0: _tuned(_dx_kernel, "dx", "dense", _DX_FLAGS), 1: _tuned(_dx_kernel, "d
 # --------------------------------------------------------------------------------------------
 
 
-def _check(cond, msg):
-    if not cond:
-        raise ValueError(msg)
-
-
-def r_pad(r):
-    _check(1 <= r <= _MAX_R, f"LoRA rank r={r} is outside the kernels' range [1, {_MAX_R}]")
-    return max(16, triton.next_power_of_2(r))
-
-
-def m_bucket(m):
-    return triton.next_power_of_2(max(int(m), 1))
-
-
-def dot_flags(dtype):
-    """(DOT_FP32, INPUT_PRECISION): fp32 follows torch's tf32 switch on the GPU, ieee in the
-    interpreter; bf16 dots are upcast in the interpreter, whose bf16 tl.dot is wrong."""
-    if dtype == torch.float32:
-        tf32 = (not _INTERPRET) and torch.backends.cuda.matmul.allow_tf32
-        return 0, ("tf32" if tf32 else "ieee")
-    if dtype == torch.bfloat16 and _INTERPRET:
-        return 1, "ieee"
-    return 0, "tf32"
-
-
-def check_int32(name, t):
-    if t is not None and t.numel() > 0:
-        last = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
-        _check(last < 2**31, f"{name} spans {last + 1} elements; the kernels' int32 offsets need < 2**31")
-
-
-def weight_args(weight, nf4, N, K, dtype, device):
-    """(w tensor, absmax, code, stride_wn, stride_wk, IS_NF4, NF4_BLOCK) for a dense [N, K] weight
-    or, with nf4=(absmax_fp32, code, blocksize), the packed bytes of one."""
-    if nf4 is None:
-        _check(isinstance(weight, torch.Tensor) and weight.dim() == 2 and tuple(weight.shape) == (N, K),
-               f"weight must be [N, K] = [{N}, {K}], got {tuple(getattr(weight, 'shape', ()))}")
-        _check(weight.dtype == dtype, f"weight dtype {weight.dtype} != compute dtype {dtype}")
-        _check(weight.device == device, f"weight is on {weight.device}, expected {device}")
-        check_int32("weight", weight)
-        return weight, weight, weight, weight.stride(0), weight.stride(1), 0, 1
-    absmax, code, blocksize = nf4
-    _check(N * K < 2**31, f"an NF4 weight with N*K = {N * K} elements needs int64 indexing (unsupported)")
-    packed = weight.reshape(-1)
-    if packed.dtype != torch.uint8:
-        packed = packed.view(torch.uint8)
-    _check(packed.numel() >= (N * K + 1) // 2, f"packed NF4 data has {packed.numel()} bytes, need {(N * K + 1) // 2}")
-    _check(absmax.dtype == torch.float32 and absmax.numel() >= -(-N * K // blocksize),
-           "absmax must be fp32 with ceil(N*K/blocksize) entries (decode nested scales first)")
-    _check(code.dtype == torch.float32 and code.numel() == 16, "code must be 16 fp32 values")
-    _check(blocksize > 0 and blocksize & (blocksize - 1) == 0, f"blocksize {blocksize} must be a power of two")
-    for name, t in (("packed", packed), ("absmax", absmax), ("code", code)):
-        _check(t.device == device, f"{name} is on {t.device}, expected {device}")
-    return packed, absmax.reshape(-1).contiguous(), code.reshape(-1).contiguous(), 0, 0, 1, int(blocksize)
-
-
 def _same(name, t, dtype, device, shape=None):
     if t is None:
         return
-    _check(t.dtype == dtype, f"{name} dtype {t.dtype} != compute dtype {dtype}")
-    _check(t.device == device, f"{name} is on {t.device}, expected {device}")
+    check(t.dtype == dtype, f"{name} dtype {t.dtype} != compute dtype {dtype}")
+    check(t.device == device, f"{name} is on {t.device}, expected {device}")
     if shape is not None:
-        _check(tuple(t.shape) == tuple(shape), f"{name} must be {list(shape)}, got {list(t.shape)}")
+        check(tuple(t.shape) == tuple(shape), f"{name} must be {list(shape)}, got {list(t.shape)}")
 
 
 def _vec32(name, t, N, device):
-    _check(t.dtype == torch.float32 and t.shape == (N,) and t.device == device,
-           f"{name} must be fp32 [{N}] on {device}, got {t.dtype} {list(t.shape)} on {t.device}")
+    check(t.dtype == torch.float32 and t.shape == (N,) and t.device == device,
+          f"{name} must be fp32 [{N}] on {device}, got {t.dtype} {list(t.shape)} on {t.device}")
     return t.contiguous()
 
 
 def _keep(keep, M, K):
     if keep is None:
         return None
-    _check(tuple(keep.shape) == (M, K), f"keep mask must be [{M}, {K}], got {list(keep.shape)}")
+    check(tuple(keep.shape) == (M, K), f"keep mask must be [{M}, {K}], got {list(keep.shape)}")
     return keep.view(torch.uint8) if keep.dtype == torch.bool else keep
 
 
@@ -419,12 +286,12 @@ def frozen_forward(x, weight, N, nf4=None, bias=None, lora=None, g=None, keep=No
     COLSUM mode and returns fp32 [N] = sum_i dy * (x_d W^T + s xa B^T), restricted to the columns
     where `cols` (bool/uint8 [N]) is set when given. Otherwise returns [M, N] in x's dtype.
     """
-    _check(x.dim() == 2, f"x must be 2-D, got {x.dim()}-D")
+    check(x.dim() == 2, f"x must be 2-D, got {x.dim()}-D")
     M, K = x.shape
     dtype, device = x.dtype, x.device
-    _check(dtype in _DTYPES, f"unsupported dtype {dtype}")
+    check(dtype in DTYPES, f"unsupported dtype {dtype}")
     w, absmax, code, swn, swk, is_nf4, blk = weight_args(weight, nf4, N, K, dtype, device)
-    _check(K >= 1, "K must be >= 1")
+    check(K >= 1, "K must be >= 1")
     mode_colsum = colsum is not None
     _same("bias", bias, dtype, device, (N,))
     if lora is not None:
@@ -439,12 +306,12 @@ def frozen_forward(x, weight, N, nf4=None, bias=None, lora=None, g=None, keep=No
     if g is not None:
         g = _vec32("g", g, N, device)
     keep = _keep(keep, M, K)
-    _check(keep is None or (lora is not None and (g is not None or mode_colsum)),
-           "the dropout (DROP) mode needs the LoRA factors and the column scale g")
+    check(keep is None or (lora is not None and (g is not None or mode_colsum)),
+          "the dropout (DROP) mode needs the LoRA factors and the column scale g")
     if mode_colsum:
         _same("dy", colsum, dtype, device, (M, N))
         if cols is not None:
-            _check(cols.shape == (N,) and cols.device == device, f"cols must be a [{N}] mask on {device}")
+            check(cols.shape == (N,) and cols.device == device, f"cols must be a [{N}] mask on {device}")
             cols = cols.view(torch.uint8) if cols.dtype == torch.bool else cols.contiguous()
         rows = -(-M // _min_block_m("fwd", "nf4" if is_nf4 else "dense", M))
         out = torch.zeros((max(rows, 1), N), device=device, dtype=torch.float32)
@@ -483,10 +350,10 @@ def frozen_backward(dy, weight, K, nf4=None, compute_dx=True, g=None, lora=None,
     dyb = (dy * g) B; keep [M, K] -> DROP mode (needs g and lora). want_db: db = sum_i dy (fp32 [N]).
     y [M, N] (the forward output) -> c = sum_i dy * (y - bias) (fp32 [N]).
     """
-    _check(dy.dim() == 2, f"dy must be 2-D, got {dy.dim()}-D")
+    check(dy.dim() == 2, f"dy must be 2-D, got {dy.dim()}-D")
     M, N = dy.shape
     dtype, device = dy.dtype, dy.device
-    _check(dtype in _DTYPES, f"unsupported dtype {dtype}")
+    check(dtype in DTYPES, f"unsupported dtype {dtype}")
     w, absmax, code, swn, swk, is_nf4, blk = weight_args(weight, nf4, N, K, dtype, device)
     if lora is not None:
         dyb, la, scaling = lora
@@ -500,7 +367,7 @@ def frozen_backward(dy, weight, K, nf4=None, compute_dx=True, g=None, lora=None,
     if g is not None:
         g = _vec32("g", g, N, device)
     keep = _keep(keep, M, K)
-    _check(keep is None or (lora is not None and g is not None), "the DROP mode needs the LoRA factors and g")
+    check(keep is None or (lora is not None and g is not None), "the DROP mode needs the LoRA factors and g")
     _same("y", y, dtype, device, (M, N))
     _same("bias", bias, dtype, device, (N,))
     want_c = y is not None

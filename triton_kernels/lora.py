@@ -25,17 +25,14 @@
 # TRITON_INTERPRET=1 (tiny tiles, CPU interpreter) or DELTAKERN_TRITON_PIN=1 (first GPU config).
 # The GPU configs are untuned guesses: no GPU was available when this file was written.
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_PIN = os.environ.get("DELTAKERN_TRITON_PIN", "0") == "1"
-
-_MAX_R = 128
-
+from ._common import (
+    DTYPES, autotuned, check, check_int32, dot_flags, fit_smem, grouped_tile, m_bucket, mma, r_pad, smem_estimate,
+    w_tile, weight_args,
+)
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages); the first entry is the pinned one.
 # For the dX kernel BLOCK_N is the reduction tile (over N) and BLOCK_K the output-column tile.
@@ -59,92 +56,19 @@ _CONFIGS = {
         (16, 128, 64, 1, 4, 2),
     ],
 }
-_SMEM_BUDGET = 200 * 1024  # H100/H200 allow 227 KB per block; keep a margin for the epilogue
-
-
-def _configs(kernel, weight):
-    if _INTERPRET:
-        shapes = [(16, 32, 32, 4, 4, 1)]
-    else:
-        shapes = _CONFIGS[(kernel, weight)]
-        if _PIN:
-            shapes = shapes[:1]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g}, num_warps=w, num_stages=s)
-        for bm, bn, bk, g, w, s in shapes
-    ]
-
-
-def _smem_estimate(kernel, cfg, elem, nf4):
-    """Rough shared-memory bytes of one config (fitted to sm_90 compiles of these kernels)."""
-    bm, bn, bk, stages = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"], cfg.num_stages
-    red, other = (bk, bn) if kernel == "fwd" else (bn, bk)  # reduction tile, W's other dim
-    operands = (bm * red + red * other) * elem
-    if not nf4:
-        return max(stages, 1) * operands
-    return operands + max(stages - 1, 0) * (bm * red * elem + red * other * 8)
 
 
 def _fit_smem(kernel, nf4):
     def prune(configs, named_args, **kwargs):
         elem = named_args["x_ptr" if kernel == "fwd" else "dy_ptr"].element_size()
-        kept, seen = [], set()
-        for cfg in configs:
-            while cfg.num_stages > 1 and _smem_estimate(kernel, cfg, elem, nf4) > _SMEM_BUDGET:
-                cfg = triton.Config(dict(cfg.kwargs), num_warps=cfg.num_warps, num_stages=cfg.num_stages - 1)
-            if _smem_estimate(kernel, cfg, elem, nf4) > _SMEM_BUDGET:
-                continue
-            sig = (tuple(sorted(cfg.kwargs.items())), cfg.num_warps, cfg.num_stages)
-            if sig not in seen:
-                seen.add(sig)
-                kept.append(cfg)
-        return kept or configs[-1:]
+        return fit_smem(configs, lambda cfg: smem_estimate(kernel, cfg, elem, nf4)) or configs[-1:]
 
     return {"early_config_prune": prune}
 
 
 # --------------------------------------------------------------------------------------------
-# kernels
+# kernels (the shared jit helpers live in _common.py)
 # --------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _load_weight_tile(w_ptr, absmax_ptr, code_ptr, rows, cols, N, K, stride_wn, stride_wk,
-                      IS_NF4: tl.constexpr, NF4_BLOCK: tl.constexpr, OUT_DTYPE: tl.constexpr):
-    """W[rows, cols] for broadcastable index tensors `rows` (n) and `cols` (k), 0 outside."""
-    inb = (rows < N) & (cols < K)
-    if IS_NF4:
-        idx = rows * K + cols  # flat element index, row-major over [N, K]
-        byte = tl.load(w_ptr + (idx >> 1), mask=inb, other=0).to(tl.int32)
-        nib = (byte >> ((1 - (idx & 1)) * 4)) & 0xF  # even index -> high nibble
-        val = tl.load(code_ptr + nib)  # nib is always in [0, 16)
-        amax = tl.load(absmax_ptr + idx // NF4_BLOCK, mask=inb, other=0.0)
-        w = (val * amax).to(OUT_DTYPE)  # fp32 product, one rounding to the compute dtype
-    else:
-        w = tl.load(w_ptr + rows * stride_wn + cols * stride_wk, mask=inb, other=0.0)
-    return w
-
-
-@triton.jit
-def _mma(a, b, acc, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    if DOT_FP32:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-
-
-@triton.jit
-def _tile_ids(M, N_OUT, BLOCK_M: tl.constexpr, BLOCK_OUT: tl.constexpr, GROUP_M: tl.constexpr):
-    # grouped ordering: GROUP_M row tiles share the column tiles they stream (L2 reuse of W)
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_o = tl.cdiv(N_OUT, BLOCK_OUT)
-    per_group = GROUP_M * num_o
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_o = (pid % per_group) // group_rows
-    return pid_m, pid_o
 
 
 @triton.jit
@@ -158,7 +82,7 @@ def _lora_fwd_kernel(
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -171,9 +95,9 @@ def _lora_fwd_kernel(
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + ks[None, :] * stride_xk,
                     mask=m_ok & (ks[None, :] < K), other=0.0)
         # W^T tile [BLOCK_K, BLOCK_N]: rows of W are n, columns k
-        wt = _load_weight_tile(w_ptr, absmax_ptr, code_ptr, offs_n[None, :], ks[:, None], N, K,
-                               stride_wn, stride_wk, IS_NF4, NF4_BLOCK, cdt)
-        acc = _mma(x, wt, acc, DOT_FP32, INPUT_PRECISION)
+        wt = w_tile(w_ptr, absmax_ptr, code_ptr, offs_n[None, :], ks[:, None], N, K,
+                    stride_wn, stride_wk, IS_NF4, NF4_BLOCK, cdt)
+        acc = mma(x, wt, acc, DOT_FP32, INPUT_PRECISION)
 
     # LoRA term: [BLOCK_M, R_PAD] . [R_PAD, BLOCK_N], r zero-padded
     offs_r = tl.arange(0, R_PAD)
@@ -181,7 +105,7 @@ def _lora_fwd_kernel(
                  mask=m_ok & (offs_r[None, :] < R), other=0.0)
     bt = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
                  mask=(offs_n[None, :] < N) & (offs_r[:, None] < R), other=0.0)
-    lora = _mma(xa, bt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_FP32, INPUT_PRECISION)
+    lora = mma(xa, bt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_FP32, INPUT_PRECISION)
     acc += scaling * lora
 
     if HAS_BIAS:
@@ -204,7 +128,7 @@ def _lora_dx_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # output tile [BLOCK_M, BLOCK_K] of dx; reduction over N; HAS_MASK: dropout keep-mask
-    pid_m, pid_k = _tile_ids(M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    pid_m, pid_k = grouped_tile(M, K, BLOCK_M, BLOCK_K, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_n = tl.arange(0, BLOCK_N)
@@ -217,16 +141,16 @@ def _lora_dx_kernel(
         ns = n0 + offs_n
         dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + ns[None, :] * stride_dyn,
                      mask=m_ok & (ns[None, :] < N), other=0.0)
-        w = _load_weight_tile(w_ptr, absmax_ptr, code_ptr, ns[:, None], offs_k[None, :], N, K,
-                              stride_wn, stride_wk, IS_NF4, NF4_BLOCK, cdt)
-        acc = _mma(dy, w, acc, DOT_FP32, INPUT_PRECISION)
+        w = w_tile(w_ptr, absmax_ptr, code_ptr, ns[:, None], offs_k[None, :], N, K,
+                   stride_wn, stride_wk, IS_NF4, NF4_BLOCK, cdt)
+        acc = mma(dy, w, acc, DOT_FP32, INPUT_PRECISION)
 
     offs_r = tl.arange(0, R_PAD)
     dyb = tl.load(dyb_ptr + offs_m[:, None] * stride_bm + offs_r[None, :] * stride_br,
                   mask=m_ok & (offs_r[None, :] < R), other=0.0)
     a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
                 mask=(offs_r[:, None] < R) & k_ok, other=0.0)
-    lora = _mma(dyb, a, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), DOT_FP32, INPUT_PRECISION)
+    lora = mma(dyb, a, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), DOT_FP32, INPUT_PRECISION)
     if HAS_MASK:
         keep = tl.load(mask_ptr + offs_m[:, None] * stride_mm + offs_k[None, :] * stride_mk,
                        mask=m_ok & k_ok, other=0)
@@ -237,10 +161,8 @@ def _lora_dx_kernel(
              acc.to(dx_ptr.dtype.element_ty), mask=m_ok & k_ok)
 
 
-# One autotuner per (kernel, weight kind) over the same jit function: separate config lists.
 def _tuned(fn, kernel, weight, flag):
-    return triton.autotune(configs=_configs(kernel, weight), key=["M_BUCKET", "N", "K", "R_PAD", flag],
-                           prune_configs_by=_fit_smem(kernel, weight == "nf4"))(fn)
+    return autotuned(fn, _CONFIGS, kernel, weight, [flag], _fit_smem(kernel, weight == "nf4"))
 
 
 _FWD = {0: _tuned(_lora_fwd_kernel, "fwd", "dense", "HAS_BIAS"), 1: _tuned(_lora_fwd_kernel, "fwd", "nf4", "HAS_BIAS")}
@@ -251,59 +173,6 @@ _DX = {0: _tuned(_lora_dx_kernel, "dx", "dense", "HAS_MASK"), 1: _tuned(_lora_dx
 # launchers
 # --------------------------------------------------------------------------------------------
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _r_pad(r):
-    if r < 1 or r > _MAX_R:
-        raise ValueError(f"LoRA rank r={r} is outside the kernel's range [1, {_MAX_R}]")
-    return max(16, triton.next_power_of_2(r))
-
-
-def _m_bucket(m):
-    return triton.next_power_of_2(max(int(m), 1))
-
-
-def _dot_flags(dtype):
-    """(DOT_FP32, INPUT_PRECISION). The interpreter computes bf16 tl.dot wrongly: upcast there."""
-    if dtype == torch.float32:
-        tf32 = (not _INTERPRET) and torch.backends.cuda.matmul.allow_tf32
-        return 0, ("tf32" if tf32 else "ieee")
-    if dtype == torch.bfloat16 and _INTERPRET:
-        return 1, "ieee"
-    return 0, "tf32"  # the default; it only affects fp32 operands
-
-
-def _check(cond, msg):
-    if not cond:
-        raise ValueError(msg)
-
-
-def _check_int32(name, t):
-    """Tile offsets are int32: the largest element offset of a 2-D operand must fit."""
-    if t is not None and t.numel() > 0:
-        last = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
-        _check(last < 2**31, f"{name} spans {last + 1} elements; the kernel's int32 offsets need < 2**31")
-
-
-def _weight_args(weight, nf4, N, K):
-    """(w_ptr tensor, absmax, code, stride_wn, stride_wk, IS_NF4, NF4_BLOCK)."""
-    if nf4 is None:
-        _check(weight.dim() == 2 and tuple(weight.shape) == (N, K),
-               f"weight must be [N, K] = [{N}, {K}], got {tuple(weight.shape)}")
-        return weight, weight, weight, weight.stride(0), weight.stride(1), 0, 1
-    absmax, code, blocksize = nf4
-    _check(N * K < 2**31, f"NF4 weight with N*K = {N * K} elements needs int64 indexing (unsupported)")
-    packed = weight.reshape(-1)
-    if packed.dtype != torch.uint8:
-        packed = packed.view(torch.uint8)  # other quant_storage dtypes hold the same bytes
-    _check(packed.numel() >= (N * K + 1) // 2, f"packed NF4 data has {packed.numel()} bytes, need {(N * K + 1) // 2}")
-    _check(absmax.dtype == torch.float32 and absmax.numel() >= triton.cdiv(N * K, blocksize),
-           "absmax must be fp32 with ceil(N*K/blocksize) entries")
-    _check(code.dtype == torch.float32 and code.numel() == 16, "code must be 16 fp32 values")
-    _check(blocksize > 0 and blocksize & (blocksize - 1) == 0, f"blocksize {blocksize} must be a power of two")
-    return packed, absmax.contiguous(), code.contiguous(), 0, 0, 1, int(blocksize)
-
 
 def lora_forward(x, weight, bias, xa, lora_B, scaling, nf4=None):
     """out = x . W^T + s * xa . B^T (+ bias).
@@ -312,39 +181,39 @@ def lora_forward(x, weight, bias, xa, lora_B, scaling, nf4=None):
     the packed NF4 bytes of an [N, K] weight whose N is lora_B.shape[0]; xa [M, r]; lora_B [N, r];
     bias [N] or None. Returns [M, N] in x's dtype.
     """
-    _check(x.dim() == 2, f"x must be 2-D, got {x.dim()}-D")
+    check(x.dim() == 2, f"x must be 2-D, got {x.dim()}-D")
     M, K = x.shape
     N, r = lora_B.shape
     dtype = x.dtype
-    _check(dtype in _DTYPES, f"unsupported dtype {dtype}")
-    _check(tuple(xa.shape) == (M, r), f"xa must be [{M}, {r}], got {tuple(xa.shape)}")
+    check(dtype in DTYPES, f"unsupported dtype {dtype}")
+    check(tuple(xa.shape) == (M, r), f"xa must be [{M}, {r}], got {tuple(xa.shape)}")
     for name, t in (("xa", xa), ("lora_B", lora_B), ("bias", bias)) + ((("weight", weight),) if nf4 is None else ()):
         if t is not None:
-            _check(t.dtype == dtype, f"{name} dtype {t.dtype} != x dtype {dtype}")
-            _check(t.device == x.device, f"{name} is on {t.device}, x on {x.device}")
+            check(t.dtype == dtype, f"{name} dtype {t.dtype} != x dtype {dtype}")
+            check(t.device == x.device, f"{name} is on {t.device}, x on {x.device}")
     if bias is not None:
-        _check(bias.shape == (N,), f"bias must be [{N}]")
+        check(bias.shape == (N,), f"bias must be [{N}]")
         bias = bias.contiguous()
-    w, absmax, code, swn, swk, is_nf4, blk = _weight_args(weight, nf4, N, K)
+    w, absmax, code, swn, swk, is_nf4, blk = weight_args(weight, nf4, N, K, dtype, x.device)
     out = torch.empty((M, N), device=x.device, dtype=dtype)
-    for name, t in (("x", x), ("weight", weight if nf4 is None else None), ("out", out)):
-        _check_int32(name, t)
+    for name, t in (("x", x), ("out", out)):
+        check_int32(name, t)
     if M == 0 or N == 0:
         return out
     if K == 0:
         raise ValueError("K must be >= 1")
-    dot_fp32, precision = _dot_flags(dtype)
+    dot_fp32, precision = dot_flags(dtype)
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
     _FWD[is_nf4][grid](
         x, w, absmax, code, xa, lora_B, bias if bias is not None else x, out,
-        M, N, K, r, _m_bucket(M),
+        M, N, K, r, m_bucket(M),
         x.stride(0), x.stride(1), swn, swk, xa.stride(0), xa.stride(1),
         lora_B.stride(0), lora_B.stride(1), out.stride(0), out.stride(1),
         float(scaling),
-        IS_NF4=is_nf4, NF4_BLOCK=blk, HAS_BIAS=int(bias is not None), R_PAD=_r_pad(r),
+        IS_NF4=is_nf4, NF4_BLOCK=blk, HAS_BIAS=int(bias is not None), R_PAD=r_pad(r),
         DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
     )
     return out
@@ -356,28 +225,28 @@ def lora_backward_dx(dy, weight, dyb, lora_A, scaling, mask=None, mask_scale=1.0
     dy [M, N]; weight dense [N, K] or packed NF4 (see lora_forward); dyb = dy . B [M, r];
     lora_A [r, K]; mask: the dropout keep-mask [M, K] (bool / uint8) or None. Returns [M, K].
     """
-    _check(dy.dim() == 2, f"dy must be 2-D, got {dy.dim()}-D")
+    check(dy.dim() == 2, f"dy must be 2-D, got {dy.dim()}-D")
     M, N = dy.shape
     r, K = lora_A.shape
     dtype = dy.dtype
-    _check(dtype in _DTYPES, f"unsupported dtype {dtype}")
-    _check(tuple(dyb.shape) == (M, r), f"dyb must be [{M}, {r}], got {tuple(dyb.shape)}")
+    check(dtype in DTYPES, f"unsupported dtype {dtype}")
+    check(tuple(dyb.shape) == (M, r), f"dyb must be [{M}, {r}], got {tuple(dyb.shape)}")
     for name, t in (("dyb", dyb), ("lora_A", lora_A)) + ((("weight", weight),) if nf4 is None else ()):
-        _check(t.dtype == dtype, f"{name} dtype {t.dtype} != dy dtype {dtype}")
-        _check(t.device == dy.device, f"{name} is on {t.device}, dy on {dy.device}")
+        check(t.dtype == dtype, f"{name} dtype {t.dtype} != dy dtype {dtype}")
+        check(t.device == dy.device, f"{name} is on {t.device}, dy on {dy.device}")
     if mask is not None:
-        _check(tuple(mask.shape) == (M, K), f"mask must be [{M}, {K}]")
+        check(tuple(mask.shape) == (M, K), f"mask must be [{M}, {K}]")
         if mask.dtype == torch.bool:
             mask = mask.view(torch.uint8)
-    w, absmax, code, swn, swk, is_nf4, blk = _weight_args(weight, nf4, N, K)
+    w, absmax, code, swn, swk, is_nf4, blk = weight_args(weight, nf4, N, K, dtype, dy.device)
     out = torch.empty((M, K), device=dy.device, dtype=dtype)
-    for name, t in (("dy", dy), ("weight", weight if nf4 is None else None), ("mask", mask), ("dx", out)):
-        _check_int32(name, t)
+    for name, t in (("dy", dy), ("mask", mask), ("dx", out)):
+        check_int32(name, t)
     if M == 0 or K == 0:
         return out
     if N == 0:
         raise ValueError("N must be >= 1")
-    dot_fp32, precision = _dot_flags(dtype)
+    dot_fp32, precision = dot_flags(dtype)
     m = mask if mask is not None else dy
 
     def grid(meta):
@@ -385,11 +254,11 @@ def lora_backward_dx(dy, weight, dyb, lora_A, scaling, mask=None, mask_scale=1.0
 
     _DX[is_nf4][grid](
         dy, w, absmax, code, dyb, lora_A, m, out,
-        M, N, K, r, _m_bucket(M),
+        M, N, K, r, m_bucket(M),
         dy.stride(0), dy.stride(1), swn, swk, dyb.stride(0), dyb.stride(1),
         lora_A.stride(0), lora_A.stride(1), m.stride(0), m.stride(1), out.stride(0), out.stride(1),
         float(scaling), float(mask_scale),
-        IS_NF4=is_nf4, NF4_BLOCK=blk, HAS_MASK=int(mask is not None), R_PAD=_r_pad(r),
+        IS_NF4=is_nf4, NF4_BLOCK=blk, HAS_MASK=int(mask is not None), R_PAD=r_pad(r),
         DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
     )
     return out

@@ -4,17 +4,17 @@ row norms ||W + s B A||."""
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
 
 from deltakern import _backend
+from deltakern.autograd._common import (
+    autocast_dtype, check_dropout_p, check_features, check_float_dtype, check_input, check_param, check_weight,
+    dropped, frozen_weight_kind, fused_path, nf4_type, small_m_choice,
+)
 from deltakern.ops import dora as _dora_ops  # noqa: F401  (registers torch.ops.deltakern.dora_*)
 from deltakern.ops import linear as _ops
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MAX_FUSED_R = 128
 
 # Columns whose scale g = m / ||.|| is below this (or whose magnitude is exactly 0) get their
 # magnitude gradient from a recomputed unscaled output instead of (y - b) / m (see the Function).
@@ -152,38 +152,21 @@ def _use_triton(M: int, N: int, K: int, weight_kind: str, r: int = 16) -> bool:
     (an NF4 W is dequantized to a transient dense copy), the column scale as an elementwise pass,
     dY * g as an [M, N] temporary, and the column sums by the fused column-sum kernel.
 
-    `DELTAKERN_DORA_IMPL=triton|torch` forces the choice. The defaults are UNTUNED guesses made
-    without a GPU (the same thresholds as the LoRA path): dense -> Triton for M <= 64 only (cuBLAS
-    is the stronger GEMM at training shapes); NF4 -> Triton for M <= 1024 (reading 4-bit W bounds
-    small M), dequantize + cuBLAS above. r > 128 always takes the composition.
+    `DELTAKERN_DORA_IMPL=triton|torch` forces the choice. The defaults are the LoRA path's UNTUNED
+    thresholds (`small_m_choice`): dense -> Triton for M <= 64 only; NF4 -> Triton for M <= 1024,
+    dequantize + cuBLAS above. r > 128 always takes the composition.
     """
-    forced = os.environ.get("DELTAKERN_DORA_IMPL", "").strip().lower()
-    if forced == "triton":
-        return True
-    if forced == "torch":
-        return False
-    if forced:
-        raise ValueError(f"DELTAKERN_DORA_IMPL={forced!r} is not one of ('triton', 'torch')")
-    if r > _MAX_FUSED_R:
-        return False
-    return M <= (1024 if weight_kind == "nf4" else 64)
+    return small_m_choice("DELTAKERN_DORA_IMPL", M, weight_kind, r)
 
 
 def _fused(x: torch.Tensor, M: int, N: int, K: int, weight_kind: str, r: int) -> bool:
-    if x.device.type != "cuda":
-        return os.environ.get("DELTAKERN_DORA_IMPL", "").strip().lower() != "torch"
-    if _backend.backend() == "cuda" or r > _MAX_FUSED_R or M * max(N, K) >= 2**31 or N * K >= 2**31:
-        return False
-    return _use_triton(M, N, K, weight_kind, r)
+    """`fused_path`: DELTAKERN_BACKEND=cuda (no CUDA C++ DoRA kernel) means the composition on CUDA."""
+    return fused_path(x, "DELTAKERN_DORA_IMPL", ("cuda",), M, N, K, r, lambda: _use_triton(M, N, K, weight_kind, r))
 
 
 def _triton_usable(t: torch.Tensor) -> bool:
     """Whether the column-sum kernels can run for the composition path (CUDA with Triton)."""
     return _ops.use_kernels(t) and _backend.backend() == "triton" and _backend.triton_available()
-
-
-def _dropped(x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
-    return torch.where(keep, x * scale, 0.0).to(x.dtype)
 
 
 _CHUNK = 2**25  # elements of an [rows, N] temporary in the composition path (64 MiB of bf16)
@@ -254,7 +237,7 @@ class DoRALinearFunction(torch.autograd.Function):
             ms = 1.0 / (1.0 - dropout_p)
             if dropout_p > 0.0:
                 keep = torch.native_dropout(x, dropout_p, True)[1]
-                xd = _dropped(x, keep, ms)
+                xd = dropped(x, keep, ms)
             else:
                 keep, xd = None, x
             xa = torch.mm(xd, lora_A.t())
@@ -323,7 +306,7 @@ class DoRALinearFunction(torch.autograd.Function):
             dm = dmf.to(m.dtype) if need_m else None
 
         if need_A:
-            xd = x if keep is None else _dropped(x, keep, ms)
+            xd = x if keep is None else dropped(x, keep, ms)
             dA = torch.mm(dyb.t(), xd).mul_(s)
         if need_B:
             dB = (torch.mm(dy.t(), xa).float() * (g * s)[:, None]).to(dtype)
@@ -372,7 +355,7 @@ def _compose_dx(dy, w, dyb, A, g, keep, s, ms):
         else:
             inner = torch.mm(dy[lo:hi] * (gc - 1), w)
             inner.addmm_(dyb[lo:hi], A, alpha=s)
-            dx[lo:hi].add_(_dropped(inner, keep[lo:hi], ms))
+            dx[lo:hi].add_(dropped(inner, keep[lo:hi], ms))
     return dx
 
 
@@ -411,7 +394,7 @@ def _colsum_z_torch(dy, x, W, keep, xa, B, s, ms, cols):
     if idx.numel() == 0:
         return out
     w = _ops.dense_weight(W[0], W[1], W[2], W[3], W[4], W[5], x.dtype)[idx]
-    xd = x if keep is None else _dropped(x, keep, ms)
+    xd = x if keep is None else dropped(x, keep, ms)
     acc = out[idx]
     for lo, hi in _row_chunks(x.shape[0], idx.numel(), _CHUNK // 4):
         z = torch.mm(xd[lo:hi], w.t()).float() + s * torch.mm(xa[lo:hi].float(), B[idx].float().t())
@@ -420,24 +403,6 @@ def _colsum_z_torch(dy, x, W, keep, xa, B, s, ms, cols):
 
 
 # ---- the function users call --------------------------------------------------------------------
-
-
-def _nf4_type():
-    from deltakern.nf4 import NF4Weight
-
-    return NF4Weight
-
-
-def _check_param(name, t, dtype, device, shape):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype != dtype:
-        raise TypeError(f"{name} has dtype {t.dtype} but x has {dtype}; cast them to one dtype (or run under "
-                        "torch.autocast, which casts both)")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but x is on {device}")
-    if shape is not None and tuple(t.shape) != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
 
 
 def dora_linear(
@@ -466,56 +431,38 @@ def dora_linear(
     x, bias, A, B, magnitude and a dense weight share one dtype (fp16 / bf16 / fp32) and device;
     under torch.autocast the floating inputs are cast to the autocast dtype first.
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() < 1:
-        raise ValueError("x must have at least one dimension (its last is in_features)")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    check_input(x)
+    check_dropout_p(dropout_p)
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
         raise TypeError(f"scaling must be a finite float, got {scaling!r}")
     if norm_cache is not None and not isinstance(norm_cache, DoRANormCache):
         raise TypeError(f"norm_cache must be a DoRANormCache or None, got {type(norm_cache).__name__}")
 
-    NF4Weight = _nf4_type()
-    is_nf4 = isinstance(weight, NF4Weight)
-    if not is_nf4 and not isinstance(weight, torch.Tensor):
-        raise TypeError(f"weight must be a torch.Tensor or an NF4Weight, got {type(weight).__name__}")
-    if not is_nf4 and weight.requires_grad:
-        raise ValueError("weight requires grad: dora_linear never computes a gradient for the base weight; "
-                         "freeze it (weight.requires_grad_(False)) as PEFT does")
+    is_nf4 = frozen_weight_kind(weight, "weight requires grad: dora_linear never computes a gradient for the base "
+                                        "weight; freeze it (weight.requires_grad_(False)) as PEFT does")
     for name, t in (("lora_A", lora_A), ("lora_B", lora_B), ("magnitude", magnitude)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     ab_key = (_tensor_key(lora_A), _tensor_key(lora_B))  # of the parameters themselves (before any cast)
 
-    if x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
-        cast = torch.get_autocast_dtype(x.device.type)
+    cast = autocast_dtype(x)
+    if cast is not None:
         x, lora_A, lora_B, magnitude = x.to(cast), lora_A.to(cast), lora_B.to(cast), magnitude.to(cast)
         bias = None if bias is None else bias.to(cast)
         weight = weight if is_nf4 else weight.to(cast)
 
     dtype, device = x.dtype, x.device
-    if dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"x must be float16, bfloat16 or float32, got {dtype}")
-    if len(weight.shape) != 2:
-        raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
-    N, K = weight.shape
-    if is_nf4:
-        if weight.device != device:
-            raise ValueError(f"weight is on {weight.device} but x is on {device}")
-    else:
-        _check_param("weight", weight, dtype, device, None)
-    if x.shape[-1] != K:
-        raise ValueError(f"x has {x.shape[-1]} features in its last dimension, the weight expects {K}")
+    check_float_dtype(dtype)
+    N, K = check_weight(weight, is_nf4, dtype, device)
+    check_features(x, K)
     if lora_A.dim() != 2:
         raise ValueError(f"lora_A must be 2-D [r, in_features], got shape {tuple(lora_A.shape)}")
     r = lora_A.shape[0]
-    _check_param("lora_A", lora_A, dtype, device, (r, K))
-    _check_param("lora_B", lora_B, dtype, device, (N, r))
-    _check_param("magnitude", magnitude, dtype, device, (N,))
+    check_param("lora_A", lora_A, dtype, device, (r, K))
+    check_param("lora_B", lora_B, dtype, device, (N, r))
+    check_param("magnitude", magnitude, dtype, device, (N,))
     if bias is not None:
-        _check_param("bias", bias, dtype, device, (N,))
+        check_param("bias", bias, dtype, device, (N,))
 
     cache = norm_cache if norm_cache is not None else DoRANormCache()
     if is_nf4:
@@ -540,7 +487,7 @@ def dora_linear_ref(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout
     The norm is computed as PEFT does (||W + s B A|| over the input dim, in x's dtype) and detached
     unless exact_norm_grad. `keep` replays a bool dropout keep-mask [..., K] instead of drawing one.
     """
-    if isinstance(weight, _nf4_type()):
+    if isinstance(weight, nf4_type()):
         weight = weight.dequantize(torch.float32).to(x.dtype)
     weight = weight.to(x.dtype)
     norm = torch.linalg.norm(weight + scaling * (lora_B @ lora_A), dim=1)

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
-from deltakern import _backend
+from deltakern.autograd._common import (
+    FLOAT_DTYPES, autocast_dtype, check_features, check_float_dtype, check_input, forced_impl, frozen_weight_kind,
+    fused_path, nf4_type, weight_shape,
+)
 from deltakern.ops import linear as _ops
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _use_triton(M: int, N: int, K: int, weight_kind: str) -> bool:
@@ -28,24 +28,13 @@ def _use_triton(M: int, N: int, K: int, weight_kind: str) -> bool:
     without a transient dense W). A GPU measurement may well move NF4 at large M to the
     composition, as the LoRA path does.
     """
-    forced = os.environ.get("DELTAKERN_LINEAR_IMPL", "").strip().lower()
-    if forced == "triton":
-        return True
-    if forced == "torch":
-        return False
-    if forced:
-        raise ValueError(f"DELTAKERN_LINEAR_IMPL={forced!r} is not one of ('triton', 'torch')")
-    return weight_kind == "nf4"
+    forced = forced_impl("DELTAKERN_LINEAR_IMPL")
+    return weight_kind == "nf4" if forced is None else forced
 
 
 def _fused(x: torch.Tensor, M: int, N: int, K: int, weight_kind: str) -> bool:
-    """CPU: the op (its CPU kernel is the reference) unless the composition is forced. CUDA:
-    `_use_triton`, except DELTAKERN_BACKEND=cuda (no CUDA C++ kernel here) or int32 overflow."""
-    if x.device.type != "cuda":
-        return os.environ.get("DELTAKERN_LINEAR_IMPL", "").strip().lower() != "torch"
-    if _backend.backend() == "cuda" or M * max(N, K) >= 2**31 or N * K >= 2**31:
-        return False
-    return _use_triton(M, N, K, weight_kind)
+    """`fused_path` (no rank): DELTAKERN_BACKEND=cuda (no CUDA C++ kernel here) means the composition."""
+    return fused_path(x, "DELTAKERN_LINEAR_IMPL", ("cuda",), M, N, K, 0, lambda: _use_triton(M, N, K, weight_kind))
 
 
 class FrozenLinearFunction(torch.autograd.Function):
@@ -97,12 +86,6 @@ class FrozenLinearFunction(torch.autograd.Function):
         return dx, None, None, None, db, None, None
 
 
-def _nf4_type():
-    from deltakern.nf4 import NF4Weight
-
-    return NF4Weight
-
-
 def linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y = x W^T + b for a frozen W (dense tensor [N, K] or `deltakern.NF4Weight`) and a trainable bias.
 
@@ -111,33 +94,21 @@ def linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor] = None) -> torc
     the autocast dtype first. A dense weight that requires grad raises ValueError (use
     torch.nn.functional.linear to train W). See FrozenLinearFunction for the gradients.
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() < 1:
-        raise ValueError("x must have at least one dimension (its last is in_features)")
-    NF4Weight = _nf4_type()
-    is_nf4 = isinstance(weight, NF4Weight)
-    if not is_nf4 and not isinstance(weight, torch.Tensor):
-        raise TypeError(f"weight must be a torch.Tensor or an NF4Weight, got {type(weight).__name__}")
-    if not is_nf4 and weight.requires_grad:
-        raise ValueError("weight requires grad: deltakern.autograd.linear.linear computes no weight gradient; "
-                         "freeze it (weight.requires_grad_(False)) or use torch.nn.functional.linear")
+    check_input(x)
+    is_nf4 = frozen_weight_kind(weight, "weight requires grad: deltakern.autograd.linear.linear computes no weight "
+                                        "gradient; freeze it (weight.requires_grad_(False)) or use "
+                                        "torch.nn.functional.linear")
     if bias is not None and not isinstance(bias, torch.Tensor):
         raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
-    if x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
-        cast = torch.get_autocast_dtype(x.device.type)
+    cast = autocast_dtype(x)
+    if cast is not None:
         x = x.to(cast)
         bias = None if bias is None else bias.to(cast)
         weight = weight if is_nf4 else weight.to(cast)
     dtype, device = x.dtype, x.device
-    if dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"x must be float16, bfloat16 or float32, got {dtype}")
-    shape = tuple(weight.shape)
-    if len(shape) != 2:
-        raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {shape}")
-    N, K = shape
-    if x.shape[-1] != K:
-        raise ValueError(f"x has {x.shape[-1]} features in its last dimension, the weight expects {K}")
+    check_float_dtype(dtype)
+    N, K = weight_shape(weight)
+    check_features(x, K)
     if weight.device != device:
         raise ValueError(f"weight is on {weight.device} but x is on {device}")
     if not is_nf4 and weight.dtype != dtype:
@@ -161,6 +132,6 @@ def linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor] = None) -> torc
 
 def linear_ref(x, weight, bias=None):
     """Plain-torch reference (torch autograd; any float dtype incl. float64)."""
-    if isinstance(weight, _nf4_type()):
-        weight = weight.dequantize(x.dtype if x.dtype in _FLOAT_DTYPES else torch.float32).to(x.dtype)
+    if isinstance(weight, nf4_type()):
+        weight = weight.dequantize(x.dtype if x.dtype in FLOAT_DTYPES else torch.float32).to(x.dtype)
     return torch.nn.functional.linear(x, weight, bias)

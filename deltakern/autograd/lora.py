@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
-from deltakern import _backend
+from deltakern.autograd._common import (
+    autocast_dtype, check_dropout_p, check_features, check_float_dtype, check_input, check_param, check_weight,
+    dropped, frozen_weight_kind, fused_path, nf4_type, small_m_choice,
+)
 from deltakern.ops import lora as _ops
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MAX_FUSED_R = 128  # the Triton kernels pad r to a power of two >= 16 held in registers
 
 
 def _use_triton(M: int, N: int, K: int, weight_kind: str, r: int = 16) -> bool:
@@ -21,42 +20,18 @@ def _use_triton(M: int, N: int, K: int, weight_kind: str, r: int = 16) -> bool:
     dY.W, then addmm_ of dyb.A) and dequantize-to-dense-then-cuBLAS for NF4 (a transient dense W
     per call, freed before the next layer; never saved for backward).
 
-    `DELTAKERN_LORA_IMPL=triton|torch` forces the choice. The defaults below are UNTUNED guesses
-    made without a GPU to measure on:
-      dense: Triton only for small M (M <= 64), where fusing saves a launch and an [M, N] pass;
-             cuBLAS otherwise (it is the stronger matmul at training shapes).
-      nf4:   Triton for M <= 1024 (reading 4-bit W is what bounds small M); dequantize + cuBLAS
-             above, where re-decoding a W tile for every M tile costs more than one dequantize.
-      r > 128 always takes the composition.
+    `DELTAKERN_LORA_IMPL=triton|torch` forces the choice; the defaults are UNTUNED (see
+    `small_m_choice`): dense -> Triton only for M <= 64, where fusing saves a launch and an [M, N]
+    pass; NF4 -> Triton for M <= 1024; r > 128 always takes the composition.
     """
-    forced = os.environ.get("DELTAKERN_LORA_IMPL", "").strip().lower()
-    if forced == "triton":
-        return True
-    if forced == "torch":
-        return False
-    if forced:
-        raise ValueError(f"DELTAKERN_LORA_IMPL={forced!r} is not one of ('triton', 'torch')")
-    if r > _MAX_FUSED_R:
-        return False
-    if weight_kind == "nf4":
-        return M <= 1024
-    return M <= 64
+    return small_m_choice("DELTAKERN_LORA_IMPL", M, weight_kind, r)
 
 
 def _fused(x: torch.Tensor, M: int, N: int, K: int, weight_kind: str, r: int) -> bool:
-    """CPU tensors: the fused op (its CPU kernel is the pure-torch reference) unless the
-    composition is forced. CUDA: `_use_triton`, except that DELTAKERN_BACKEND=cuda (no CUDA C++
-    LoRA kernel exists) or =torch means the cuBLAS composition."""
-    if x.device.type != "cuda":
-        return os.environ.get("DELTAKERN_LORA_IMPL", "").strip().lower() != "torch"
-    if _backend.backend() in ("cuda", "torch") or r > _MAX_FUSED_R or M * max(N, K) >= 2**31 or N * K >= 2**31:
-        return False  # (the Triton kernels index with int32)
-    return _use_triton(M, N, K, weight_kind, r)
-
-
-def _dropped(x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
-    """x * keep / (1 - p), computed the same way in forward and backward."""
-    return torch.where(keep, x * scale, 0.0).to(x.dtype)
+    """`fused_path`: DELTAKERN_BACKEND=cuda (no CUDA C++ LoRA kernel exists) or =torch means the
+    cuBLAS composition on CUDA."""
+    return fused_path(x, "DELTAKERN_LORA_IMPL", ("cuda", "torch"), M, N, K, r,
+                      lambda: _use_triton(M, N, K, weight_kind, r))
 
 
 def _compose_out(x2, w, bias, xa, lora_B, scaling):
@@ -111,7 +86,7 @@ class LoRALinearFunction(torch.autograd.Function):
 
         if dropout_p > 0.0:
             keep = torch.native_dropout(x2, dropout_p, True)[1]
-            xd = _dropped(x2, keep, 1.0 / (1.0 - dropout_p))
+            xd = dropped(x2, keep, 1.0 / (1.0 - dropout_p))
         else:
             keep = None
             xd = x2
@@ -154,10 +129,10 @@ class LoRALinearFunction(torch.autograd.Function):
                 if keep is None:
                     dx.addmm_(dyb, lora_A, alpha=s)
                 else:
-                    dx.add_(_dropped(torch.mm(dyb, lora_A), keep, keep_scale), alpha=s)
+                    dx.add_(dropped(torch.mm(dyb, lora_A), keep, keep_scale), alpha=s)
             dx = dx.view(x_shape)
         if need_A:
-            xd = x2 if keep is None else _dropped(x2, keep, keep_scale)
+            xd = x2 if keep is None else dropped(x2, keep, keep_scale)
             dA = torch.mm(dyb.t(), xd).mul_(s)
         if need_B and need_bias:
             cols = torch.cat([xa * s, xa.new_ones(M, 1)], dim=1)
@@ -168,26 +143,6 @@ class LoRALinearFunction(torch.autograd.Function):
         elif need_bias:
             db = dy2.sum(0)
         return dx, None, None, None, db, dA, dB, None, None, None
-
-
-def _nf4_type():
-    from deltakern.nf4 import NF4Weight
-
-    return NF4Weight
-
-
-def _check_param(name: str, t, dtype: torch.dtype, device: torch.device, shape: Optional[tuple]):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype != dtype:
-        raise TypeError(
-            f"{name} has dtype {t.dtype} but x has {dtype}; cast them to one dtype (or run under "
-            "torch.autocast, which casts both)"
-        )
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but x is on {device}")
-    if shape is not None and tuple(t.shape) != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
 
 
 def lora_linear(
@@ -211,27 +166,15 @@ def lora_linear(
     cast to the autocast dtype first (gradients flow back through the casts). A weight that
     requires grad raises ValueError: training the base weight is not supported.
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() < 1:
-        raise ValueError("x must have at least one dimension (its last is in_features)")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    check_input(x)
+    check_dropout_p(dropout_p)
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
         raise TypeError(f"scaling must be a float, got {type(scaling).__name__}")
+    is_nf4 = frozen_weight_kind(weight, "weight requires grad: lora_linear never computes a gradient for the base "
+                                        "weight; freeze it (weight.requires_grad_(False)) as PEFT does")
 
-    NF4Weight = _nf4_type()
-    is_nf4 = isinstance(weight, NF4Weight)
-    if not is_nf4 and not isinstance(weight, torch.Tensor):
-        raise TypeError(f"weight must be a torch.Tensor or an NF4Weight, got {type(weight).__name__}")
-    if not is_nf4 and weight.requires_grad:
-        raise ValueError(
-            "weight requires grad: lora_linear never computes a gradient for the base weight; "
-            "freeze it (weight.requires_grad_(False)) as PEFT does"
-        )
-
-    if x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
-        cast = torch.get_autocast_dtype(x.device.type)
+    cast = autocast_dtype(x)
+    if cast is not None:
         x, lora_A, lora_B = x.to(cast), lora_A.to(cast), lora_B.to(cast)
         if bias is not None:
             bias = bias.to(cast)
@@ -239,28 +182,16 @@ def lora_linear(
             weight = weight.to(cast)
 
     dtype, device = x.dtype, x.device
-    if dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"x must be float16, bfloat16 or float32, got {dtype}")
-    if is_nf4:
-        if len(weight.shape) != 2:
-            raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
-        if weight.device != device:
-            raise ValueError(f"weight is on {weight.device} but x is on {device}")
-        N, K = weight.shape
-    else:
-        if weight.dim() != 2:
-            raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
-        _check_param("weight", weight, dtype, device, None)
-        N, K = weight.shape
-    if x.shape[-1] != K:
-        raise ValueError(f"x has {x.shape[-1]} features in its last dimension, the weight expects {K}")
+    check_float_dtype(dtype)
+    N, K = check_weight(weight, is_nf4, dtype, device)
+    check_features(x, K)
     if not isinstance(lora_A, torch.Tensor) or lora_A.dim() != 2:
         raise ValueError("lora_A must be a 2-D tensor [r, in_features]")
     r = lora_A.shape[0]
-    _check_param("lora_A", lora_A, dtype, device, (r, K))
-    _check_param("lora_B", lora_B, dtype, device, (N, r))
+    check_param("lora_A", lora_A, dtype, device, (r, K))
+    check_param("lora_B", lora_B, dtype, device, (N, r))
     if bias is not None:
-        _check_param("bias", bias, dtype, device, (N,))
+        check_param("bias", bias, dtype, device, (N,))
 
     p = float(dropout_p) if training else 0.0
     if is_nf4:
@@ -277,8 +208,7 @@ def lora_linear_ref(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, tra
     `keep` is an optional bool keep-mask [..., K] to use instead of drawing one (so tests can
     replay a mask); otherwise dropout is torch's.
     """
-    NF4Weight = _nf4_type()
-    if isinstance(weight, NF4Weight):
+    if isinstance(weight, nf4_type()):
         weight = weight.dequantize(x.dtype)
     xd = x
     if training and dropout_p > 0.0:

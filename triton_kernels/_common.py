@@ -1,0 +1,183 @@
+# Pieces shared by the LoRA (lora.py), frozen-linear / DoRA-epilogue (linear.py) and DoRA weight-norm
+# (dora.py) kernels: the in-register weight-tile loader, the dot helper, the grouped tile order,
+# autotuning config lists with their shared-memory pruning, and the launchers' argument helpers.
+#
+# W [N, K] is dense (fp16 / bf16 / fp32, any strides) or NF4 (bitsandbytes layout: flat index
+# n*K + k, byte index // 2, high nibble first, one fp32 absmax per `blocksize` consecutive flat
+# elements). NF4 tiles are gathered by flat index, so odd K (rows straddling bytes and blocks) needs
+# no special case, and decoded as cast(fp32(code[nibble] * absmax)) -- never written to memory.
+#
+# Autotuning: config lists are pinned to one tiny config when TRITON_INTERPRET=1 (CPU interpreter)
+# and to their first entry with DELTAKERN_TRITON_PIN=1.
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+PIN = os.environ.get("DELTAKERN_TRITON_PIN", "0") == "1"
+MAX_R = 128
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) of the interpreter's only config.
+INTERPRET_CONFIG = (16, 32, 32, 4, 4, 1)
+SMEM_BUDGET = 200 * 1024  # sm_90 allows 227 KB per block; leave room for the epilogue
+
+
+# --------------------------------------------------------------------------------------------
+# jit helpers
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def w_tile(w_ptr, absmax_ptr, code_ptr, rows, cols, N, K, stride_wn, stride_wk,
+           IS_NF4: tl.constexpr, NF4_BLOCK: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """W[rows, cols] in OUT_DTYPE for broadcastable index tensors (0 outside [N, K])."""
+    ok = (rows < N) & (cols < K)
+    if IS_NF4:
+        flat = rows * K + cols
+        packed = tl.load(w_ptr + (flat >> 1), mask=ok, other=0).to(tl.int32)
+        shift = 4 - 4 * (flat & 1)  # element 2i sits in the high nibble of byte i
+        level = tl.load(code_ptr + ((packed >> shift) & 15))
+        scale = tl.load(absmax_ptr + flat // NF4_BLOCK, mask=ok, other=0.0)
+        w = (level * scale).to(OUT_DTYPE)  # one fp32 product, one rounding (the dequantize rule)
+    else:
+        w = tl.load(w_ptr + rows * stride_wn + cols * stride_wk, mask=ok, other=0.0)
+    return w
+
+
+@triton.jit
+def mma(a, b, acc, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """acc + a.b; DOT_FP32 upcasts both operands (the interpreter mis-computes bf16 dots)."""
+    if DOT_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=INPUT_PRECISION)
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def grouped_tile(M, N_OUT, BLOCK_M: tl.constexpr, BLOCK_OUT: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of this program; GROUP_M row tiles walk the same column tiles
+    together so the W tiles they stream stay in L2."""
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_o = tl.cdiv(N_OUT, BLOCK_OUT)
+    group = GROUP_M * tiles_o
+    first = (pid // group) * GROUP_M
+    rows = tl.minimum(tiles_m - first, GROUP_M)
+    return first + (pid % group) % rows, (pid % group) // rows
+
+
+# --------------------------------------------------------------------------------------------
+# autotuning
+# --------------------------------------------------------------------------------------------
+
+
+def config_shapes(table, kernel, weight):
+    """The config tuples table[(kernel, weight)] this process tunes over (pinned as in the header)."""
+    if INTERPRET:
+        return [INTERPRET_CONFIG]
+    shapes = table[(kernel, weight)]
+    return shapes[:1] if PIN else shapes
+
+
+def smem_estimate(kernel, cfg, elem, nf4, drop=False):
+    """Rough shared-memory bytes of one config (fitted to sm_90 compiles of these kernels).
+
+    kernel "fwd" reduces over BLOCK_K, "dx" over BLOCK_N; NF4 tiles gather two fp32 values per
+    weight element (code, absmax), which the software pipeline stages through shared memory. `drop`
+    (the DROP forward of linear.py) also stages the keep mask / x_d tile.
+    """
+    bm, bn, bk, stages = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"], cfg.num_stages
+    red, other = (bk, bn) if kernel == "fwd" else (bn, bk)  # reduction tile, W's other dim
+    a_tile = bm * red * elem * (2 if drop and kernel == "fwd" else 1)
+    operands = a_tile + red * other * elem
+    if not nf4:
+        return max(stages, 1) * operands
+    return operands + max(stages - 1, 0) * (a_tile + red * other * 8)
+
+
+def fit_smem(configs, estimate):
+    """The configs that fit SMEM_BUDGET (estimate(cfg) bytes), each with as many of its pipeline
+    stages as fit, duplicates dropped; may be empty."""
+    kept, seen = [], set()
+    for cfg in configs:
+        while cfg.num_stages > 1 and estimate(cfg) > SMEM_BUDGET:
+            cfg = triton.Config(dict(cfg.kwargs), num_warps=cfg.num_warps, num_stages=cfg.num_stages - 1)
+        sig = (tuple(sorted(cfg.kwargs.items())), cfg.num_warps, cfg.num_stages)
+        if estimate(cfg) <= SMEM_BUDGET and sig not in seen:
+            seen.add(sig)
+            kept.append(cfg)
+    return kept
+
+
+def autotuned(fn, table, kernel, weight, flags, prune_configs_by):
+    """fn autotuned over config_shapes(table, kernel, weight), keyed on the M bucket, N, K, R_PAD and
+    the mode flags. One autotuner per (kernel, weight kind) over the same jit function."""
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g}, num_warps=w, num_stages=s)
+               for bm, bn, bk, g, w, s in config_shapes(table, kernel, weight)]
+    return triton.autotune(configs=configs, key=["M_BUCKET", "N", "K", "R_PAD", *flags],
+                           prune_configs_by=prune_configs_by)(fn)
+
+
+# --------------------------------------------------------------------------------------------
+# launcher helpers
+# --------------------------------------------------------------------------------------------
+
+
+def check(cond, msg):
+    if not cond:
+        raise ValueError(msg)
+
+
+def r_pad(r):
+    check(1 <= r <= MAX_R, f"LoRA rank r={r} is outside the kernels' range [1, {MAX_R}]")
+    return max(16, triton.next_power_of_2(r))
+
+
+def m_bucket(m):
+    return triton.next_power_of_2(max(int(m), 1))
+
+
+def dot_flags(dtype):
+    """(DOT_FP32, INPUT_PRECISION): fp32 follows torch's tf32 switch on the GPU, ieee in the
+    interpreter; bf16 dots are upcast in the interpreter, whose bf16 tl.dot is wrong."""
+    if dtype == torch.float32:
+        tf32 = (not INTERPRET) and torch.backends.cuda.matmul.allow_tf32
+        return 0, ("tf32" if tf32 else "ieee")
+    if dtype == torch.bfloat16 and INTERPRET:
+        return 1, "ieee"
+    return 0, "tf32"  # the default; it only affects fp32 operands
+
+
+def check_int32(name, t):
+    """Tile offsets are int32: the largest element offset of an operand must fit."""
+    if t is not None and t.numel() > 0:
+        last = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+        check(last < 2**31, f"{name} spans {last + 1} elements; the kernels' int32 offsets need < 2**31")
+
+
+def weight_args(weight, nf4, N, K, dtype, device):
+    """(w tensor, absmax, code, stride_wn, stride_wk, IS_NF4, NF4_BLOCK) for a dense [N, K] weight
+    or, with nf4=(absmax_fp32, code, blocksize), the packed bytes of one."""
+    if nf4 is None:
+        check(isinstance(weight, torch.Tensor) and weight.dim() == 2 and tuple(weight.shape) == (N, K),
+              f"weight must be [N, K] = [{N}, {K}], got {tuple(getattr(weight, 'shape', ()))}")
+        check(weight.dtype == dtype, f"weight dtype {weight.dtype} != compute dtype {dtype}")
+        check(weight.device == device, f"weight is on {weight.device}, expected {device}")
+        check_int32("weight", weight)
+        return weight, weight, weight, weight.stride(0), weight.stride(1), 0, 1
+    absmax, code, blocksize = nf4
+    check(N * K < 2**31, f"an NF4 weight with N*K = {N * K} elements needs int64 indexing (unsupported)")
+    packed = weight.reshape(-1)
+    if packed.dtype != torch.uint8:
+        packed = packed.view(torch.uint8)  # other quant_storage dtypes hold the same bytes
+    check(packed.numel() >= (N * K + 1) // 2, f"packed NF4 data has {packed.numel()} bytes, need {(N * K + 1) // 2}")
+    check(absmax.dtype == torch.float32 and absmax.numel() >= -(-N * K // blocksize),
+          "absmax must be fp32 with ceil(N*K/blocksize) entries (decode nested scales first)")
+    check(code.dtype == torch.float32 and code.numel() == 16, "code must be 16 fp32 values")
+    check(blocksize > 0 and blocksize & (blocksize - 1) == 0, f"blocksize {blocksize} must be a power of two")
+    for name, t in (("packed", packed), ("absmax", absmax), ("code", code)):
+        check(t.device == device, f"{name} is on {t.device}, expected {device}")
+    return packed, absmax.reshape(-1).contiguous(), code.reshape(-1).contiguous(), 0, 0, 1, int(blocksize)
