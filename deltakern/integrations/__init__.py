@@ -1,0 +1,13 @@
+"""Interop with the libraries a fine-tuning stack already uses. Each submodule imports its peer
+library only when one of its functions runs, so importing them never needs the peer installed.
+
+* `deltakern.integrations.bnb`:  bitsandbytes `Linear4bit` <-> `NF4Linear` (no requantization),
+  `nf4_weight(param)` for a zero-copy NF4Weight view of a `Params4bit`.
+* `deltakern.integrations.peft`: `patch(peft_model)` runs a PEFT LoRA / DoRA model (dense or
+  bitsandbytes 4-bit base) on deltakern's fused functions with its state dict unchanged;
+  `unpatch(peft_model)` restores PEFT's own forwards.
+"""
+
+from deltakern.integrations import bnb, peft
+
+__all__ = ["bnb", "peft"]
