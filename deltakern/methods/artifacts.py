@@ -1,0 +1,262 @@
+"""Deltas as artifacts: save only the delta, load it onto a fresh base.
+
+A saved delta is a directory with two files, no pickle anywhere:
+
+    delta_config.json   {"format": "deltakern.delta", "version": 1, "name": ..., "methods": [
+                          {"type": "LoRA", "kind": ..., "config": {...},
+                           "targets": {module name: {"type", "shape", ...}},
+                           "tensors": {key: shape}}, ...]}
+    delta.safetensors   the tensors, keyed "<method index>.<key>"
+
+`load_delta` re-applies the methods in order to the model and then loads the tensors. It checks
+everything first (method configs, that every target module exists with the recorded shape, every
+tensor's key and shape) and changes nothing when something does not match: the error names the
+first mismatch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from deltakern.methods import base
+
+FORMAT = "deltakern.delta"
+VERSION = 1
+CONFIG_NAME = "delta_config.json"
+WEIGHTS_NAME = "delta.safetensors"
+
+__all__ = ["save_delta", "load_delta"]
+
+
+def _write_atomic(path: Path, write):
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_delta(model: nn.Module, path: Union[str, os.PathLike], name: Optional[str] = None) -> Path:
+    """Save delta `name` (default: the active one) of `model` into directory `path`; returns the path.
+
+    Only the delta's tensors are written (safetensors) with a JSON config of its methods, their target
+    modules and shapes. The base model is not saved.
+    """
+    from safetensors.torch import save_file
+
+    import deltakern
+
+    base._check_model(model)
+    name = base.resolve_name(model, name)
+    apps = base._state(model).deltas[name]
+    methods, tensors = [], {}
+    for i, app in enumerate(apps):
+        methods.append({
+            "type": type(app.method).__name__,
+            "kind": app.method.kind,
+            "config": app.method.config(),
+            "targets": base._jsonable(app.plan.targets),
+            "tensors": {k: list(app.params[k].shape) for k in app.params},
+        })
+        for key, p in app.params.items():
+            tensors[f"{i}.{key}"] = p.detach().to("cpu", copy=True).contiguous()
+    config = {"format": FORMAT, "version": VERSION, "name": name, "deltakern_version": deltakern.__version__,
+              "methods": methods}
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt", "delta": FORMAT}))
+    _write_atomic(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
+    return out
+
+
+def _read(path: Path):
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    cfg_path, w_path = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a directory holding a saved delta ({CONFIG_NAME} + {WEIGHTS_NAME})")
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} is missing: not a saved deltakern delta")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{cfg_path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise ValueError(f"{cfg_path}: not a deltakern delta (format {config.get('format') if isinstance(config, dict) else None!r})")
+    if config.get("version") != VERSION:
+        raise ValueError(f"{cfg_path}: delta format version {config.get('version')!r}, this deltakern reads {VERSION}")
+    if not isinstance(config.get("methods"), list) or not config["methods"]:
+        raise ValueError(f"{cfg_path}: no methods listed")
+    try:
+        tensors = load_file(str(w_path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{w_path}: cannot read the tensors ({exc})") from None
+    return config, tensors
+
+
+def _parse_methods(config, where):
+    methods = []
+    for i, entry in enumerate(config["methods"]):
+        if not isinstance(entry, dict) or "type" not in entry:
+            raise ValueError(f"{where}: method {i} has no type")
+        cls = base.METHODS.get(entry["type"])
+        if cls is None:
+            raise ValueError(f"{where}: method {i} has unknown type {entry['type']!r}; known: {sorted(base.METHODS)}")
+        try:
+            methods.append(cls.from_config(entry.get("config", {})))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: method {i} ({entry['type']}): {exc}") from None
+    return methods
+
+
+class _Planned:
+    """Stand-in for an earlier application of the delta while planning (nothing is built yet)."""
+
+    def __init__(self, method, plan):
+        self.method, self.plan = method, plan
+
+    def wrapped_linears(self):
+        return set(self.plan.targets) if self.method.kind == "reparameterization" else set()
+
+    def owned_base_params(self):
+        return set()
+
+
+def _label(i, method):
+    return f"method {i} ({method.describe()})"
+
+
+def _compare_targets(i, method, saved: dict, plan):
+    label = _label(i, method)
+    for n, facts in saved.items():
+        if n not in plan.targets:
+            raise ValueError(f"{label}: the delta targets {n}, which this model does not have (or which the method "
+                             f"does not select here)")
+        have = plan.targets[n].get("shape")
+        if facts.get("shape") is not None and have is not None and list(facts["shape"]) != list(have):
+            raise ValueError(f"{label}: {n} has shape {tuple(have)} in this model, the delta was made for "
+                             f"{tuple(facts['shape'])}")
+    for n in plan.targets:
+        if n not in saved:
+            raise ValueError(f"{label}: on this model the method also selects {n}, which the delta does not have")
+
+
+def check_tensors(i, method, expected: dict, tensors: dict, prefix: str):
+    """Every expected key present with its shape, and no extra key under `prefix`."""
+    label = _label(i, method)
+    for key, shape in expected.items():
+        t = tensors.get(prefix + key)
+        if t is None:
+            raise ValueError(f"{label}: tensor {prefix + key} is missing from the delta")
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{label}: tensor {prefix + key} has shape {tuple(t.shape)}, this model needs {tuple(shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{label}: tensor {prefix + key} has dtype {t.dtype}, expected a floating-point tensor")
+
+
+def copy_into(app, tensors: dict, prefix: str):
+    with torch.no_grad():
+        for key, p in app.params.items():
+            p.copy_(tensors[prefix + key].to(device=p.device, dtype=p.dtype))
+    for w in getattr(app, "wrappers", {}).values():
+        cache = getattr(w, "_norm_cache", None)
+        if cache is not None:
+            cache.clear()
+
+
+def load_into_new_delta(model: nn.Module, name: str, methods: list, tensors: dict, prefixes: list[str],
+                        saved_targets: Optional[list] = None) -> str:
+    """Validate all methods and tensors against `model`, then create delta `name` and load the tensors."""
+    planned, plans = [], []
+    for i, m in enumerate(methods):
+        try:
+            plan = m.plan(model, planned)
+        except (ValueError, KeyError) as exc:
+            raise ValueError(f"{_label(i, m)} does not fit this model: {exc}") from None
+        if saved_targets is not None:
+            _compare_targets(i, m, saved_targets[i], plan)
+        check_tensors(i, m, plan.tensors, tensors, prefixes[i])
+        planned.append(_Planned(m, plan))
+        plans.append(plan)
+    expected = {prefixes[i] + k for i, p in enumerate(plans) for k in p.tensors}
+    extra = sorted(set(tensors) - expected)
+    if extra:
+        raise ValueError(f"the delta has tensor {extra[0]!r}, which none of its methods uses"
+                         + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+    base.new_delta(model, name, list(zip(methods, plans)),
+                   before_attach=lambda i, app: copy_into(app, tensors, prefixes[i]))
+    return name
+
+
+def load_delta(model: nn.Module, path: Union[str, os.PathLike], name: Optional[str] = None) -> str:
+    """Load a saved delta onto `model` and make it the active delta; returns its name.
+
+    On a model without that delta: the methods are applied in order (onto a fresh base: the same base
+    model the delta was trained on), then the tensors loaded. On a model that already has a delta of
+    that name (e.g. to resume training): its methods and configs must equal the saved ones, and the
+    tensors are loaded into it. `name` renames the delta (default: the saved name).
+    Raises ValueError naming the first mismatch; nothing is changed then.
+    """
+    base._check_model(model)
+    path = Path(path)
+    config, tensors = _read(path)
+    where = str(path / CONFIG_NAME)
+    methods = _parse_methods(config, where)
+    name = name if name is not None else config.get("name", "default")
+    base._check_name(name)
+    prefixes = [f"{i}." for i in range(len(methods))]
+    saved_targets = []
+    for i, entry in enumerate(config["methods"]):
+        targets = entry.get("targets")
+        if not isinstance(targets, dict):
+            raise ValueError(f"{where}: method {i} has no targets")
+        saved_targets.append(targets)
+        saved_tensors = entry.get("tensors", {})
+        for key, shape in saved_tensors.items():
+            t = tensors.get(prefixes[i] + key)
+            if t is None or list(t.shape) != list(shape):
+                raise ValueError(f"{path}: the config and the tensors disagree on {prefixes[i] + key}")
+    st = base._state(model)
+    if st is not None and name in st.deltas:
+        return _load_into_existing(model, st, name, methods, tensors, prefixes, saved_targets)
+    return load_into_new_delta(model, name, methods, tensors, prefixes, saved_targets)
+
+
+def _load_into_existing(model, st, name, methods, tensors, prefixes, saved_targets):
+    apps = st.deltas[name]
+    if st.merged and st.active == name:
+        raise RuntimeError(f"delta {name!r} is merged; unmerge(model) before loading into it")
+    if len(apps) != len(methods):
+        raise ValueError(f"delta {name!r} on the model has {len(apps)} method(s), the saved one {len(methods)}")
+    for i, (app, m) in enumerate(zip(apps, methods)):
+        if type(app.method) is not type(m):
+            raise ValueError(f"delta {name!r}: method {i} is {app.method.describe()} on the model, "
+                             f"{m.describe()} in the file")
+        have, want = app.method.config(), m.config()
+        for key in have:
+            if have[key] != want.get(key):
+                raise ValueError(f"delta {name!r}: method {i} ({m.describe()}) has {key}={have[key]!r} on the model, "
+                                 f"{want.get(key)!r} in the file")
+        _compare_targets(i, m, saved_targets[i], app.plan)
+        check_tensors(i, m, {k: tuple(p.shape) for k, p in app.params.items()}, tensors, prefixes[i])
+    expected = {prefixes[i] + k for i, a in enumerate(apps) for k in a.params}
+    extra = sorted(set(tensors) - expected)
+    if extra:
+        raise ValueError(f"the delta has tensor {extra[0]!r}, which none of its methods uses")
+    for i, app in enumerate(apps):
+        copy_into(app, tensors, prefixes[i])
+    base.activate(model, name)
+    return name

@@ -1,0 +1,187 @@
+"""PEFT's adapter format for LoRA / DoRA deltas, both ways.
+
+    save_peft_adapter(model, "out/")          # adapter_config.json + adapter_model.safetensors
+    peft.PeftModel.from_pretrained(base, "out/")      # same outputs as the deltakern model
+    load_peft_adapter(model, "peft_adapter/")         # a PEFT-trained adapter as a deltakern delta
+
+Format (peft 0.21): tensors `base_model.model.<module path>.lora_A.weight` [r, in],
+`...lora_B.weight` [out, r] and, for DoRA, `...lora_magnitude_vector` [out]; the config is a
+LoraConfig (peft_type "LORA"). Per-layer ranks and alphas go to rank_pattern / alpha_pattern keyed by
+the escaped module path. Only LoRA/DoRA on linear layers, bias "none": anything else in a PEFT
+adapter (embedding LoRA, modules_to_save, trained biases, fan_in_fan_out, ...) is refused with a
+clear error, and a delta that holds other methods cannot be exported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Optional, Union
+
+from torch import nn
+
+from deltakern.methods import base
+from deltakern.methods.artifacts import _write_atomic, load_into_new_delta
+from deltakern.methods.reparam import DoRA, LoRA
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+__all__ = ["save_peft_adapter", "load_peft_adapter"]
+
+
+def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], name: Optional[str] = None,
+                      base_model_name_or_path: Optional[str] = None) -> Path:
+    """Write delta `name` (default: the active one; LoRA/DoRA only) in PEFT's adapter format."""
+    from safetensors.torch import save_file
+
+    base._check_model(model)
+    name = base.resolve_name(model, name)
+    apps = base._state(model).deltas[name]
+    others = [a.method.describe() for a in apps if not isinstance(a.method, (LoRA, DoRA))]
+    if others:
+        raise ValueError(f"delta {name!r} holds {', '.join(others)}: PEFT's LoRA format stores LoRA/DoRA only")
+    kinds = {isinstance(a.method, DoRA) for a in apps}
+    rs = {a.method.use_rslora for a in apps}
+    if len(kinds) > 1 or len(rs) > 1:
+        raise ValueError(f"delta {name!r} mixes LoRA and DoRA, or rsLoRA and plain scaling: PEFT's config has one "
+                         "use_dora / use_rslora flag per adapter")
+    use_dora, use_rslora = kinds.pop(), rs.pop()
+    layers = {}  # module path -> (r, alpha)
+    tensors = {}
+    for a in apps:
+        for n, w in a.wrappers.items():
+            layers[n] = (a.method.r, a.method.alpha)
+            tensors[f"{PREFIX}{n}.lora_A.weight"] = w.lora_A.detach().to("cpu", copy=True).contiguous()
+            tensors[f"{PREFIX}{n}.lora_B.weight"] = w.lora_B.detach().to("cpu", copy=True).contiguous()
+            if use_dora:
+                tensors[f"{PREFIX}{n}.lora_magnitude_vector"] = (
+                    w.lora_magnitude_vector.detach().to("cpu", copy=True).contiguous())
+    r0 = Counter(r for r, _ in layers.values()).most_common(1)[0][0]
+    a0 = Counter(al for _, al in layers.values()).most_common(1)[0][0]
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r0,
+        "lora_alpha": a0,
+        "target_modules": sorted(layers),
+        "rank_pattern": {re.escape(n): r for n, (r, _) in layers.items() if r != r0},
+        "alpha_pattern": {re.escape(n): al for n, (_, al) in layers.items() if al != a0},
+        "lora_dropout": max(a.method.dropout for a in apps),
+        "bias": "none",
+        "use_rslora": use_rslora,
+        "use_dora": use_dora,
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "inference_mode": True,
+        "revision": None,
+    }
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    _write_atomic(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
+    return out
+
+
+# fields of a PEFT LoraConfig that change what the adapter is; anything set here is refused
+_UNSUPPORTED = {
+    "fan_in_fan_out": (False, None), "modules_to_save": (None, []), "lora_bias": (False, None),
+    "layer_replication": (None, []), "target_parameters": (None, []), "use_qalora": (False, None),
+    "trainable_token_indices": (None, [], {}), "alora_invocation_tokens": (None, []), "use_bdlora": (None, False),
+}
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's rule: the first key k with re.match(rf"(.*\\.)?({k})$", module) wins."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], name: str = "default") -> str:
+    """Load a PEFT LoRA/DoRA adapter directory onto `model` (the same base model it was trained on) as
+    deltakern delta `name`, made active; returns the name. Checks everything before changing the model."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    base._check_model(model)
+    base._check_name(name)
+    path = Path(path)
+    cfg_path, w_path = path / CONFIG_NAME, path / WEIGHTS_NAME
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} is missing: not a PEFT adapter directory")
+    st = base._state(model)
+    if st is not None and name in st.deltas:
+        raise ValueError(f"the model already has a delta named {name!r}; remove it or pass another name")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{cfg_path}: not valid JSON ({exc})") from None
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r}; deltakern reads LORA adapters (LoRA/DoRA)")
+    for key, ok in _UNSUPPORTED.items():
+        if key in cfg and cfg[key] not in ok:
+            raise ValueError(f"{cfg_path}: {key}={cfg[key]!r} is not supported by deltakern's PEFT reader")
+    if cfg.get("bias", "none") != "none":
+        raise ValueError(f"{cfg_path}: bias={cfg['bias']!r}; only adapters with bias='none' are supported")
+    try:
+        tensors = load_file(str(w_path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{w_path}: cannot read the tensors ({exc})") from None
+    use_dora = bool(cfg.get("use_dora", False))
+    use_rslora = bool(cfg.get("use_rslora", False))
+    dropout = float(cfg.get("lora_dropout", 0.0) or 0.0)
+    layer_re = re.compile(re.escape(PREFIX) + r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)")
+    layers: dict[str, dict] = {}
+    for key, t in tensors.items():
+        m = layer_re.fullmatch(key)
+        if m is None:
+            raise ValueError(f"{w_path}: tensor {key!r} is not a LoRA/DoRA weight of a linear layer "
+                             f"(expected {PREFIX}<module>.lora_A.weight / lora_B.weight / lora_magnitude_vector)")
+        layers.setdefault(m.group(1), {})[m.group(2)] = t
+    if not layers:
+        raise ValueError(f"{w_path}: holds no LoRA weights")
+    groups: dict[tuple, list[str]] = {}
+    for module, parts in layers.items():
+        need = {"lora_A.weight", "lora_B.weight"} | ({"lora_magnitude_vector"} if use_dora else set())
+        if set(parts) != need:
+            missing, extra = sorted(need - set(parts)), sorted(set(parts) - need)
+            raise ValueError(f"{w_path}: {module} has " + (f"no {missing}" if missing else f"unexpected {extra}")
+                             + (" (use_dora is set)" if use_dora else ""))
+        r = int(parts["lora_A.weight"].shape[0])
+        r_cfg = _pattern_value(cfg.get("rank_pattern"), module, cfg.get("r", r))
+        if r != r_cfg:
+            raise ValueError(f"{w_path}: {module} has rank {r}, the config says {r_cfg}")
+        alpha = _pattern_value(cfg.get("alpha_pattern"), module, cfg.get("lora_alpha", 8))
+        if isinstance(alpha, float) and alpha.is_integer():
+            alpha = int(alpha)
+        if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+            raise ValueError(f"{cfg_path}: {module} has lora_alpha {alpha!r}")
+        groups.setdefault((r, alpha), []).append(module)
+    cls = DoRA if use_dora else LoRA
+    methods, local, prefixes, saved_targets = [], {}, [], []
+    for i, ((r, alpha), modules) in enumerate(sorted(groups.items(), key=lambda kv: sorted(kv[1])[0])):
+        methods.append(cls(r=r, alpha=alpha, target=["^" + re.escape(n) + "$" for n in sorted(modules)],
+                           dropout=dropout, use_rslora=use_rslora))
+        prefixes.append(f"{i}.")
+        saved_targets.append({n: {"shape": [int(layers[n]["lora_B.weight"].shape[0]),
+                                            int(layers[n]["lora_A.weight"].shape[1])]} for n in modules})
+        for n in modules:
+            local[f"{i}.{n}.lora_A"] = layers[n]["lora_A.weight"]
+            local[f"{i}.{n}.lora_B"] = layers[n]["lora_B.weight"]
+            if use_dora:
+                local[f"{i}.{n}.lora_magnitude_vector"] = layers[n]["lora_magnitude_vector"]
+    return load_into_new_delta(model, name, methods, local, prefixes, saved_targets)

@@ -1,0 +1,218 @@
+"""Reparameterization methods: LoRA and DoRA (QLoRA / QDoRA when the target layer is NF4).
+
+Each target linear (nn.Linear or deltakern.nn.NF4Linear) is wrapped in place by
+deltakern.nn.LoRALinear / DoRALinear, which keep the base frozen and own lora_A [r, in],
+lora_B [out, r] (and DoRA's lora_magnitude_vector [out]), initialised as PEFT does (B = 0, so the
+model is unchanged at init).
+
+Default targets: every linear layer except the output head (see base.output_head_names).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import ClassVar, Optional, Union
+
+from torch import nn
+
+from deltakern.methods import base
+from deltakern.methods.base import Application, Method, Plan, register
+
+
+def _check_number(cls, name, value, positive=True, integer=False, upper=None):
+    ok = not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
+    if ok and not integer:
+        ok = math.isfinite(value)
+    if ok and positive:
+        ok = value > 0
+    if ok and upper is not None:
+        ok = 0 <= value < upper
+    if not ok:
+        raise ValueError(f"{cls}: {name} must be a {'positive int' if integer else 'number'}"
+                         f"{f' in [0, {upper})' if upper is not None else ''}, got {value!r}")
+
+
+class _LowRankMethod(Method):
+    kind: ClassVar[str] = "reparameterization"
+    _module_type: ClassVar[str] = ""
+
+    def __post_init__(self):
+        name = type(self).__name__
+        _check_number(name, "r", self.r, integer=True)
+        _check_number(name, "alpha", self.alpha)
+        _check_number(name, "dropout", self.dropout, positive=False, upper=1.0)
+        self.target = base.as_patterns(self.target, name)
+        for flag in ("use_rslora", "quantize"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{name}: {flag} must be True or False, got {getattr(self, flag)!r}")
+
+    def describe(self) -> str:
+        extra = ", rslora" if self.use_rslora else ""
+        return f"{type(self).__name__}(r={self.r}, alpha={self.alpha:g}{extra})"
+
+    def plan(self, model: nn.Module, delta) -> Plan:
+        name = type(self).__name__
+        linears = [(n, m) for n, m in base.named_modules(model) if n and base.is_linear(m)]
+        if self.target is None:
+            heads = base.output_head_names(model)
+            chosen = [(n, m) for n, m in linears if n not in heads]
+            if not chosen:
+                raise base.no_match_error(name, "all linear layers except the output head", [n for n, _ in linears],
+                                          "linear layers")
+        else:
+            chosen = [(n, m) for n, m in linears if base.match(n, self.target)]
+            if not chosen:
+                others = [n for n, m in base.named_modules(model) if n and base.match(n, self.target)]
+                if others:
+                    kinds = sorted({type(base.get_module(model, n)).__name__ for n in others})
+                    raise ValueError(f"{name}: target {self.target!r} matches only non-linear modules "
+                                     f"({', '.join(kinds)}: {', '.join(others[:5])}); LoRA/DoRA wrap nn.Linear or "
+                                     f"NF4Linear layers")
+                raise base.no_match_error(name, self.target, [n for n, _ in linears], "linear layers")
+        plan = Plan()
+        for n, m in chosen:
+            chain = base.slot_chain(model, n)
+            if any(isinstance(mod, base._lora_types()) for _, _, mod in chain):
+                raise ValueError(f"{name}: {n} already has a LoRA/DoRA adapter in this delta")
+            out_f, in_f = base.linear_shape(m)
+            plan.targets[n] = {"type": type(m).__name__, "shape": [out_f, in_f]}
+            plan.tensors[f"{n}.lora_A"] = (self.r, in_f)
+            plan.tensors[f"{n}.lora_B"] = (out_f, self.r)
+            if self._module_type == "dora":
+                plan.tensors[f"{n}.lora_magnitude_vector"] = (out_f,)
+        if self.quantize and any(isinstance(base.get_module(model, n), nn.Linear) for n in plan.targets):
+            st = base._state(model)
+            held = [d for d, apps in (st.deltas.items() if st else []) if apps]
+            if held:
+                raise ValueError(f"{name}(quantize=True) would quantize base layers that deltas {held} already use; "
+                                 f"quantize first: apply {name}(quantize=True) before any other method, or call "
+                                 f"deltakern.quantize(model) before adding deltas")
+        return plan
+
+    def _quantize(self, model, plan):
+        """Quantize the dense targets to NF4 with deltakern.quantize (a base change, kept by remove())."""
+        from deltakern.quantize import quantize
+
+        dense = [n for n in plan.targets if isinstance(base.get_module(model, n), nn.Linear)]
+        if not dense:
+            return None
+        keep = {n for n, m in base.named_modules(model) if isinstance(m, nn.Linear)} - set(dense)
+        return quantize(model, skip=["^" + re.escape(n) + "$" for n in sorted(keep)], progress=False)
+
+    def build(self, model: nn.Module, plan: Plan) -> Application:
+        from deltakern.nn.dora import DoRALinear
+        from deltakern.nn.lora import LoRALinear
+
+        qsummary = self._quantize(model, plan) if self.quantize else None
+        cls = DoRALinear if self._module_type == "dora" else LoRALinear
+        wrappers = {}
+        for n in plan.targets:
+            linear = base.get_module(model, n)
+            w = cls(linear, self.r, self.alpha, dropout=self.dropout, use_rslora=self.use_rslora)
+            w.train(linear.training)
+            wrappers[n] = w
+        params = {}
+        for n, w in wrappers.items():
+            params[f"{n}.lora_A"] = w.lora_A
+            params[f"{n}.lora_B"] = w.lora_B
+            if self._module_type == "dora":
+                params[f"{n}.lora_magnitude_vector"] = w.lora_magnitude_vector
+        app = _LowRankApplication(self, plan, params, wrappers)
+        app.quantize_summary = qsummary
+        return app
+
+
+class _LowRankApplication(Application):
+    mergeable = True
+
+    def __init__(self, method, plan, params, wrappers):
+        super().__init__(method, plan, params)
+        self.wrappers = wrappers
+
+    def wrapped_linears(self):
+        return set(self.wrappers)
+
+    def attach(self, model):
+        done = []
+        try:
+            for n, w in self.wrappers.items():
+                chain = base.slot_chain(model, n)
+                parent, attr, linear = chain[-1]
+                if linear is not w.base:
+                    raise RuntimeError(f"{n}: the base layer was replaced outside deltakern since this delta was made")
+                dtype, device = base.base_dtype_device(linear)
+                base.follow([p for p in w.parameters(recurse=False)], dtype, device)
+                w.train(linear.training)
+                setattr(parent, attr, w)
+                done.append((n, w))
+        except Exception:
+            for n, w in reversed(done):
+                base.replace_in_slot(model, n, w, w.base)
+            raise
+
+    def detach(self, model, keep_merged=False):
+        for n, w in reversed(list(self.wrappers.items())):
+            if w.merged and not keep_merged:
+                w.unmerge()
+            base.replace_in_slot(model, n, w, w.base)
+
+    def merge(self, model):
+        done = []
+        try:
+            for n, w in self.wrappers.items():
+                if getattr(w, "is_nf4", False):
+                    raise ValueError(f"cannot merge into {n}: its base weight is NF4 (merging would requantize, which "
+                                     f"is lossy and cannot be undone); keep the delta unmerged, or load the delta onto a "
+                                     f"dense base and merge there")
+                w.merge()
+                done.append(w)
+        except Exception:
+            for w in reversed(done):
+                w.unmerge()
+            raise
+
+    def unmerge(self, model):
+        for w in reversed(list(self.wrappers.values())):
+            if w.merged:
+                w.unmerge()
+
+
+@register
+@dataclass
+class LoRA(_LowRankMethod):
+    """Low-rank adaptation: y = base(x) + (alpha / r) * B A dropout(x) on each target linear.
+
+    r, alpha:   rank and scale (alpha / sqrt(r) with use_rslora=True)
+    target:     module names / dotted suffixes / regexes; None = all linear layers except the output head
+    dropout:    dropout on the LoRA branch during training
+    quantize:   quantize the (dense) targets to NF4 first (QLoRA); targets that are already NF4Linear
+                (e.g. after deltakern.quantize(model)) make it QLoRA anyway
+    """
+
+    r: int = 8
+    alpha: float = 16
+    target: Optional[Union[str, list]] = None
+    dropout: float = 0.0
+    use_rslora: bool = False
+    quantize: bool = False
+    _module_type: ClassVar[str] = "lora"
+
+
+@register
+@dataclass
+class DoRA(_LowRankMethod):
+    """Weight-decomposed low-rank adaptation: LoRA's direction update with a learned per-row magnitude.
+
+    Same fields as LoRA; adds lora_magnitude_vector [out] per target (= the base's row norms at init,
+    so the model is unchanged at init). QDoRA when the target is NF4 (or with quantize=True).
+    """
+
+    r: int = 8
+    alpha: float = 16
+    target: Optional[Union[str, list]] = None
+    dropout: float = 0.0
+    use_rslora: bool = False
+    quantize: bool = False
+    _module_type: ClassVar[str] = "dora"
