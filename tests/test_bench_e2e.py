@@ -59,3 +59,20 @@ def test_loss_curve_follows_peft(curves, method):
 def test_unknown_method(args):
     with pytest.raises(ValueError, match="unknown method"):
         e2e.build("nope", args, "cpu")
+
+
+def test_results_markdown_has_ratio_and_curves():
+    from benchmarks import run
+
+    cfg = dict(layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=10, batch=1, seq=8, rank=4,
+               steps=3, warmup=1)
+    row = dict(step_ms=1.0, peak_mib=2048.0, trainable_params=5, final_loss=1.0)
+    payload = {"env": {"gpu": "GPU", "torch": "x"}, "config": cfg,
+               "results": {"peft-qlora": {**row, "tokens_per_s": 100.0},
+                           "deltakern-qlora": {**row, "tokens_per_s": 150.0, "peak_mib": 1024.0}},
+               "loss_curves": {"deltakern-qlora vs peft-qlora": {"max_abs_diff": 0.25, "last_abs_diff": 0.125}},
+               "skipped": {"peft-lora": "bitsandbytes not installed"}, "errors": {}}
+    text = run.markdown({"e2e": payload})
+    assert "| deltakern-qlora | 150 | 1.5 | 1 | 1 | 5 | 1 |" in text
+    assert "| peft-qlora | 100 |  | 1 | 2 | 5 | 1 |" in text
+    assert "max |diff| 0.25, last 0.125" in text and "peft-lora not measured: bitsandbytes not installed" in text
