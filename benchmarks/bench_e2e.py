@@ -37,14 +37,12 @@ import gc
 import importlib.util
 import json
 import math
-import platform
 import shutil
 import statistics
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -108,18 +106,9 @@ def needs_bnb(method: str) -> bool:
 
 
 def environment() -> dict:
-    def version(name):
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            return None
+    from benchmarks.common import environment as common_environment
 
-    env = {"python": platform.python_version(), "torch": torch.__version__}
-    for name in ("triton", "bitsandbytes", "peft", "transformers", "deltakern"):
-        env[name] = version(name)
-    if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name()
-        env["cuda"] = torch.version.cuda
+    env = common_environment()
     try:
         from deltakern import _backend
 
@@ -404,4 +393,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for benchmarks.common
     main()
