@@ -2,12 +2,13 @@
 
 Adapter        Houlsby bottleneck after a layer: h + up(act(down(h))), up = 0 at init (no change
                at init). Default placement on transformers models: after the attention output
-               projection and after the MLP output projection of every layer, found by name suffix
-               (attention.output.dense / o_proj / out_proj / attn.c_proj; output.dense / down_proj /
-               fc2 / mlp.c_proj / dense_4h_to_h). Other models: pass `target`.
+               projection and after the MLP output projection of every layer (nn.Linear, NF4Linear or
+               GPT-2's Conv1D), found by name suffix (attention.output.dense / o_proj / out_proj /
+               attn.c_proj; output.dense / down_proj / fc2 / mlp.c_proj / dense_4h_to_h). Other
+               models: pass `target`.
 PrefixTuning   learned key/value prefixes for every self-attention layer (optionally produced by a
                reparameterization MLP). Works on transformers models whose attention layers call
-               the shared attention interface (BERT-like and Llama-like models in transformers 5)
+               the shared attention interface (BERT-, Llama- and GPT-2-like models in transformers 5)
                with the "eager" or "sdpa" implementation: each attention layer gets a private copy of
                its config that points to a deltakern attention function, which prepends the prefix to
                keys/values (after RoPE, like a KV cache) and extends the mask, then calls the
@@ -15,10 +16,12 @@ PrefixTuning   learned key/value prefixes for every self-attention layer (option
                every step). Not supported: flash/flex attention, cross-attention layers.
 PromptTuning   learned soft-prompt embeddings prepended to the input embeddings of a transformers
                model (input_ids -> inputs_embeds in a forward pre-hook; attention_mask,
-               token_type_ids and 2-D labels are extended). Outputs with a sequence dimension
+               token_type_ids and 2-D labels are extended; explicit position_ids move up by the
+               prompt length, the prompt taking positions 0..p-1). Outputs with a sequence dimension
                (last_hidden_state, logits, hidden_states) are cut back to the caller's tokens, so
-               they line up with the inputs. Not supported: explicit position_ids, generation with a
-               KV cache. Note that a pooler reading position 0 now reads the first virtual token.
+               they line up with the inputs (attention maps are not cut). Not supported: generation
+               with a KV cache (generate(..., use_cache=False) works). Note that a pooler reading
+               position 0 now reads the first virtual token.
 """
 
 from __future__ import annotations
@@ -86,6 +89,8 @@ def _out_features(module: nn.Module) -> Optional[int]:
     if base.is_linear(module):
         return base.linear_shape(module)[0]
     n = getattr(module, "out_features", None)
+    if n is None and type(module).__name__ == "Conv1D":  # transformers' GPT-2 style linear
+        n = getattr(module, "nf", None)
     return int(n) if isinstance(n, int) else None
 
 
@@ -125,7 +130,7 @@ class Adapter(Method):
             if not chosen:
                 raise base.no_match_error("Adapter", self.target, names)
         else:
-            linears = [n for n, m in base.named_modules(model) if n and base.is_linear(m)]
+            linears = [n for n, m in base.named_modules(model) if n and _out_features(m) is not None]
             attn = [n for n in linears if base.match(n, ATTENTION_OUTPUTS)]
             mlp = [n for n in linears if n not in attn and base.match(n, MLP_OUTPUTS)]
             chosen = sorted(set((attn if self.where in ("both", "attention") else []) +
@@ -199,6 +204,7 @@ class _AdapterApplication(Application):
 _ATTN_IMPL = "deltakern_prefix"
 _K_NAMES = ("k_proj", "key", "k_lin", "k")
 _V_NAMES = ("v_proj", "value", "v_lin", "v")
+_QKV_NAMES = ("c_attn",)  # fused query/key/value projection (GPT-2)
 _registered = False
 
 
@@ -224,21 +230,32 @@ def _is_self_attention(module) -> bool:
     cfg = getattr(module, "config", None)
     return (cfg is not None and hasattr(cfg, "_attn_implementation") and "cross" not in type(module).__name__.lower()
             and not getattr(module, "is_cross_attention", False)
-            and _child(module, _K_NAMES) is not None and _child(module, _V_NAMES) is not None)
+            and ((_child(module, _K_NAMES) is not None and _child(module, _V_NAMES) is not None)
+                 or _child(module, _QKV_NAMES) is not None))
 
 
 def _geometry(cname, module) -> tuple[int, int, int]:
     """(key/value heads, head dim, hidden size) of an attention layer."""
     k, v = _child(module, _K_NAMES), _child(module, _V_NAMES)
-    k_out, v_out = _out_features(k), _out_features(v)
-    hidden = base.linear_shape(k)[1] if base.is_linear(k) else getattr(k, "in_features", None)
     cfg = module.config
     d = getattr(module, "head_dim", None) or getattr(module, "attention_head_size", None) or getattr(cfg, "head_dim", None)
     if not d and getattr(cfg, "num_attention_heads", None) and getattr(cfg, "hidden_size", None):
         d = cfg.hidden_size // cfg.num_attention_heads
+    if k is None or v is None:  # fused q/k/v projection: as many key/value heads as query heads
+        heads = getattr(module, "num_heads", None) or getattr(cfg, "num_attention_heads", None)
+        k_out = v_out = heads * d if heads and d else None
+        hidden = getattr(cfg, "hidden_size", None)
+    else:
+        k_out, v_out = _out_features(k), _out_features(v)
+        hidden = base.linear_shape(k)[1] if base.is_linear(k) else getattr(k, "in_features", None)
     if not (k_out and v_out and hidden and d) or k_out != v_out or k_out % d:
         raise ValueError(f"PrefixTuning: cannot read the key/value geometry of {cname} ({type(module).__name__})")
     return k_out // d, int(d), int(hidden)
+
+
+def _kv_dtype_device(module):
+    k = _child(module, _K_NAMES)
+    return base.base_dtype_device(k if k is not None else _child(module, _QKV_NAMES))
 
 
 def _original_attention(module, impl):
@@ -359,7 +376,7 @@ class PrefixTuning(Method):
         layers = _attention_layers(model)
         if not layers:
             raise ValueError("PrefixTuning needs a transformers model whose self-attention layers call the attention "
-                             f"interface (BERT-like, Llama-like); found none in {type(model).__name__}")
+                             f"interface (BERT-, Llama-, GPT-2-like); found none in {type(model).__name__}")
         if self.target is not None:
             chosen = [(n, m) for n, m in layers if base.match(n, self.target)]
             if not chosen:
@@ -391,8 +408,7 @@ class PrefixTuning(Method):
         _register_attention()
         names = list(plan.targets)
         heads, d = plan.targets[names[0]]["shape"]
-        k = _child(base.get_module(model, names[0]), _K_NAMES)
-        dtype, device = base.base_dtype_device(k)
+        dtype, device = _kv_dtype_device(base.get_module(model, names[0]))
         hidden = getattr(plan, "hidden", None) or plan.tensors.get("prefix.embedding", (0, 0))[1]
         enc = PrefixEncoder(len(names), heads, self.num_virtual_tokens, d, hidden, self.projection,
                             self.projection_hidden or hidden, dtype, device)
@@ -414,8 +430,7 @@ class _PrefixApplication(Application):
             raise RuntimeError("another PrefixTuning is attached to this model")
         layers = [(n, base.get_module(model, n)) for n in self.plan.targets]
         fns = [_original_attention(m, m.config._attn_implementation) for _, m in layers]
-        k = _child(layers[0][1], _K_NAMES)
-        dtype, device = base.base_dtype_device(k)
+        dtype, device = _kv_dtype_device(layers[0][1])
         base.follow(self.encoder.parameters(), dtype, device)
         self.encoder.train(root.training)
         root.add_module(self.attr, self.encoder)
@@ -581,8 +596,6 @@ class _PromptApplication(Application):
             raise TypeError("PromptTuning: too many positional arguments")
         if _past_length(kwargs.get("past_key_values")) > 0:
             raise NotImplementedError("PromptTuning does not support decoding with a KV cache (past_key_values)")
-        if kwargs.get("position_ids") is not None:
-            raise ValueError("PromptTuning: explicit position_ids are not supported (the prompt shifts positions)")
         ids = kwargs.pop("input_ids", None)
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
@@ -601,6 +614,12 @@ class _PromptApplication(Application):
             t = kwargs.get(key)
             if isinstance(t, torch.Tensor) and t.dim() == 2:
                 kwargs[key] = torch.cat([t.new_full((b, p), fill), t], 1)
+        pos = kwargs.get("position_ids")
+        if pos is not None:  # the prompt takes positions 0..p-1, the caller's tokens move up by p
+            if not isinstance(pos, torch.Tensor) or pos.dim() != 2:
+                raise ValueError("PromptTuning supports 2-D position_ids [batch, tokens] only")
+            first = torch.arange(p, dtype=pos.dtype, device=pos.device).expand(pos.shape[0], p)
+            kwargs["position_ids"] = torch.cat([first, pos + p], 1)
         self.pending.append((p, embeds.shape[1] + p))
         return (), kwargs
 

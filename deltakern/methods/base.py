@@ -370,6 +370,16 @@ def _refreeze(model: nn.Module, st: _State):
                 p.requires_grad_(True)
 
 
+def _grad_flags(model: nn.Module) -> list[tuple[nn.Parameter, bool]]:
+    return [(p, p.requires_grad) for p in model.parameters()]
+
+
+def _restore_grad_flags(flags):
+    """Undo _refreeze after a failed apply/load (which must leave the model as it was)."""
+    for p, flag in flags:
+        p.requires_grad_(flag)
+
+
 def _detach_all(model, st: _State):
     if st.active is None:
         return
@@ -411,6 +421,7 @@ def new_delta(model: nn.Module, name: str, steps: list[tuple[Method, Optional[Pl
     `before_attach(index, application)` runs after each build (used to load tensors)."""
     st = _state(model, create=True)
     previous = st.active
+    flags = _grad_flags(model)
     _switch(model, st, None)
     st.deltas[name] = []
     try:
@@ -423,7 +434,7 @@ def new_delta(model: nn.Module, name: str, steps: list[tuple[Method, Optional[Pl
         del st.deltas[name]
         if previous is not None:
             _attach_all(model, st, previous)
-        _refreeze(model, st)
+        _restore_grad_flags(flags)
         _drop_state_if_empty(model, st)
         raise
     _refreeze(model, st)
@@ -473,15 +484,17 @@ def apply(model: nn.Module, method, name: Optional[str] = None) -> nn.Module:
     for m in methods:
         if not isinstance(m, Method):
             raise TypeError(f"method must be a deltakern method (LoRA(), BitFit(), ...), got {type(m).__name__}")
-    st = _state(model, create=True)
-    if st.merged:
+    st = _state(model)
+    if st is not None and st.merged:
         raise RuntimeError("the active delta is merged into the base weights; call unmerge(model) before applying more")
-    name = name if name is not None else (st.active or "default")
+    name = name if name is not None else ((st and st.active) or "default")
     _check_name(name)
+    st = _state(model, create=True)
     if name not in st.deltas:
         new_delta(model, name, [(m, None) for m in methods])
         return model
     previous = st.active
+    flags = _grad_flags(model)
     _switch(model, st, name)
     apps = st.deltas[name]
     n0 = len(apps)
@@ -495,7 +508,7 @@ def apply(model: nn.Module, method, name: Optional[str] = None) -> nn.Module:
                 app.attached = False
         del apps[n0:]
         _switch(model, st, previous)
-        _refreeze(model, st)
+        _restore_grad_flags(flags)
         raise
     _refreeze(model, st)
     return model

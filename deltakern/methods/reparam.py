@@ -30,8 +30,9 @@ def _check_number(cls, name, value, positive=True, integer=False, upper=None):
     if ok and upper is not None:
         ok = 0 <= value < upper
     if not ok:
-        raise ValueError(f"{cls}: {name} must be a {'positive int' if integer else 'number'}"
-                         f"{f' in [0, {upper})' if upper is not None else ''}, got {value!r}")
+        kind = ("positive " if positive else "") + ("int" if integer else "number")
+        raise ValueError(f"{cls}: {name} must be a {kind}{f' in [0, {upper:g})' if upper is not None else ''}, "
+                         f"got {value!r}")
 
 
 class _LowRankMethod(Method):
@@ -59,6 +60,12 @@ class _LowRankMethod(Method):
             heads = base.output_head_names(model)
             chosen = [(n, m) for n, m in linears if n not in heads]
             if not chosen:
+                conv1d = [n for n, m in base.named_modules(model) if type(m).__name__ == "Conv1D"]
+                if conv1d:
+                    raise ValueError(f"{name}: {type(model).__name__} computes with transformers' Conv1D layers "
+                                     f"(GPT-2 style, weight stored [in, out]: {', '.join(conv1d[:4])}"
+                                     f"{', ...' if len(conv1d) > 4 else ''}), which "
+                                     f"LoRA/DoRA do not support; they wrap nn.Linear or NF4Linear layers only")
                 raise base.no_match_error(name, "all linear layers except the output head", [n for n, _ in linears],
                                           "linear layers")
         else:

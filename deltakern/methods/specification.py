@@ -224,7 +224,7 @@ class Freeze(Method):
         for app in delta:
             wrapped |= app.wrapped_linears()
         plan = Plan()
-        names = []
+        names, kept = [], []
         for key, module, pname, p in base.named_parameters(model):
             if not p.is_floating_point():
                 continue
@@ -233,12 +233,16 @@ class Freeze(Method):
                 continue
             cname = key.rpartition(".")[0]
             if pname == "weight" and cname in wrapped:
-                continue  # a LoRA/DoRA of this delta keeps that weight frozen (its bias can still train)
+                kept.append(key)  # a LoRA/DoRA of this delta keeps that weight frozen (its bias can still train)
+                continue
             plan.targets[key] = {"type": type(module).__name__, "shape": list(p.shape)}
             plan.tensors[key] = tuple(p.shape)
         if not plan.targets:
             what = self.train if not prefixes else f"{self.train or ''} top_layers={self.top_layers}"
             shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+            if kept:
+                raise ValueError(f"Freeze: {what} matches only {', '.join(kept[:4])}, which this delta's LoRA/DoRA "
+                                 f"keeps frozen")
             raise ValueError(f"Freeze: no trainable parameter matches {what}; parameters ({len(names)}): {shown}")
         return plan
 

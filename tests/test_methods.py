@@ -1,0 +1,754 @@
+"""deltakern.methods: apply every delta method to tiny transformers models (BERT, Llama, GPT-2 built from
+configs, no network) and check what the API promises: identity at init, gradients only to the delta,
+target matching, composition, the summary table, equality with PEFT (dense and over bitsandbytes 4-bit),
+named deltas / disable / remove, merge / unmerge, clear errors for bad inputs, and prefix / prompt tuning
+(shapes, masks, gradients, a few SGD steps that lower a loss).
+
+Save / load (deltakern's format and PEFT's) is in test_artifacts.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("transformers")
+
+import deltakern as dk  # noqa: E402
+from deltakern.methods import base as dkbase  # noqa: E402
+from deltakern.nn import DoRALinear, LoRALinear, NF4Linear  # noqa: E402
+
+from _helpers import (MODELS, batch, bert, bert_cls, gpt2, llama, lm_loss, perturb, rel, run, same_state,  # noqa: E402
+                      snapshot)
+
+LLAMA_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# the method every architecture gets with defaults; None = the method cannot apply (a clear error is expected)
+DEFAULTS = {
+    "LoRA": lambda: dk.LoRA(),
+    "DoRA": lambda: dk.DoRA(),
+    "BitFit": lambda: dk.BitFit(),
+    "Freeze": lambda: dk.Freeze(),
+    "Adapter": lambda: dk.Adapter(),
+    "PrefixTuning": lambda: dk.PrefixTuning(),
+    "PromptTuning": lambda: dk.PromptTuning(),
+}
+CANNOT = {  # (arch, method) -> the words the error must contain
+    ("llama", "BitFit"): "add_missing=True",  # Llama's linears have no bias
+    ("gpt2", "LoRA"): "Conv1D",               # GPT-2's projections are transformers' Conv1D
+    ("gpt2", "DoRA"): "Conv1D",
+}
+IDENTITY_AT_INIT = ("LoRA", "DoRA", "BitFit", "Freeze", "Adapter")
+CASES = [(a, m) for a in MODELS for m in DEFAULTS if (a, m) not in CANNOT]
+
+
+def _method_for(arch, name):
+    if (arch, name) == ("llama", "BitFit"):
+        return dk.BitFit(add_missing=True)
+    return DEFAULTS[name]()
+
+
+def _owned(model):
+    """Ids of the parameters the active delta's methods own."""
+    return {id(p) for app in dkbase.applications(model) for p in app.params.values()}
+
+
+def _flags(model):
+    return {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+# ---- every method on models as they come --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch,name", CASES)
+def test_defaults_apply_and_forward(arch, name):
+    model = MODELS[arch]()
+    ids, mask = batch()
+    y0 = run(model, ids, mask)
+    assert dk.apply(model, _method_for(arch, name)) is model
+    assert dk.methods.deltas(model) == ["default"] and dk.methods.active_delta(model) == "default"
+    y1 = run(model, ids, mask)
+    assert y1.shape == y0.shape and torch.isfinite(y1).all()
+    if name in IDENTITY_AT_INIT:
+        # zero-initialised B / up-projection, copies of the biases, DoRA's magnitude = row norms
+        torch.testing.assert_close(y1, y0, rtol=1e-6, atol=1e-7)
+        with torch.enable_grad():  # the training path (fused bias-only / LoRA functions) as well
+            y2 = model(input_ids=ids, attention_mask=mask)
+        y2 = y2.logits if hasattr(y2, "logits") else y2.last_hidden_state
+        torch.testing.assert_close(y2.detach(), y0, rtol=1e-6, atol=1e-7)
+    else:
+        assert not torch.equal(y1, y0)  # prefixes and soft prompts change the output from the start
+    s = dk.summary(model)
+    assert len(s.rows) == 1 and s.rows[0]["method"].startswith(name)
+
+
+@pytest.mark.parametrize("arch,name", sorted(CANNOT))
+def test_method_that_cannot_apply_says_why_and_changes_nothing(arch, name):
+    model = MODELS[arch]()
+    before, flags = snapshot(model), _flags(model)
+    with pytest.raises(ValueError, match=CANNOT[(arch, name)]):
+        dk.apply(model, DEFAULTS[name]())
+    assert same_state(snapshot(model), before) and _flags(model) == flags and dk.methods.deltas(model) == []
+
+
+def test_identity_at_init_exact_for_lora_dora_adapter_bitfit_freeze_on_bert_model():
+    model = bert()
+    ids, mask = batch()
+    y0 = run(model, ids, mask)
+    for i, m in enumerate([dk.LoRA(r=4, target=["query", "value"]), dk.DoRA(r=4, target="key"),
+                           dk.Adapter(bottleneck=8), dk.BitFit(), dk.Freeze(train=r"pooler\.")]):
+        dk.apply(model, m, name=f"d{i}")
+        assert torch.equal(run(model, ids, mask), y0), m.describe()
+
+
+# ---- gradients reach the delta only ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch,name", CASES)
+def test_gradients_only_reach_the_delta(arch, name):
+    model = MODELS[arch]()
+    originals = list(model.parameters())
+    dk.apply(model, _method_for(arch, name))
+    ids, mask = batch()
+    lm_loss(model, ids, mask).backward()
+    owned = _owned(model)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert {id(p) for _, p in trainable} == owned
+    for n, p in trainable:
+        assert p.grad is not None and torch.isfinite(p.grad).all(), n
+    assert any(float(p.grad.abs().max()) > 0 for _, p in trainable)
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert p.grad is None, n
+    for p in originals:  # the base's own tensors (BitFit / Freeze train copies of them)
+        assert id(p) not in owned and p.grad is None
+    assert dk.summary(model).trainable == sum(p.numel() for _, p in trainable)
+    if name == "Freeze":  # default: the top layer of the main stack
+        top = {"bert": "bert.encoder.layer.1.", "llama": "model.layers.1.", "gpt2": "transformer.h.1."}[arch]
+        assert trainable and all(n.startswith(top) for n, _ in trainable)
+        assert {n for n, _ in trainable} == {n for n, _ in MODELS[arch]().named_parameters() if n.startswith(top)}
+    if name == "BitFit":
+        assert all(n.endswith(".bias") for n, _ in trainable)
+
+
+def test_freeze_patterns_and_bitfit_targets_pick_exactly_those():
+    model = bert_cls()
+    dk.apply(model, dk.Freeze(train=[r"^classifier\.", r"LayerNorm\.weight$"]))
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    want = {n for n, _ in bert_cls().named_parameters() if n.startswith("classifier.") or n.endswith("LayerNorm.weight")}
+    assert names == want
+    model = bert_cls()
+    dk.apply(model, dk.BitFit(target="LayerNorm"))
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names == {n for n, _ in bert_cls().named_parameters() if n.endswith("LayerNorm.bias")} and len(names) == 5
+
+
+# ---- target: names, suffixes, regexes -------------------------------------------------------------------
+
+
+def _wrapped(model):
+    return sorted(n for n, m in model.named_modules() if isinstance(m, (LoRALinear, DoRALinear)))
+
+
+@pytest.mark.parametrize("target,expected", [
+    ("bert.encoder.layer.0.attention.self.query", ["bert.encoder.layer.0.attention.self.query"]),
+    ("query", ["bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.1.attention.self.query"]),
+    ("self.value", ["bert.encoder.layer.0.attention.self.value", "bert.encoder.layer.1.attention.self.value"]),
+    (r"bert\.encoder\.layer\.1\..*\.(key|value)", ["bert.encoder.layer.1.attention.self.key",
+                                                    "bert.encoder.layer.1.attention.self.value"]),
+    (["layer.0.output.dense", r".*pooler\.dense"], ["bert.encoder.layer.0.output.dense", "bert.pooler.dense"]),
+    ("classifier", ["classifier"]),  # an explicit target may name the head
+])
+def test_target_names_suffixes_regexes(target, expected):
+    model = bert_cls()
+    dk.apply(model, dk.LoRA(r=2, target=target))
+    assert _wrapped(model) == expected
+
+
+_TARGETED = {"LoRA": lambda t: dk.LoRA(target=t), "DoRA": lambda t: dk.DoRA(target=t),
+             "BitFit": lambda t: dk.BitFit(target=t), "Adapter": lambda t: dk.Adapter(target=t),
+             "PrefixTuning": lambda t: dk.PrefixTuning(target=t),
+             "Freeze": lambda t: dk.Freeze(train=t)}  # Freeze's `train` is searched (re.search) in parameter names
+
+
+@pytest.mark.parametrize("method,pattern", [(m, p) for m in _TARGETED for p in ("no_such_module", r"layer\.7\..*")]
+                         + [(m, "quer") for m in _TARGETED if m != "Freeze"])  # a part of a name is no suffix
+def test_target_without_match_names_the_pattern_and_changes_nothing(method, pattern):
+    model = bert_cls()
+    before, flags = snapshot(model), _flags(model)
+    with pytest.raises(ValueError) as err:
+        dk.apply(model, _TARGETED[method](pattern))
+    assert repr(pattern) in str(err.value)
+    assert same_state(snapshot(model), before) and _flags(model) == flags and dk.methods.deltas(model) == []
+    assert "_deltakern_deltas" not in model.__dict__
+
+
+def test_lora_target_on_non_linear_module_is_refused():
+    with pytest.raises(ValueError, match="only non-linear modules.*LayerNorm"):
+        dk.apply(bert_cls(), dk.LoRA(target="attention.output.LayerNorm"))
+
+
+def test_failed_apply_keeps_the_active_delta_and_its_flags():
+    model = bert_cls()
+    dk.apply(model, dk.LoRA(r=2, target="query"), name="a")
+    perturb(model)
+    ids, mask = batch()
+    y, flags = run(model, ids, mask), _flags(model)
+    for delta, bad in [("a", dk.LoRA(target="nothing")), ("a", dk.LoRA(target="query")),
+                       ("a", [dk.BitFit(), dk.Freeze(train="bias")]), ("b", dk.LoRA(target="nothing")),
+                       ("b", [dk.Adapter(bottleneck=2), dk.BitFit(target="nothing")])]:
+        with pytest.raises(ValueError):
+            dk.apply(model, bad, name=delta)
+        assert dk.methods.deltas(model) == ["a"] and dk.methods.active_delta(model) == "a"
+        assert torch.equal(run(model, ids, mask), y) and _flags(model) == flags
+
+
+# ---- composition and summary -----------------------------------------------------------------------------
+
+
+def _lora_numel(model, names, r):
+    n = 0
+    for name in names:
+        out_f, in_f = model.get_submodule(name).weight.shape
+        n += r * (out_f + in_f)
+    return n
+
+
+def test_summary_counts_match_a_manual_count():
+    ref = bert_cls()
+    base_total = sum(p.numel() for p in ref.parameters())
+    biases = sum(p.numel() for n, p in ref.named_parameters() if n.endswith(".bias"))
+    lora_targets = [n for n, _ in ref.named_modules() if n.endswith(("query", "value"))]
+    adapter_targets = [n for n, _ in ref.named_modules() if n.endswith("output.dense")]
+    n_lora = _lora_numel(ref, lora_targets, 4)
+    n_adapter = len(adapter_targets) * (8 * 32 + 8 + 32 * 8 + 32)
+
+    model = bert_cls()
+    dk.apply(model, [dk.LoRA(r=4, alpha=8, target=["query", "value"]), dk.Adapter(bottleneck=8)])
+    dk.apply(model, dk.BitFit())  # after the adapter: its bottleneck biases are not base biases
+    s = dk.summary(model)
+    assert [(r["method"], r["targets"], r["params"]) for r in s.rows] == [
+        ("LoRA(r=4, alpha=8)", 4, n_lora), ("Adapter(bottleneck=8)", 4, n_adapter), ("BitFit()", 19, biases)]
+    assert s.trainable == n_lora + n_adapter + biases
+    assert s.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert s.total == base_total + n_lora + n_adapter == sum(p.numel() for p in model.parameters())
+    assert s.percent == pytest.approx(100 * s.trainable / s.total)
+    text = str(s)
+    for r in s.rows:
+        assert r["method"] in text and f"{r['params']:,}" in text and f"{100 * r['params'] / s.total:.3f}%" in text
+    assert f"{s.trainable:,}" in text and f"{s.percent:.3f}%" in text and f"{s.total:,}" in text
+    assert "'default' (active)" in text
+
+
+def test_summary_without_delta_and_with_inactive_deltas():
+    model = bert_cls()
+    s = dk.summary(model)
+    assert s.delta is None and s.trainable == s.total == sum(p.numel() for p in model.parameters())
+    assert "no active delta" in str(s) and s.rows[0]["method"].startswith("other")
+    dk.apply(model, dk.BitFit(), name="a")
+    dk.apply(model, dk.LoRA(r=2, target="query"), name="b")
+    s = dk.summary(model)
+    assert s.delta == "b" and s.inactive == ["a"] and "inactive: 'a'" in str(s)
+    assert s.trainable == _lora_numel(model, ["bert.encoder.layer.0.attention.self.query.base",
+                                              "bert.encoder.layer.1.attention.self.query.base"], 2)
+
+
+@pytest.mark.parametrize("cls", [dk.LoRA, dk.DoRA], ids=["QLoRA", "QDoRA"])
+def test_qlora_plus_bitfit_compose_on_nf4_llama(cls):
+    dense = llama()
+    model = llama()
+    dk.quantize(model, progress=False)  # every linear but lm_head becomes NF4Linear
+    ids, _ = batch(pad=False)
+    y_base = run(model, ids)
+    dk.apply(model, cls(r=4, alpha=8))
+    dk.apply(model, dk.BitFit(add_missing=True))  # Llama's linears have no bias: add zero biases to train
+    wrapped = [m for m in model.modules() if isinstance(m, (LoRALinear, DoRALinear))]
+    assert len(wrapped) == 2 * len(LLAMA_PROJ)
+    for layer in wrapped:
+        assert type(layer) is (LoRALinear if cls is dk.LoRA else DoRALinear) and layer.is_nf4
+        assert isinstance(layer.base, NF4Linear) and layer.base.bias is not None
+    assert torch.equal(run(model, ids), y_base)  # B = 0 and zero biases: the quantized base exactly
+
+    proj = [n for n, _ in dense.named_modules() if n.endswith(tuple(LLAMA_PROJ))]
+    n_lora = _lora_numel(dense, proj, 4) + (sum(dense.get_submodule(n).weight.shape[0] for n in proj)
+                                            if cls is dk.DoRA else 0)
+    n_bias = sum(dense.get_submodule(n).weight.shape[0] for n in proj) + dense.lm_head.weight.shape[0]
+    s = dk.summary(model)
+    assert [(r["method"], r["params"]) for r in s.rows] == [(f"{cls.__name__}(r=4, alpha=8)", n_lora),
+                                                              ("BitFit(add_missing)", n_bias)]
+    assert s.total == sum(p.numel() for p in dense.parameters()) + n_lora + n_bias  # 4-bit counted per element
+    text = str(s)
+    assert cls.__name__ in text and "BitFit(add_missing)" in text
+
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    losses = []
+    for _ in range(4):
+        opt.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        owned = _owned(model)
+        assert all(id(p) in owned for p in model.parameters() if p.grad is not None)
+        assert all(p.grad is not None for p in model.parameters() if id(p) in owned)
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_lora_quantize_option_equals_quantize_then_lora():
+    ids, _ = batch(pad=False)
+    a = llama()
+    dk.apply(a, dk.LoRA(r=4, quantize=True))
+    b = llama()
+    dk.quantize(b, progress=False)
+    dk.apply(b, dk.LoRA(r=4))
+    assert all(w.is_nf4 for w in a.modules() if isinstance(w, LoRALinear))
+    assert isinstance(a.lm_head, nn.Linear)  # the head is not a target: it stays dense
+    assert torch.equal(run(a, ids), run(b, ids))
+    c = llama()
+    dk.apply(c, dk.BitFit(add_missing=True), name="x")
+    with pytest.raises(ValueError, match="quantize first"):
+        dk.apply(c, dk.LoRA(quantize=True), name="y")
+
+
+# ---- equality with PEFT ----------------------------------------------------------------------------------
+
+
+def _copy_into_peft(dk_model, peft_model):
+    """Copy every deltakern LoRA/DoRA tensor into the PEFT layer of the same module path."""
+    inner = peft_model.base_model.model
+    n = 0
+    with torch.no_grad():
+        for name, w in dk_model.named_modules():
+            if not isinstance(w, (LoRALinear, DoRALinear)):
+                continue
+            layer = inner.get_submodule(name)
+            layer.lora_A["default"].weight.copy_(w.lora_A)
+            layer.lora_B["default"].weight.copy_(w.lora_B)
+            if isinstance(w, DoRALinear):
+                layer.lora_magnitude_vector["default"].weight.copy_(w.lora_magnitude_vector)
+            n += 1
+    return n
+
+
+def _peft_grads(peft_model):
+    out = {}
+    for name, p in peft_model.base_model.model.named_parameters():
+        if p.requires_grad:
+            key = name.replace(".default.weight", "").replace(".weight", "").replace(".default", "")
+            out[key] = p.grad
+    return out
+
+
+def _dk_grads(model):
+    return {n.replace(".base", ""): p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _fwd_bwd(model, ids):
+    model.zero_grad(set_to_none=True)
+    o = model(input_ids=ids, labels=ids)
+    o.loss.backward()
+    return o.logits.detach()
+
+
+@pytest.mark.parametrize("cls,rslora", [(dk.LoRA, False), (dk.DoRA, False), (dk.LoRA, True)],
+                         ids=["lora", "dora", "lora-rslora"])
+def test_lora_dora_equal_peft_outputs_and_gradients(cls, rslora):
+    from peft import LoraConfig, get_peft_model
+
+    ids, _ = batch(t=9, pad=False)
+    ours = llama()
+    dk.apply(ours, cls(r=4, alpha=8, target=LLAMA_PROJ, use_rslora=rslora))
+    perturb(ours, scale=0.2)
+    theirs = get_peft_model(llama(), LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_PROJ,
+                                                use_dora=cls is dk.DoRA, use_rslora=rslora))
+    assert _copy_into_peft(ours, theirs) == 2 * len(LLAMA_PROJ)
+    ours.train()
+    theirs.train()
+    y1, y2 = _fwd_bwd(ours, ids), _fwd_bwd(theirs, ids)
+    assert rel(y1, y2) < 1e-6
+    g1, g2 = _dk_grads(ours), _peft_grads(theirs)
+    assert set(g1) == set(g2) and len(g1) == 2 * len(LLAMA_PROJ) * (3 if cls is dk.DoRA else 2)
+    for k in g1:
+        assert rel(g1[k], g2[k]) < 1e-5, k
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_llama")
+    llama().save_pretrained(path)
+    return path
+
+
+def _load_4bit(path):
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.float32)
+    return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32, device_map="cpu", quantization_config=q)
+
+
+@pytest.mark.parametrize("cls", [dk.LoRA, dk.DoRA], ids=["qlora", "qdora"])
+def test_nf4_lora_dora_equal_peft_over_bitsandbytes(llama_dir, cls):
+    pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, get_peft_model
+
+    from deltakern.integrations import bnb as dkbnb
+
+    ids, _ = batch(t=5, pad=False)
+    target = ["q_proj", "v_proj", "down_proj"]
+    theirs = get_peft_model(_load_4bit(llama_dir), LoraConfig(r=4, lora_alpha=8, target_modules=target,
+                                                              use_dora=cls is dk.DoRA))
+    ours = _load_4bit(llama_dir)
+    assert len(dkbnb.convert(ours).converted) == 2 * len(LLAMA_PROJ)
+    dk.apply(ours, cls(r=4, alpha=8, target=target))
+    assert all(w.is_nf4 for w in ours.modules() if isinstance(w, (LoRALinear, DoRALinear)))
+    perturb(ours, scale=0.2)
+    assert _copy_into_peft(ours, theirs) == 6
+    ours.train()
+    theirs.train()
+    y1, y2 = _fwd_bwd(ours, ids), _fwd_bwd(theirs, ids)
+    assert rel(y1, y2) < 1e-5
+    g1, g2 = _dk_grads(ours), _peft_grads(theirs)
+    assert set(g1) == set(g2)
+    for k in g1:
+        assert rel(g1[k], g2[k]) < 1e-4, k
+
+
+# ---- named deltas, disable, remove -----------------------------------------------------------------------
+
+
+def test_named_deltas_switch_disable_remove():
+    model = bert_cls()
+    params0 = {n: p for n, p in model.named_parameters()}
+    state0 = snapshot(model)
+    ids, mask = batch()
+    y0 = run(model, ids, mask)
+
+    dk.apply(model, [dk.LoRA(r=2, target=["query", "value"]), dk.BitFit()], name="a")
+    perturb(model, seed=1)
+    ya = run(model, ids, mask)
+    dk.apply(model, dk.Adapter(bottleneck=4), name="b")  # detaches "a": "b" starts from the base
+    assert dk.methods.active_delta(model) == "b" and torch.equal(run(model, ids, mask), y0)
+    dk.apply(model, dk.Freeze(train=r"^classifier\."), name="b")  # joins "b"
+    perturb(model, seed=2)
+    yb = run(model, ids, mask)
+    assert not torch.equal(ya, y0) and not torch.equal(yb, y0) and not torch.equal(ya, yb)
+    assert sorted(dk.methods.deltas(model)) == ["a", "b"]
+
+    dk.activate(model, "a")
+    assert torch.equal(run(model, ids, mask), ya)
+    assert {id(p) for p in model.parameters() if p.requires_grad} == _owned(model)
+    with dk.disable(model) as m:
+        assert m is model and dk.methods.active_delta(model) is None
+        assert torch.equal(run(model, ids, mask), y0)
+        assert not any(p.requires_grad for p in model.parameters())
+    assert dk.methods.active_delta(model) == "a" and torch.equal(run(model, ids, mask), ya)
+    dk.disable(model)  # without a block: stays disabled until activate
+    assert torch.equal(run(model, ids, mask), y0)
+    dk.activate(model, "b")
+    assert torch.equal(run(model, ids, mask), yb)
+
+    dk.remove(model, "b")  # the active one: the model runs on its base
+    assert dk.methods.deltas(model) == ["a"] and dk.methods.active_delta(model) is None
+    assert torch.equal(run(model, ids, mask), y0)
+    with pytest.raises(KeyError, match="'b'"):
+        dk.activate(model, "b")
+    dk.activate(model, "a")
+    assert torch.equal(run(model, ids, mask), ya)
+    dk.remove(model)
+    assert dk.methods.deltas(model) == [] and torch.equal(run(model, ids, mask), y0)
+    assert {n: p for n, p in model.named_parameters()} == params0  # the same parameter objects again
+    assert same_state(snapshot(model), state0)
+    assert not any(isinstance(m, (LoRALinear, DoRALinear)) for m in model.modules())
+
+
+def test_same_delta_name_twice():
+    model = bert_cls()
+    dk.apply(model, dk.LoRA(r=2, target="query"), name="a")
+    with pytest.raises(ValueError, match="already has a LoRA/DoRA adapter"):
+        dk.apply(model, dk.LoRA(r=2, target="query"), name="a")
+    with pytest.raises(ValueError, match="already has a LoRA/DoRA adapter"):
+        dk.apply(model, dk.DoRA(r=2, target="self.query"), name="a")
+    dk.apply(model, dk.BitFit(), name="a")
+    with pytest.raises(ValueError, match="trained by both"):
+        dk.apply(model, dk.BitFit(target="query"), name="a")
+    with pytest.raises(ValueError, match="LoRA/DoRA keeps frozen"):
+        dk.apply(model, dk.Freeze(train=r"layer\.0\.attention\.self\.query\.weight"), name="a")
+    dk.apply(model, dk.Freeze(train=r"layer\.0\.attention\.self\.query\.weight"), name="c")
+    with pytest.raises(ValueError, match="trains bert.encoder.layer.0.attention.self.query.weight, but LoRA keeps"):
+        dk.apply(model, dk.LoRA(r=2, target="query"), name="c")
+    dk.activate(model, "a")
+    for m in (dk.PrefixTuning(num_virtual_tokens=2), dk.PromptTuning(num_virtual_tokens=2)):
+        dk.apply(model, m, name="a")
+        with pytest.raises(ValueError, match="already has a"):
+            dk.apply(model, type(m)(num_virtual_tokens=2), name="a")
+    assert [r["method"].split("(")[0] for r in dk.summary(model).rows] == [
+        "LoRA", "BitFit", "PrefixTuning", "PromptTuning"]
+
+
+# ---- merge / unmerge -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [dk.LoRA, dk.DoRA], ids=["lora", "dora"])
+def test_merge_unmerge_restore_outputs_and_weights(cls):
+    model = bert_cls()
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids, mask = batch()
+    y0 = run(model, ids, mask)
+    dk.apply(model, [cls(r=4, target=["query", "value", "intermediate.dense"]), dk.Adapter(bottleneck=4)])
+    perturb(model, scale=0.3)
+    y1 = run(model, ids, mask)
+    assert dk.merge(model) == [cls(r=4).describe()]
+    weights = {n.replace(".base", ""): p for n, p in model.named_parameters() if ".base." in n}
+    changed = [n for n, p in weights.items() if not torch.equal(p, w0[n])]
+    assert sorted(changed) == sorted(n for n in weights if n.endswith("weight"))  # 6 weights, biases kept
+    assert len(changed) == 6
+    assert rel(run(model, ids, mask), y1) < 1e-5
+    with pytest.raises(RuntimeError, match="already merged"):
+        dk.merge(model)
+    with pytest.raises(RuntimeError, match="unmerge"):
+        dk.apply(model, dk.BitFit())
+    assert dk.unmerge(model) == [cls(r=4).describe()]
+    for n, p in weights.items():
+        torch.testing.assert_close(p, w0[n], rtol=0, atol=1e-6)
+    assert rel(run(model, ids, mask), y1) < 1e-5
+    with pytest.raises(RuntimeError, match="not merged"):
+        dk.unmerge(model)
+
+    dk.merge(model)
+    with dk.disable(model):  # detaching a merged delta unmerges it
+        assert rel(run(model, ids, mask), y0) < 1e-5
+    assert rel(run(model, ids, mask), y1) < 1e-5
+
+    dk.merge(model, unload=True)  # for good: plain nn.Linear layers again, the adapters stay
+    assert not any(isinstance(m, (LoRALinear, DoRALinear)) for m in model.modules())
+    assert type(model.bert.encoder.layer[0].attention.self.query) is nn.Linear
+    assert [r["method"] for r in dk.summary(model).rows] == ["Adapter(bottleneck=4)"]
+    assert rel(run(model, ids, mask), y1) < 1e-5
+
+
+def test_merge_refuses_nf4_and_deltas_without_lora():
+    model = llama()
+    dk.apply(model, dk.LoRA(r=2, target="q_proj", quantize=True))
+    perturb(model)
+    ids, _ = batch(pad=False)
+    y, state = run(model, ids), snapshot(model)
+    with pytest.raises(ValueError, match="NF4"):
+        dk.merge(model)
+    assert same_state(snapshot(model), state) and torch.equal(run(model, ids), y)
+    dk.apply(model, dk.Freeze(), name="f")
+    with pytest.raises(ValueError, match="no mergeable method"):
+        dk.merge(model)
+
+
+# ---- bad inputs ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make,words", [
+    (lambda: dk.LoRA(r=0), "r must be a positive int"),
+    (lambda: dk.LoRA(r=-2), "r must be a positive int"),
+    (lambda: dk.LoRA(r=2.5), "r must be a positive int"),
+    (lambda: dk.LoRA(r=True), "r must be a positive int"),
+    (lambda: dk.DoRA(alpha=0), "alpha must be a positive number"),
+    (lambda: dk.LoRA(alpha=float("nan")), "alpha must be a positive number"),
+    (lambda: dk.LoRA(alpha="16"), "alpha must be a positive number"),
+    (lambda: dk.LoRA(dropout=1.0), r"dropout must be a number in \[0, 1\)"),
+    (lambda: dk.DoRA(dropout=-0.1), r"dropout must be a number in \[0, 1\)"),
+    (lambda: dk.LoRA(use_rslora="yes"), "use_rslora must be True or False"),
+    (lambda: dk.LoRA(target=5), "target must be"),
+    (lambda: dk.LoRA(target=[]), "target must be"),
+    (lambda: dk.BitFit(add_missing=1), "add_missing must be True or False"),
+    (lambda: dk.Freeze(top_layers=0), "top_layers must be a positive int"),
+    (lambda: dk.Freeze(train="("), "not a valid regex"),
+    (lambda: dk.Freeze(train=[]), "non-empty list"),
+    (lambda: dk.Adapter(bottleneck=0), "bottleneck must be a positive int"),
+    (lambda: dk.Adapter(where="ffn"), "where must be"),
+    (lambda: dk.Adapter(nonlinearity="swish"), "nonlinearity must be one of"),
+    (lambda: dk.PrefixTuning(num_virtual_tokens=0), "num_virtual_tokens must be a positive int"),
+    (lambda: dk.PrefixTuning(projection_hidden=-1), "projection_hidden must be a positive int"),
+    (lambda: dk.PromptTuning(init="zeros"), "init must be"),
+    (lambda: dk.PromptTuning(init_token_ids=[-1]), "init_token_ids"),
+])
+def test_bad_method_configs_raise_value_error(make, words):
+    with pytest.raises(ValueError, match=words):
+        make()
+
+
+def test_bad_apply_calls():
+    model = bert_cls()
+    flags = _flags(model)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        dk.apply("bert", dk.LoRA())
+    with pytest.raises(TypeError, match="got type"):
+        dk.apply(model, dk.LoRA)  # the class, not a method object
+    with pytest.raises(TypeError, match="got str"):
+        dk.apply(model, "lora")
+    with pytest.raises(TypeError, match="got Linear"):
+        dk.apply(model, nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="got NoneType"):
+        dk.apply(model, [dk.BitFit(), None])
+    with pytest.raises(ValueError, match="delta name"):
+        dk.apply(model, dk.BitFit(), name="my delta")
+    with pytest.raises(ValueError, match="delta name"):
+        dk.apply(model, dk.BitFit(), name=3)
+    with pytest.raises(ValueError, match="top_layers=5 but bert.encoder.layer has only 2"):
+        dk.apply(model, dk.Freeze(top_layers=5))
+    with pytest.raises(ValueError, match="vocabulary has 96"):
+        dk.apply(model, dk.PromptTuning(init_token_ids=[500]))
+    with pytest.raises(ValueError, match="get_input_embeddings"):
+        dk.apply(nn.Sequential(nn.Linear(4, 4)), dk.PromptTuning())
+    with pytest.raises(ValueError, match="PrefixTuning needs a transformers model"):
+        dk.apply(nn.Sequential(nn.Linear(4, 4)), dk.PrefixTuning())
+    with pytest.raises(ValueError, match="pass target"):
+        dk.apply(nn.Sequential(nn.Linear(4, 4)), dk.Adapter())
+    assert _flags(model) == flags and dk.methods.deltas(model) == [] and "_deltakern_deltas" not in model.__dict__
+    for fn in (dk.summary, dk.merge, dk.unmerge, dk.remove, dk.disable):
+        with pytest.raises(TypeError, match="nn.Module"):
+            fn(object())
+    with pytest.raises(ValueError, match="apply a method first"):
+        dk.merge(model)
+    with pytest.raises(KeyError, match="no delta named 'x'"):
+        dk.activate(model, "x")
+    with pytest.raises(KeyError, match="no delta named 'x'"):
+        dk.remove(model, "x")
+
+
+def test_plain_torch_model_with_explicit_targets():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        y0 = model(x)
+    with pytest.raises(ValueError, match="cannot tell the output width of 1 .ReLU."):
+        dk.apply(model, dk.Adapter(target="1"))
+    dk.apply(model, [dk.LoRA(r=2, target="0"), dk.Adapter(bottleneck=2, target=["0", "2"]), dk.BitFit(target="4")])
+    assert [type(m).__name__ for m in model] == ["AdapterLayer", "ReLU", "AdapterLayer", "ReLU", "Linear"]
+    assert type(model[0].inner).__name__ == "LoRALinear"
+    with torch.no_grad():
+        assert torch.equal(model(x), y0)
+    perturb(model)
+    model(x).square().sum().backward()
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == {
+        "0.inner.lora_A", "0.inner.lora_B", "4.bias"} | {f"{i}.adapter.{k}.{w}" for i in (0, 2) for k in ("down", "up")
+                                                       for w in ("weight", "bias")}
+    dk.remove(model)
+    assert [type(m).__name__ for m in model] == ["Linear", "ReLU", "Linear", "ReLU", "Linear"]
+    with torch.no_grad():
+        assert torch.equal(model(x), y0)
+
+
+# ---- prefix and prompt tuning ----------------------------------------------------------------------------
+
+
+def _randomize_delta(model, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("make", [bert, llama, gpt2], ids=["bert", "llama", "gpt2"])
+@pytest.mark.parametrize("method", [lambda: dk.PrefixTuning(num_virtual_tokens=3),
+                                    lambda: dk.PrefixTuning(num_virtual_tokens=3, projection=True),
+                                    lambda: dk.PromptTuning(num_virtual_tokens=3)], ids=["prefix", "prefix-mlp", "prompt"])
+def test_prefix_prompt_shapes_and_masks(make, method):
+    """Outputs keep the caller's length (soft-prompt positions are cut off the outputs); padding in the
+    attention mask is honoured: a padded row equals that sequence run alone, and the padded tokens'
+    content does not matter. Without a mask = an all-ones mask."""
+    model = make()
+    dk.apply(model, method())
+    _randomize_delta(model)
+    ids, mask = batch(t=7)
+    with torch.no_grad():
+        o = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    y = o.logits if hasattr(o, "logits") else o.last_hidden_state
+    assert y.shape[:2] == (2, 7)
+    assert all(h.shape[:2] == (2, 7) for h in o.hidden_states)
+    alone = run(model, ids[1:, :5])
+    torch.testing.assert_close(y[1, :5], alone[0], rtol=1e-5, atol=1e-5)
+    ids2 = ids.clone()
+    ids2[1, 5:] = 1
+    torch.testing.assert_close(run(model, ids2, mask)[1, :5], y[1, :5], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(run(model, ids), run(model, ids, torch.ones_like(mask)), rtol=1e-6, atol=1e-6)
+    # causal models stay causal, BERT stays bidirectional
+    ids3 = ids.clone()
+    ids3[:, -1] = (ids3[:, -1] + 1) % 96
+    first_changes = not torch.allclose(run(model, ids3)[:, 0], run(model, ids)[:, 0])
+    assert first_changes == (make is bert)
+
+
+def test_prompt_tuning_extends_inputs_like_a_user_expects():
+    """position_ids move up by the prompt length (the prompt takes 0..p-1), token_type_ids and labels are
+    extended, outputs are cut back: BERT's pooler reads the first virtual token."""
+    model = bert()
+    dk.apply(model, dk.PromptTuning(num_virtual_tokens=4))
+    ids, mask = batch()
+    y = run(model, ids, mask)
+    pos = torch.arange(7).expand(2, 7)
+    torch.testing.assert_close(run(model, ids, mask, position_ids=pos), y, rtol=0, atol=0)
+    torch.testing.assert_close(run(model, ids, mask, token_type_ids=torch.zeros_like(ids)), y, rtol=0, atol=0)
+    with torch.no_grad():  # the same model run on [prompt embeddings, token embeddings] by hand
+        dk.disable(model)
+        emb = torch.cat([dk.methods.base.applications(model, "default")[0].params["prompt.embedding"].expand(2, -1, -1),
+                         model.get_input_embeddings()(ids)], 1)
+        full = model(inputs_embeds=emb, attention_mask=torch.cat([torch.ones(2, 4, dtype=torch.long), mask], 1))
+        dk.activate(model, "default")
+    torch.testing.assert_close(y, full.last_hidden_state[:, 4:], rtol=0, atol=0)
+    with torch.no_grad():
+        pooled = model(input_ids=ids, attention_mask=mask).pooler_output
+    torch.testing.assert_close(pooled, full.pooler_output, rtol=0, atol=0)
+
+    lm = llama()
+    dk.apply(lm, dk.PromptTuning(num_virtual_tokens=4))
+    ids, _ = batch(pad=False)
+    with torch.no_grad():
+        o = lm(input_ids=ids, labels=ids)
+    assert o.logits.shape == (2, 7, 96) and torch.isfinite(o.loss)
+    gen = lm.generate(ids, max_new_tokens=2, do_sample=False, use_cache=False, pad_token_id=0)
+    assert gen.shape == (2, 9) and torch.equal(gen[:, :7], ids)
+    with pytest.raises(NotImplementedError, match="KV cache"):
+        lm.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
+
+
+def test_prefix_tuning_generation_with_kv_cache():
+    model = llama()
+    dk.apply(model, dk.PrefixTuning(num_virtual_tokens=3))
+    _randomize_delta(model)
+    ids, mask = batch(pad=False)
+    a = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    b = model.generate(ids, max_new_tokens=4, do_sample=False, use_cache=False, pad_token_id=0)
+    assert torch.equal(a, b)
+    with dk.disable(model):
+        c = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama", "gpt2"])
+@pytest.mark.parametrize("method", [lambda: dk.PrefixTuning(num_virtual_tokens=4),
+                                    lambda: dk.PromptTuning(num_virtual_tokens=4)], ids=["prefix", "prompt"])
+def test_prefix_prompt_training_lowers_the_loss_and_leaves_the_base(arch, method):
+    model = bert() if arch == "bert" else MODELS[arch]()
+    base = snapshot(model)
+    dk.apply(model, method())
+    model.train()
+    ids, mask = batch(t=6)
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert len(params) == 1 and {id(p) for p in params} == _owned(model)
+    opt = torch.optim.SGD(params, lr=100.0 if arch == "bert" else 20.0)  # random tiny models: small gradients
+    losses = []
+    for _ in range(6):
+        opt.zero_grad()
+        if arch == "bert":  # BertModel: a fixed projection of the last hidden state
+            loss = lm_loss(model, ids, mask)
+        else:
+            loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+        loss.backward()
+        assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+        opt.step()
+        losses.append(loss.item())
+    assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.995 * losses[0], losses
+    dk.remove(model)
+    assert same_state(snapshot(model), base)
