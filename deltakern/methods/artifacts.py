@@ -181,16 +181,17 @@ def load_into_new_delta(model: nn.Module, name: str, methods: list, tensors: dic
                         saved_targets: Optional[list] = None) -> str:
     """Validate all methods and tensors against `model`, then create delta `name` and load the tensors."""
     planned, plans = [], []
-    for i, m in enumerate(methods):
-        try:
-            plan = m.plan(model, planned)
-        except (ValueError, KeyError) as exc:
-            raise ValueError(f"{_label(i, m)} does not fit this model: {exc}") from None
-        if saved_targets is not None:
-            _compare_targets(i, m, saved_targets[i], plan)
-        check_tensors(i, m, plan.tensors, tensors, prefixes[i])
-        planned.append(_Planned(m, plan))
-        plans.append(plan)
+    with base.base_only(model):  # the new delta starts from the base, whatever delta is active now
+        for i, m in enumerate(methods):
+            try:
+                plan = m.plan(model, planned)
+            except (ValueError, KeyError) as exc:
+                raise ValueError(f"{_label(i, m)} does not fit this model: {exc}") from None
+            if saved_targets is not None:
+                _compare_targets(i, m, saved_targets[i], plan)
+            check_tensors(i, m, plan.tensors, tensors, prefixes[i])
+            planned.append(_Planned(m, plan))
+            plans.append(plan)
     expected = {prefixes[i] + k for i, p in enumerate(plans) for k in p.tensors}
     extra = sorted(set(tensors) - expected)
     if extra:
@@ -221,10 +222,12 @@ def load_delta(model: nn.Module, path: Union[str, os.PathLike], name: Optional[s
     saved_targets = []
     for i, entry in enumerate(config["methods"]):
         targets = entry.get("targets")
-        if not isinstance(targets, dict):
-            raise ValueError(f"{where}: method {i} has no targets")
+        if not isinstance(targets, dict) or not all(isinstance(f, dict) for f in targets.values()):
+            raise ValueError(f"{where}: method {i} has no targets (a JSON object of module name -> facts)")
         saved_targets.append(targets)
         saved_tensors = entry.get("tensors", {})
+        if not isinstance(saved_tensors, dict) or not all(isinstance(s, list) for s in saved_tensors.values()):
+            raise ValueError(f"{where}: method {i}: tensors must be a JSON object of tensor key -> shape")
         for key, shape in saved_tensors.items():
             t = tensors.get(prefixes[i] + key)
             if t is None or list(t.shape) != list(shape):

@@ -24,6 +24,7 @@ wraps it). `target` patterns match such a name exactly, as a dotted suffix ("que
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 from dataclasses import dataclass, field
@@ -413,6 +414,23 @@ def _switch(model, st: _State, name: Optional[str]):
     _detach_all(model, st)
     if name is not None:
         _attach_all(model, st, name)
+
+
+@contextlib.contextmanager
+def base_only(model: nn.Module):
+    """Inside the block the model runs without its active delta (to plan a new delta against the base,
+    which is what the new delta will be attached to); the delta is attached again afterwards."""
+    st = _state(model)
+    active = None if st is None else st.active
+    if active is not None:
+        if st.merged:
+            raise RuntimeError(f"delta {active!r} is merged into the base weights; call unmerge(model) first")
+        _detach_all(model, st)
+    try:
+        yield model
+    finally:
+        if active is not None:
+            _attach_all(model, st, active)
 
 
 def new_delta(model: nn.Module, name: str, steps: list[tuple[Method, Optional[Plan]]], before_attach=None) -> list[Application]:
