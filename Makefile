@@ -1,4 +1,5 @@
-# make demo  - set up a virtual environment and run the main job
+# make demo  - set up a virtual environment and run the main job: QLoRA fine-tuning of
+#              all-MiniLM-L6-v2 (DEMO_ARGS="--method dora" etc. picks another method, see `deltakern demo -h`)
 # make test  - set up the same environment and run the tests (CPU, Triton interpreter, extension build)
 # make gpu-test / make bench - on a machine with a CUDA GPU
 
@@ -7,6 +8,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.deltakern-installed
+DEMO_ARGS ?=
 
 .PHONY: setup demo test gpu-test bench clean
 
@@ -21,7 +23,7 @@ $(STAMP): setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*)
 	touch $@
 
 demo: setup
-	$(PY) -m deltakern.demo
+	$(PY) -m deltakern demo $(DEMO_ARGS)
 
 test: setup
 	$(PY) -m pytest -q -m "not gpu" tests

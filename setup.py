@@ -197,6 +197,8 @@ if __name__ == "__main__":
         python_requires=">=3.10",
         packages=_packages(),
         package_dir={"deltakern.triton_kernels": "triton_kernels"},
+        package_data={"deltakern.data": ["*.jsonl"]},  # the demo's labelled texts
+        entry_points={"console_scripts": ["deltakern=deltakern.cli:main"]},
         ext_modules=[
             Extension(
                 EXT_NAME,
