@@ -464,6 +464,25 @@ def test_named_deltas_switch_disable_remove():
     assert not any(isinstance(m, (LoRALinear, DoRALinear)) for m in model.modules())
 
 
+@pytest.mark.parametrize("name", list(DEFAULTS))
+def test_model_to_dtype_reaches_detached_deltas_and_swapped_out_base_parameters(name):
+    """model.to(...) moves what is attached; detached deltas follow on activate, and the base parameters a
+    BitFit/Freeze delta had swapped out follow on detach (they used to stay float32)."""
+    model = bert_cls()
+    dk.apply(model, DEFAULTS[name](), name="a")
+    perturb(model)
+    ids, mask = batch()
+    ya = run(model, ids, mask)
+    dk.apply(model, [dk.BitFit(), dk.Freeze(train=r"^classifier\.weight")], name="b")
+    model.to(torch.bfloat16)
+    dk.activate(model, "a")
+    y = run(model, ids, mask)
+    assert y.dtype == torch.bfloat16 and rel(y, ya) < 0.05
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    dk.remove(model)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
 def test_same_delta_name_twice():
     model = bert_cls()
     dk.apply(model, dk.LoRA(r=2, target="query"), name="a")

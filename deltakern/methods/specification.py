@@ -88,6 +88,8 @@ class _SwapApplication(Application):
         if key in getattr(self, "_overridden", ()):
             module.__dict__.pop("forward", None)
             self._overridden.discard(key)
+        if orig is not None:  # `model.to(...)` while attached moved the copy: the original follows it
+            base.follow([orig], new.dtype, new.device)
         _set_param(module, attr, orig)
 
     def detach(self, model):
