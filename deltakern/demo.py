@@ -334,7 +334,7 @@ def finetune(method: str = DEFAULT_METHOD, epochs: int = DEFAULT_EPOCHS, lr: Opt
     saved_to = None
     if save:
         saved_to = str(save_finetuned(model, save, names, method, blocksize))
-        say(f"saved the delta and the head to {saved_to}")
+        say(f"saved to {saved_to}")
 
     if device.type == "cuda":
         kernels = f"deltakern kernels on CUDA (DELTAKERN_BACKEND={os.environ.get('DELTAKERN_BACKEND', 'triton')})"
