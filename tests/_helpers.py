@@ -3,9 +3,21 @@ and small comparison utilities. Every builder seeds torch, so two calls give the
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 VOCAB = 96
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: one intra-op thread is fastest, and avoids OpenMP spin-waiting that
+    made the run ~10x slower on a 2-core machine busy with other work. Import this fixture into a
+    test module to use it; the previous thread count comes back after the module."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def bert_config(**kw):

@@ -23,7 +23,7 @@ pytest.importorskip("transformers")
 import deltakern as dk  # noqa: E402
 from deltakern.nn import DoRALinear, LoRALinear  # noqa: E402
 
-from _helpers import batch, bert_cls, llama, perturb, rel, run, same_state, snapshot  # noqa: E402
+from _helpers import batch, bert_cls, llama, one_thread, perturb, rel, run, same_state, snapshot  # noqa: E402,F401
 
 LLAMA_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

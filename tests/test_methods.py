@@ -19,8 +19,8 @@ import deltakern as dk  # noqa: E402
 from deltakern.methods import base as dkbase  # noqa: E402
 from deltakern.nn import DoRALinear, LoRALinear, NF4Linear  # noqa: E402
 
-from _helpers import (MODELS, batch, bert, bert_cls, gpt2, llama, lm_loss, perturb, rel, run, same_state,  # noqa: E402
-                      snapshot)
+from _helpers import (MODELS, batch, bert, bert_cls, gpt2, llama, lm_loss, one_thread, perturb, rel, run,  # noqa: E402,F401
+                      same_state, snapshot)
 
 LLAMA_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -516,14 +516,15 @@ def test_merge_unmerge_restore_outputs_and_weights(cls):
     w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
     ids, mask = batch()
     y0 = run(model, ids, mask)
-    dk.apply(model, [cls(r=4, target=["query", "value", "intermediate.dense"]), dk.Adapter(bottleneck=4)])
+    # the adapters wrap two of the LoRA/DoRA layers (attention.output.dense, output.dense)
+    dk.apply(model, [cls(r=4, target=["query", "value", "output.dense"]), dk.Adapter(bottleneck=4)])
     perturb(model, scale=0.3)
     y1 = run(model, ids, mask)
     assert dk.merge(model) == [cls(r=4).describe()]
-    weights = {n.replace(".base", ""): p for n, p in model.named_parameters() if ".base." in n}
+    weights = {n.replace(".inner", "").replace(".base", ""): p for n, p in model.named_parameters() if ".base." in n}
     changed = [n for n, p in weights.items() if not torch.equal(p, w0[n])]
-    assert sorted(changed) == sorted(n for n in weights if n.endswith("weight"))  # 6 weights, biases kept
-    assert len(changed) == 6
+    assert sorted(changed) == sorted(n for n in weights if n.endswith("weight"))  # 8 weights, biases kept
+    assert len(changed) == 8
     assert rel(run(model, ids, mask), y1) < 1e-5
     with pytest.raises(RuntimeError, match="already merged"):
         dk.merge(model)
@@ -544,6 +545,7 @@ def test_merge_unmerge_restore_outputs_and_weights(cls):
     dk.merge(model, unload=True)  # for good: plain nn.Linear layers again, the adapters stay
     assert not any(isinstance(m, (LoRALinear, DoRALinear)) for m in model.modules())
     assert type(model.bert.encoder.layer[0].attention.self.query) is nn.Linear
+    assert type(model.bert.encoder.layer[0].output.dense.inner) is nn.Linear  # the adapter wraps the base now
     assert [r["method"] for r in dk.summary(model).rows] == ["Adapter(bottleneck=4)"]
     assert rel(run(model, ids, mask), y1) < 1e-5
 
