@@ -483,6 +483,40 @@ def test_model_to_dtype_reaches_detached_deltas_and_swapped_out_base_parameters(
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
+def test_freeze_keeps_tied_weights_tied():
+    """GPT-2's lm_head shares the token embedding: training it with Freeze must move both."""
+    model = gpt2()
+    dk.apply(model, dk.Freeze(train=r"wte"))
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert dk.summary(model).trainable == 96 * 32 and list(dk.methods.delta_state_dict(model)) == [
+        "0.transformer.wte.weight"]
+    ids, _ = batch(pad=False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    dk.remove(model)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert torch.equal(model.lm_head.weight, gpt2().lm_head.weight)
+
+
+def test_requires_grad_flags_come_back_when_the_last_delta_goes():
+    model = bert_cls()
+    model.bert.embeddings.requires_grad_(False)  # the user's own choice before any delta
+    flags = _flags(model)
+    dk.apply(model, dk.LoRA(r=2, target="query"), name="a")
+    dk.apply(model, dk.BitFit(), name="b")
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        n for n, _ in bert_cls().named_parameters() if n.endswith(".bias")}
+    dk.remove(model, "b")
+    assert not any(p.requires_grad for p in model.parameters())  # "a" is held, the model is not plain yet
+    dk.remove(model, "a")
+    assert _flags(model) == flags
+    dk.apply(model, dk.LoRA(r=2, target="query"))
+    dk.merge(model, unload=True)  # merging the only delta for good also ends it
+    assert dk.methods.deltas(model) == [] and _flags(model) == flags
+
+
 def test_same_delta_name_twice():
     model = bert_cls()
     dk.apply(model, dk.LoRA(r=2, target="query"), name="a")

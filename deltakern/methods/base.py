@@ -150,12 +150,14 @@ class _State:
         self.deltas: dict[str, list[Application]] = {}
         self.active: Optional[str] = None
         self.merged = False
+        self.grad_flags: list = []  # requires_grad of every parameter before the first delta
 
 
 def _state(model: nn.Module, create: bool = False) -> Optional[_State]:
     st = model.__dict__.get(_STATE_ATTR)
     if st is None and create:
         st = _State()
+        st.grad_flags = _grad_flags(model)
         object.__setattr__(model, _STATE_ATTR, st)
     return st
 
@@ -579,7 +581,9 @@ def disable(model: nn.Module) -> _Disabled:
 
 
 def _drop_state_if_empty(model, st):
+    """When the last delta goes, the model is as it was: its requires_grad flags come back too."""
     if not st.deltas:
+        _restore_grad_flags(st.grad_flags)
         model.__dict__.pop(_STATE_ATTR, None)
 
 
@@ -587,7 +591,8 @@ def remove(model: nn.Module, name: Optional[str] = None) -> nn.Module:
     """Remove delta `name` (default: all deltas) from the model, restoring the base modules.
 
     Base changes that are not part of a delta stay: a `LoRA(quantize=True)` base stays NF4, and
-    `merge(model, unload=True)` has already written into the base weights.
+    `merge(model, unload=True)` has already written into the base weights. When the last delta goes,
+    the parameters' requires_grad flags are restored to what they were before the first `apply`.
     """
     _check_model(model)
     st = _state(model)

@@ -250,13 +250,19 @@ class Freeze(Method):
 
     def build(self, model, plan) -> Application:
         slots, params = {}, {}
+        aliases = {}  # id(parameter) -> every (key, module name, attribute) holding it (tied weights)
+        for key, module, pname, p in base.named_parameters(model):
+            aliases.setdefault(id(p), []).append((key, key.rpartition(".")[0], pname))
+        copies = {}
         for key in plan.targets:
             cname, _, pname = key.rpartition(".")
-            module = _get_module_or_root(model, cname)
-            orig = module._parameters[pname]
-            new = nn.Parameter(orig.detach().clone())
-            slots[key] = (cname, pname, orig, new)
+            orig = _get_module_or_root(model, cname)._parameters[pname]
+            if id(orig) in copies:
+                continue  # a tied parameter already copied under another name
+            new = copies[id(orig)] = nn.Parameter(orig.detach().clone())
             params[key] = new
+            for alias, acname, apname in aliases[id(orig)]:  # tied weights stay tied: one copy everywhere
+                slots[alias] = (acname, apname, orig, new)
         return _FreezeApplication(self, plan, params, slots)
 
 
