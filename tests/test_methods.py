@@ -735,6 +735,28 @@ def test_prefix_prompt_shapes_and_masks(make, method):
     assert first_changes == (make is bert)
 
 
+@pytest.mark.parametrize("make", [bert, llama, gpt2], ids=["bert", "llama", "gpt2"])
+def test_prefix_prompt_lora_adapter_compose_in_one_delta(make):
+    model = make()
+    methods = [dk.PrefixTuning(num_virtual_tokens=2), dk.PromptTuning(num_virtual_tokens=3), dk.Adapter(bottleneck=2)]
+    if make is not gpt2:
+        methods.insert(0, dk.LoRA(r=2, target=["k_proj", "v_proj"] if make is llama else ["key", "value"]))
+    dk.apply(model, methods)
+    _randomize_delta(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.mul_(0.3)
+    ids, mask = batch()
+    y = run(model, ids, mask)
+    assert y.shape[:2] == (2, 7)
+    torch.testing.assert_close(y[1, :5], run(model, ids[1:, :5])[0], rtol=1e-5, atol=1e-5)
+    lm_loss(model, ids, mask).backward()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert {id(p) for p in trainable} == _owned(model) and all(p.grad is not None for p in trainable)
+    assert [r["method"].split("(")[0] for r in dk.summary(model).rows] == [type(m).__name__ for m in methods]
+
+
 def test_prompt_tuning_extends_inputs_like_a_user_expects():
     """position_ids move up by the prompt length (the prompt takes 0..p-1), token_type_ids and labels are
     extended, outputs are cut back: BERT's pooler reads the first virtual token."""
