@@ -35,7 +35,16 @@ def _check_number(cls, name, value, positive=True, integer=False, upper=None):
                          f"got {value!r}")
 
 
+@dataclass
 class _LowRankMethod(Method):
+    """The fields LoRA and DoRA share (documented on LoRA)."""
+
+    r: int = 8
+    alpha: float = 16
+    target: Optional[Union[str, list]] = None
+    dropout: float = 0.0
+    use_rslora: bool = False
+    quantize: bool = False
     kind: ClassVar[str] = "reparameterization"
     _module_type: ClassVar[str] = ""
 
@@ -198,12 +207,6 @@ class LoRA(_LowRankMethod):
                 (e.g. after deltakern.quantize(model)) make it QLoRA anyway
     """
 
-    r: int = 8
-    alpha: float = 16
-    target: Optional[Union[str, list]] = None
-    dropout: float = 0.0
-    use_rslora: bool = False
-    quantize: bool = False
     _module_type: ClassVar[str] = "lora"
 
 
@@ -216,10 +219,4 @@ class DoRA(_LowRankMethod):
     so the model is unchanged at init). QDoRA when the target is NF4 (or with quantize=True).
     """
 
-    r: int = 8
-    alpha: float = 16
-    target: Optional[Union[str, list]] = None
-    dropout: float = 0.0
-    use_rslora: bool = False
-    quantize: bool = False
     _module_type: ClassVar[str] = "dora"
