@@ -1,7 +1,7 @@
 # make demo  - set up a virtual environment and run the main job: QLoRA fine-tuning of
 #              all-MiniLM-L6-v2 (DEMO_ARGS="--method dora" etc. picks another method, see `deltakern demo -h`)
 # make test  - set up the same environment and run the tests (CPU, Triton interpreter, extension build)
-# make gpu-test / make bench - on a machine with a CUDA GPU
+# make gpu-test / make bench - on a machine with a CUDA GPU (benchmarks/gpu_run.sh: all GPU checks in stages)
 
 PYTHON ?= python3
 VENV ?= .venv
