@@ -11,6 +11,7 @@
 # bench  benchmarks/run.py --only nf4 lora dora  -> $OUT/bench.json, $OUT/RESULTS.md
 # e2e    benchmarks/bench_e2e.py (full size)     -> $OUT/e2e.json; E2E_ARGS adds options
 #
+# bench and e2e are skipped when the test stage of the same run failed (FORCE=1 runs them anyway).
 # bitsandbytes wheels placed in .whl/ are installed into /tmp/site first (it is the peer and the
 # test oracle). Copy $OUT/RESULTS.md to benchmarks/RESULTS.md once the numbers are reviewed.
 set -uo pipefail
@@ -19,6 +20,7 @@ OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 stages=${*:-build test bench e2e}
 status=0
+tests_failed=0
 
 if compgen -G ".whl/*.whl" > /dev/null; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -38,6 +40,9 @@ EOF
 for stage in $stages; do
   echo "=== $stage ($(date +%T))"
   start=$SECONDS
+  if [ "$tests_failed" = 1 ] && [ "${FORCE:-0}" != 1 ] && { [ "$stage" = bench ] || [ "$stage" = e2e ]; }; then
+    echo "skipped: the GPU tests failed (FORCE=1 runs it anyway)"; continue
+  fi
   case $stage in
     build)
       arch=$($PY -c "import torch; print('%d%d' % torch.cuda.get_device_capability())")
@@ -48,7 +53,7 @@ for stage in $stages; do
     test)
       $PY -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" -x -ra 2>&1 \
         | tee "$OUT/gpu-tests.log" | tail -40
-      [ "${PIPESTATUS[0]}" = 0 ] || status=1 ;;
+      [ "${PIPESTATUS[0]}" = 0 ] || { status=1; tests_failed=1; } ;;
     bench)
       $PY benchmarks/run.py --only nf4 lora dora --out "$OUT/bench.json" --results-md "$OUT/RESULTS.md" \
         > "$OUT/bench.log" 2>&1 || status=1
