@@ -23,7 +23,7 @@ pytest.importorskip("transformers")
 import deltakern as dk  # noqa: E402
 from deltakern.nn import DoRALinear, LoRALinear  # noqa: E402
 
-from _helpers import batch, bert_cls, llama, one_thread, perturb, rel, run, same_state, snapshot  # noqa: E402,F401
+from _helpers import batch, bert_cls, gpt2, llama, one_thread, perturb, rel, run, same_state, snapshot  # noqa: E402,F401
 
 LLAMA_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -74,6 +74,8 @@ CASES = {
     "qlora+bitfit": (llama, lambda: [dk.LoRA(r=2, target=["q_proj", "v_proj"], quantize=True),
                                      dk.BitFit(add_missing=True, target=["q_proj", "v_proj"])]),
     "qdora": (llama, lambda: dk.DoRA(r=2, target="down_proj", quantize=True)),
+    "gpt2-lora": (gpt2, lambda: dk.LoRA(r=2)),  # transformers Conv1D layers (weight [in, out])
+    "gpt2-dora": (gpt2, lambda: dk.DoRA(r=2, target=["c_attn", "mlp.c_proj"])),
 }
 
 
@@ -437,7 +439,7 @@ def test_peft_format_refusals(tmp_path):
 
     refused(lambda c: c.update(bias="all"), "bias='all'")
     refused(lambda c: c.update(modules_to_save=["lm_head"]), "modules_to_save")
-    refused(lambda c: c.update(fan_in_fan_out=True), "fan_in_fan_out")
+    refused(lambda c: c.update(fan_in_fan_out="yes"), "fan_in_fan_out")  # True / False are read (see test_conv1d)
     refused(lambda c: c.update(peft_type="IA3"), "peft_type 'IA3'")
     refused(lambda c: c.update(r=3), "has rank 2, the config says 3")
     refused(lambda c: c.update(use_dora=True), "no \\['lora_magnitude_vector'\\]")

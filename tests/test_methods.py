@@ -36,8 +36,6 @@ DEFAULTS = {
 }
 CANNOT = {  # (arch, method) -> the words the error must contain
     ("llama", "BitFit"): "add_missing=True",  # Llama's linears have no bias
-    ("gpt2", "LoRA"): "Conv1D",               # GPT-2's projections are transformers' Conv1D
-    ("gpt2", "DoRA"): "Conv1D",
 }
 IDENTITY_AT_INIT = ("LoRA", "DoRA", "BitFit", "Freeze", "Adapter")
 CASES = [(a, m) for a in MODELS for m in DEFAULTS if (a, m) not in CANNOT]
@@ -739,8 +737,8 @@ def test_prefix_prompt_shapes_and_masks(make, method):
 def test_prefix_prompt_lora_adapter_compose_in_one_delta(make):
     model = make()
     methods = [dk.PrefixTuning(num_virtual_tokens=2), dk.PromptTuning(num_virtual_tokens=3), dk.Adapter(bottleneck=2)]
-    if make is not gpt2:
-        methods.insert(0, dk.LoRA(r=2, target=["k_proj", "v_proj"] if make is llama else ["key", "value"]))
+    lora_target = {llama: ["k_proj", "v_proj"], bert: ["key", "value"], gpt2: ["c_attn", "c_proj"]}[make]
+    methods.insert(0, dk.LoRA(r=2, target=lora_target))  # on GPT-2: Conv1D layers, c_proj also under an adapter
     dk.apply(model, methods)
     _randomize_delta(model)
     with torch.no_grad():

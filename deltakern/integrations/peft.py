@@ -7,14 +7,16 @@ layer's own tensors: `lora_A[name].weight`, `lora_B[name].weight`, `scaling[name
 re-registered, so parameters, optimizer state, `state_dict()` keys and checkpoints are PEFT's.
 `unpatch(peft_model)` removes the instance forwards (PEFT's class forward is visible again).
 
-Supported layers: `peft.tuners.lora.Linear` over an `nn.Linear` and `peft.tuners.lora.bnb.Linear4bit`
+Supported layers: `peft.tuners.lora.Linear` over an `nn.Linear` or, with `fan_in_fan_out=True`, over a
+transformers `Conv1D` (GPT-2 style, weight [in, out]: passed as its zero-copy transposed view
+`weight.t()`), and `peft.tuners.lora.bnb.Linear4bit`
 over a bitsandbytes `Linear4bit` (NF4 or FP4, nested or not; its 4-bit weight is read through a
 zero-copy `NF4Weight` view, built once per layer and rebuilt only if the weight is replaced or moved).
 LoRA, rsLoRA and DoRA (with or without dropout), dropout `nn.Dropout` or `nn.Identity`.
 
 Everything else keeps PEFT's own forward, and `patch` names those layers in one warning:
 other layer types (Embedding, Conv, MultiheadAttention, 8-bit, parameter targets, other tuners),
-several active adapters at once, `fan_in_fan_out`, `lora_bias`, LoRA variants other than DoRA,
+several active adapters at once, `fan_in_fan_out` over anything but a Conv1D, `lora_bias`, LoRA variants other than DoRA,
 a custom dropout module, a trainable base weight. The check is repeated on every call, so a patched
 layer also defers to PEFT while its adapter is merged, while adapters are disabled, for calls with
 `adapter_names=` (mixed-batch inference) or other extra arguments, and for inputs PEFT itself would
@@ -132,7 +134,8 @@ def _layer_reason(module: nn.Module, kind: str) -> Optional[str]:
     """Why this (supported-class) layer cannot run on deltakern in its current configuration, or None.
     Covers what does not depend on the call's arguments."""
     _, DoraLinearVariant, _ = _classes()
-    if getattr(module, "fan_in_fan_out", False):
+    fan = bool(getattr(module, "fan_in_fan_out", False))
+    if fan and kind != "dense":
         return "fan_in_fan_out=True"
     active = [a for a in module.active_adapters if a in module.lora_A]
     if len(active) > 1:
@@ -152,7 +155,8 @@ def _layer_reason(module: nn.Module, kind: str) -> Optional[str]:
         return "lora_A/lora_B are not bias-free nn.Linear"
     if variant is not None:
         dora = module.lora_magnitude_vector[a] if a in module.lora_magnitude_vector else None
-        if dora is None or getattr(dora, "fan_in_fan_out", False) or not isinstance(getattr(dora, "weight", None), torch.Tensor):
+        if (dora is None or bool(getattr(dora, "fan_in_fan_out", False)) != fan
+                or not isinstance(getattr(dora, "weight", None), torch.Tensor)):
             return "DoRA magnitude layer missing or transposed"
     base = module.get_base_layer()
     from deltakern.integrations.bnb import is_linear4bit
@@ -162,6 +166,13 @@ def _layer_reason(module: nn.Module, kind: str) -> Optional[str]:
             return f"4-bit LoRA layer over a {type(base).__name__}"
         if getattr(base.weight, "quant_state", None) is None:
             return "4-bit base weight not quantized yet"
+    elif fan:  # PEFT sets fan_in_fan_out for (only) transformers' Conv1D
+        from deltakern.nn.lora import dense_conv1d_weight
+
+        if not dense_conv1d_weight(base) or type(base.weight) is not nn.Parameter:
+            return f"fan_in_fan_out=True over a {type(base).__name__} (only a plain transformers Conv1D is supported)"
+        if base.weight.requires_grad:
+            return "base weight is trainable"
     else:
         if not isinstance(base, nn.Linear) or is_linear4bit(base) or type(base.weight) is not nn.Parameter:
             return f"base layer {type(base).__name__} is not a plain nn.Linear"
@@ -240,7 +251,7 @@ def _deltakern_forward(module, state: _PatchState, x: torch.Tensor) -> torch.Ten
         compute = base.compute_dtype if base.compute_dtype is not None else x.dtype
         x = x.to(compute)
     else:
-        weight = base.weight
+        weight = base.weight.t() if module.fan_in_fan_out else base.weight  # Conv1D: [in, out] -> view [out, in]
         compute = x.dtype
 
     def run(A_, B_, m_, bias_, cache):

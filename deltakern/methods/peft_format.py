@@ -8,8 +8,14 @@ Format (peft 0.21): tensors `base_model.model.<module path>.lora_A.weight` [r, i
 `...lora_B.weight` [out, r] and, for DoRA, `...lora_magnitude_vector` [out]; the config is a
 LoraConfig (peft_type "LORA"). Per-layer ranks and alphas go to rank_pattern / alpha_pattern keyed by
 the escaped module path. Only LoRA/DoRA on linear layers, bias "none": anything else in a PEFT
-adapter (embedding LoRA, modules_to_save, trained biases, fan_in_fan_out, ...) is refused with a
-clear error, and a delta that holds other methods cannot be exported.
+adapter (embedding LoRA, modules_to_save, trained biases, ...) is refused with a clear error, and a
+delta that holds other methods cannot be exported.
+
+transformers' Conv1D layers (GPT-2 style, weight stored [in, out]) are what PEFT calls
+`fan_in_fan_out=True`; the adapter tensors keep the same shapes ([r, in], [out, r]). The config
+gets `fan_in_fan_out: true` when a target is a Conv1D (PEFT writes that for GPT-2; one flag per
+adapter, and PEFT sets it per layer from the layer's type when it loads). On reading, the flag is
+accepted either way: each target's layout comes from the model's own layer.
 """
 
 from __future__ import annotations
@@ -54,9 +60,11 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], name: Opt
     use_dora, use_rslora = kinds.pop(), rs.pop()
     layers = {}  # module path -> (r, alpha)
     tensors = {}
+    fan_in_fan_out = False
     for a in apps:
         for n, w in a.wrappers.items():
             layers[n] = (a.method.r, a.method.alpha)
+            fan_in_fan_out = fan_in_fan_out or bool(getattr(w, "fan_in_fan_out", False))
             tensors[f"{PREFIX}{n}.lora_A.weight"] = w.lora_A.detach().to("cpu", copy=True).contiguous()
             tensors[f"{PREFIX}{n}.lora_B.weight"] = w.lora_B.detach().to("cpu", copy=True).contiguous()
             if use_dora:
@@ -79,7 +87,7 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], name: Opt
         "bias": "none",
         "use_rslora": use_rslora,
         "use_dora": use_dora,
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": fan_in_fan_out,
         "init_lora_weights": True,
         "modules_to_save": None,
         "layers_to_transform": None,
@@ -96,7 +104,7 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], name: Opt
 
 # fields of a PEFT LoraConfig that change what the adapter is; anything set here is refused
 _UNSUPPORTED = {
-    "fan_in_fan_out": (False, None), "modules_to_save": (None, []), "lora_bias": (False, None),
+    "fan_in_fan_out": (False, True, None), "modules_to_save": (None, []), "lora_bias": (False, None),
     "layer_replication": (None, []), "target_parameters": (None, []), "use_qalora": (False, None),
     "trainable_token_indices": (None, [], {}), "alora_invocation_tokens": (None, []), "use_bdlora": (None, False),
 }

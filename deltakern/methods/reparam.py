@@ -1,11 +1,12 @@
 """Reparameterization methods: LoRA and DoRA (QLoRA / QDoRA when the target layer is NF4).
 
-Each target linear (nn.Linear or deltakern.nn.NF4Linear) is wrapped in place by
-deltakern.nn.LoRALinear / DoRALinear, which keep the base frozen and own lora_A [r, in],
+Each target linear (nn.Linear, transformers' Conv1D as in GPT-2, or deltakern.nn.NF4Linear) is wrapped
+in place by deltakern.nn.LoRALinear / DoRALinear, which keep the base frozen and own lora_A [r, in],
 lora_B [out, r] (and DoRA's lora_magnitude_vector [out]), initialised as PEFT does (B = 0, so the
-model is unchanged at init).
+model is unchanged at init). A Conv1D (weight stored [in, out]) is handled as PEFT's
+fan_in_fan_out=True: same parameter shapes, the base weight used through its transposed view.
 
-Default targets: every linear layer except the output head (see base.output_head_names).
+Default targets: every linear layer (Conv1D included) except the output head (see base.output_head_names).
 """
 
 from __future__ import annotations
@@ -69,12 +70,6 @@ class _LowRankMethod(Method):
             heads = base.output_head_names(model)
             chosen = [(n, m) for n, m in linears if n not in heads]
             if not chosen:
-                conv1d = [n for n, m in base.named_modules(model) if type(m).__name__ == "Conv1D"]
-                if conv1d:
-                    raise ValueError(f"{name}: {type(model).__name__} computes with transformers' Conv1D layers "
-                                     f"(GPT-2 style, weight stored [in, out]: {', '.join(conv1d[:4])}"
-                                     f"{', ...' if len(conv1d) > 4 else ''}), which "
-                                     f"LoRA/DoRA do not support; they wrap nn.Linear or NF4Linear layers only")
                 raise base.no_match_error(name, "all linear layers except the output head", [n for n, _ in linears],
                                           "linear layers")
         else:
@@ -84,8 +79,8 @@ class _LowRankMethod(Method):
                 if others:
                     kinds = sorted({type(base.get_module(model, n)).__name__ for n in others})
                     raise ValueError(f"{name}: target {self.target!r} matches only non-linear modules "
-                                     f"({', '.join(kinds)}: {', '.join(others[:5])}); LoRA/DoRA wrap nn.Linear or "
-                                     f"NF4Linear layers")
+                                     f"({', '.join(kinds)}: {', '.join(others[:5])}); LoRA/DoRA wrap nn.Linear, "
+                                     f"Conv1D or NF4Linear layers")
                 raise base.no_match_error(name, self.target, [n for n, _ in linears], "linear layers")
         plan = Plan()
         for n, m in chosen:
@@ -98,6 +93,12 @@ class _LowRankMethod(Method):
             plan.tensors[f"{n}.lora_B"] = (out_f, self.r)
             if self._module_type == "dora":
                 plan.tensors[f"{n}.lora_magnitude_vector"] = (out_f,)
+        conv1d = [n for n, m in chosen if base.is_conv1d(m)]
+        if self.quantize and conv1d:
+            raise ValueError(f"{name}(quantize=True): {', '.join(conv1d[:4])}{', ...' if len(conv1d) > 4 else ''} "
+                             f"are transformers Conv1D layers (GPT-2 style), which deltakern.quantize does not convert "
+                             f"to NF4 (it converts nn.Linear only); use {name}() without quantize on them, or leave "
+                             f"them out of target")
         if self.quantize and any(isinstance(base.get_module(model, n), nn.Linear) for n in plan.targets):
             st = base._state(model)
             held = [d for d, apps in (st.deltas.items() if st else []) if apps]

@@ -1,4 +1,5 @@
-"""DoRALinear: weight-decomposed low-rank adaptation of a frozen linear (dense nn.Linear or NF4Linear).
+"""DoRALinear: weight-decomposed low-rank adaptation of a frozen linear (dense nn.Linear, transformers'
+Conv1D, or NF4Linear).
 
     y = (m / ||W + s B A||_row) * (x W^T + s (dropout(x) A^T) B^T) + b,   s = alpha / r (alpha / sqrt(r) rsLoRA)
 
@@ -10,6 +11,11 @@ PEFT's DoRA form (see deltakern.autograd.dora). The row norm is a constant in ba
 A or B change (once per optimizer step). A base weight with an all-zero row cannot be decomposed
 (its norm is 0, so m / ||.|| is undefined; PEFT has no eps and would produce NaN): construction
 raises ValueError naming the rows. The forward is one call to `deltakern.autograd.dora.dora_linear`.
+
+A transformers `Conv1D` base (GPT-2 style, weight [in, out]) is used as PEFT does with
+`fan_in_fan_out=True`: W is the zero-copy view `weight.t()` [out, in], so the row norm ||W + s B A||
+runs over the input dim and the magnitude has one entry per output feature; merging writes through
+that view into the [in, out] weight.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import torch
 from torch import nn
 
 from deltakern.autograd.dora import DoRANormCache, _W, dora_linear, dora_weight_norm
+from deltakern.nn.lora import dense_conv1d_weight
 
 
 def _nf4_type():
@@ -40,16 +47,21 @@ class DoRALinear(nn.Module):
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
         weight = getattr(base, "weight", None)
+        self.fan_in_fan_out = False  # True for a Conv1D base (PEFT's name for the [in, out] layout)
         if isinstance(base, nn.Linear) and isinstance(weight, torch.Tensor):
             self.is_nf4 = False
             weight.requires_grad_(False)
+        elif dense_conv1d_weight(base):
+            self.is_nf4, self.fan_in_fan_out = False, True
+            weight.requires_grad_(False)
+            weight = weight.t()  # [out, in]
         elif isinstance(base, nn.Module) and isinstance(weight, _nf4_type()):
             self.is_nf4 = True
             if len(weight.shape) != 2:
                 raise ValueError(f"base's NF4 weight must be 2-D, got shape {tuple(weight.shape)}")
         else:
-            raise TypeError("base must be an nn.Linear or a module whose .weight is an NF4Weight "
-                            f"(e.g. deltakern.nn.NF4Linear), got {type(base).__name__}")
+            raise TypeError("base must be an nn.Linear, a transformers Conv1D, or a module whose .weight is an "
+                            f"NF4Weight (e.g. deltakern.nn.NF4Linear), got {type(base).__name__}")
         out_features, in_features = weight.shape
         dtype, device = weight.dtype, weight.device
         bias = getattr(base, "bias", None)
@@ -71,8 +83,13 @@ class DoRALinear(nn.Module):
 
     # ---- parameters -----------------------------------------------------------------------------
 
-    def _weight_parts(self, dtype=None) -> _W:
+    def base_weight(self):
+        """The base weight as the functions take it: [out, in] (a transposed view for Conv1D), or the NF4Weight."""
         w = self.base.weight
+        return w.t() if self.fan_in_fan_out else w
+
+    def _weight_parts(self, dtype=None) -> _W:
+        w = self.base_weight()
         if self.is_nf4:
             return _W(w.packed_bytes(), w.absmax_fp32(), w.code, self.out_features, self.in_features, int(w.blocksize))
         return _W(w.detach() if dtype is None else w.detach().to(dtype), None, None, self.out_features,
@@ -100,7 +117,7 @@ class DoRALinear(nn.Module):
                              f"got shape {tuple(x.shape)}")
         if self.merged:
             return self.base(x)
-        return dora_linear(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.lora_magnitude_vector,
+        return dora_linear(x, self.base_weight(), self.base.bias, self.lora_A, self.lora_B, self.lora_magnitude_vector,
                            self.scaling, self.dropout, self.training, self.exact_norm_grad, self._norm_cache)
 
     # ---- merging (dense bases, as PEFT) ---------------------------------------------------------
@@ -112,7 +129,7 @@ class DoRALinear(nn.Module):
             raise RuntimeError("the adapter is already merged; call unmerge() first")
         self._require_dense("merge")
         with torch.no_grad():
-            w = self.base.weight
+            w = self.base_weight()  # [out, in]; for Conv1D a view that writes through to the [in, out] weight
             norm = self.weight_norm()
             delta = self.scaling * (self.lora_B.float() @ self.lora_A.float())
             factor = (self.lora_magnitude_vector.float() / norm)[:, None]
@@ -126,7 +143,7 @@ class DoRALinear(nn.Module):
         if not self.merged:
             raise RuntimeError("the adapter is not merged")
         with torch.no_grad():
-            w = self.base.weight
+            w = self.base_weight()
             delta = self.scaling * (self.lora_B.float() @ self.lora_A.float())
             factor = (self.lora_magnitude_vector.float() / self._merge_norm)[:, None]
             w.copy_((w.float() / factor - delta).to(w.dtype))
@@ -145,4 +162,5 @@ class DoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout}, rslora={self.use_rslora}, "
-                f"exact_norm_grad={self.exact_norm_grad}, nf4={self.is_nf4}, merged={self.merged}")
+                f"exact_norm_grad={self.exact_norm_grad}, nf4={self.is_nf4}, "
+                + ("fan_in_fan_out=True, " if self.fan_in_fan_out else "") + f"merged={self.merged}")

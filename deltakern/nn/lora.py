@@ -1,4 +1,5 @@
-"""LoRALinear: a frozen linear (dense nn.Linear or 4-bit NF4Linear) plus a trainable low-rank update.
+"""LoRALinear: a frozen linear (dense nn.Linear, transformers' Conv1D, or 4-bit NF4Linear) plus a trainable
+low-rank update.
 
     y = base(x) + scaling * lora_B(lora_A(dropout(x))),   scaling = alpha / r  (alpha / sqrt(r) with rsLoRA)
 
@@ -6,11 +7,18 @@ Initialisation, scaling and dropout follow PEFT's LoRA (lora_A: kaiming_uniform_
 lora_B: zeros; dropout on the LoRA branch only), so a PEFT adapter's tensors load directly into
 `lora_A` [r, in_features] and `lora_B` [out_features, r]. The forward is one call to
 `deltakern.autograd.lora.lora_linear`.
+
+A transformers `Conv1D` base (GPT-2 style: weight stored [in_features, out_features], y = x W + b) is
+handled as PEFT does with `fan_in_fan_out=True`: the functions get the zero-copy view `weight.t()`
+[out, in], `lora_A` / `lora_B` keep PEFT's shapes, and merging writes the transposed update into the
+[in, out] weight. transformers stays optional: a Conv1D is recognised only once
+`transformers.pytorch_utils` is imported (which any model holding one has done).
 """
 
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from torch import nn
@@ -24,6 +32,25 @@ def _nf4_type():
     return NF4Weight
 
 
+def conv1d_type():
+    """transformers' `pytorch_utils.Conv1D` class, or None while transformers.pytorch_utils is not imported
+    (never imports transformers: a model that holds a Conv1D has imported it already)."""
+    mod = sys.modules.get("transformers.pytorch_utils")
+    return getattr(mod, "Conv1D", None) if mod is not None else None
+
+
+def is_conv1d(module) -> bool:
+    """Whether `module` is a transformers Conv1D (GPT-2 style linear, weight [in_features, out_features])."""
+    cls = conv1d_type()
+    return cls is not None and isinstance(module, cls)
+
+
+def dense_conv1d_weight(module) -> bool:
+    """A Conv1D whose weight is a plain 2-D tensor (what LoRALinear / DoRALinear wrap)."""
+    w = getattr(module, "weight", None)
+    return is_conv1d(module) and isinstance(w, torch.Tensor) and w.dim() == 2
+
+
 class LoRALinear(nn.Module):
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
         super().__init__()
@@ -35,9 +62,15 @@ class LoRALinear(nn.Module):
             raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
         weight = getattr(base, "weight", None)
         NF4Weight = _nf4_type()
+        self.fan_in_fan_out = False  # True for a Conv1D base (PEFT's name for the [in, out] layout)
         if isinstance(base, nn.Linear) and isinstance(weight, torch.Tensor):
             self.is_nf4 = False
             out_features, in_features = weight.shape
+            dtype, device = weight.dtype, weight.device
+            weight.requires_grad_(False)
+        elif dense_conv1d_weight(base):
+            self.is_nf4, self.fan_in_fan_out = False, True
+            in_features, out_features = weight.shape
             dtype, device = weight.dtype, weight.device
             weight.requires_grad_(False)
         elif isinstance(base, nn.Module) and isinstance(weight, NF4Weight):
@@ -48,8 +81,8 @@ class LoRALinear(nn.Module):
             dtype, device = weight.dtype, weight.device
         else:
             raise TypeError(
-                f"base must be an nn.Linear or a module whose .weight is an NF4Weight (e.g. "
-                f"deltakern.nn.NF4Linear), got {type(base).__name__}"
+                f"base must be an nn.Linear, a transformers Conv1D, or a module whose .weight is an NF4Weight "
+                f"(e.g. deltakern.nn.NF4Linear), got {type(base).__name__}"
             )
         bias = getattr(base, "bias", None)
         if isinstance(bias, torch.Tensor):
@@ -70,6 +103,11 @@ class LoRALinear(nn.Module):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
 
+    def base_weight(self):
+        """The base weight as the functions take it: [out, in] (a transposed view for Conv1D), or the NF4Weight."""
+        w = self.base.weight
+        return w.t() if self.fan_in_fan_out else w
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -79,7 +117,7 @@ class LoRALinear(nn.Module):
             )
         if self.merged:
             return self.base(x)
-        return lora_linear(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scaling,
+        return lora_linear(x, self.base_weight(), self.base.bias, self.lora_A, self.lora_B, self.scaling,
                            self.dropout, self.training)
 
     # ---- merging ------------------------------------------------------------------------------
@@ -110,7 +148,7 @@ class LoRALinear(nn.Module):
     def _apply_delta(self, sign: float, requantize: bool):
         if not self.is_nf4:
             with torch.no_grad():
-                w = self.base.weight
+                w = self.base_weight()  # [out, in]; for Conv1D a view that writes through to the [in, out] weight
                 w.copy_((w.float() + sign * self._delta()).to(w.dtype))
             return
         if not requantize:
@@ -131,4 +169,5 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout}, "
-                f"rslora={self.use_rslora}, nf4={self.is_nf4}, merged={self.merged}")
+                f"rslora={self.use_rslora}, nf4={self.is_nf4}, "
+                + ("fan_in_fan_out=True, " if self.fan_in_fan_out else "") + f"merged={self.merged}")
