@@ -10,6 +10,7 @@
 # Autotuning: config lists are pinned to one tiny config when TRITON_INTERPRET=1 (CPU interpreter)
 # and to their first entry with DELTAKERN_TRITON_PIN=1.
 
+import contextlib
 import os
 
 import torch
@@ -112,18 +113,48 @@ def fit_smem(configs, estimate):
     return kept
 
 
-def autotuned(fn, table, kernel, weight, flags, prune_configs_by):
+def autotuned(fn, table, kernel, weight, flags, prune_configs_by, pre_hook=None):
     """fn autotuned over config_shapes(table, kernel, weight), keyed on the M bucket, N, K, R_PAD and
-    the mode flags. One autotuner per (kernel, weight kind) over the same jit function."""
+    the mode flags. One autotuner per (kernel, weight kind) over the same jit function. `pre_hook`
+    (Triton's autotuner pre_hook(nargs, reset_only=False)) runs before every timed trial and once
+    after tuning, before the real launch: kernels whose result depends on what an output held
+    before the launch (e.g. partial-sum buffers whose used rows depend on BLOCK_M) reset it there."""
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g}, num_warps=w, num_stages=s)
                for bm, bn, bk, g, w, s in config_shapes(table, kernel, weight)]
     return triton.autotune(configs=configs, key=["M_BUCKET", "N", "K", "R_PAD", *flags],
-                           prune_configs_by=prune_configs_by)(fn)
+                           prune_configs_by=prune_configs_by, pre_hook=pre_hook)(fn)
+
+
+def zero_when(*pairs):
+    """An autotuner pre_hook zeroing argument `ptr` for each (ptr, flag) pair whose constexpr flag is
+    set. Autotuning runs every config on the same buffers, so a fp32 partial-sum buffer of
+    [ceil(M / min BLOCK_M), N] rows keeps the rows a small-BLOCK_M trial wrote and a larger-BLOCK_M
+    final launch does not overwrite; zeroing before each trial and before the real launch keeps
+    the caller's sum over rows exact (GPU only: the interpreter runs one pinned config)."""
+
+    def hook(nargs, reset_only=False):
+        for ptr, flag in pairs:
+            if nargs.get(flag):
+                nargs[ptr].zero_()
+
+    return hook
 
 
 # --------------------------------------------------------------------------------------------
 # launcher helpers
 # --------------------------------------------------------------------------------------------
+
+
+def device_guard(device):
+    """Triton launches on the *current* CUDA device and its current stream: make that the device the
+    tensors live on (a no-op for CPU tensors, i.e. the interpreter)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def launch(kernel, grid, device, *args, **kwargs):
+    """kernel[grid](*args, **kwargs) on `device` (see device_guard)."""
+    with device_guard(device):
+        return kernel[grid](*args, **kwargs)
 
 
 def check(cond, msg):

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check, check_int32, dot_flags, mma, r_pad, w_tile, weight_args
+from ._common import INTERPRET, check, check_int32, dot_flags, launch, mma, r_pad, w_tile, weight_args
 
 # (BLOCK_N, BLOCK_K): rows of W x reduction tile for norm_parts, reduction tile x columns for ctw.
 # Chunks of the split reduction are whole tiles, so tiles never cross into the next chunk.
@@ -133,7 +133,7 @@ def norm_parts(weight, lora_A, N, nf4=None, want_sumsq=True):
     if N == 0 or K == 0:
         return wa.sum(0), (sq.sum(0) if want_sumsq else None)
     dot_fp32, prec = dot_flags(dtype)
-    _norm_parts_kernel[(tiles, split)](
+    launch(_norm_parts_kernel, (tiles, split), device,
         w, absmax, code, lora_A, wa, sq, N, K, r, chunk, swn, swk, lora_A.stride(0), lora_A.stride(1),
         IS_NF4=is_nf4, NF4_BLOCK=blk, SUMSQ=int(want_sumsq), R_PAD=rp, DOT_FP32=dot_fp32, INPUT_PRECISION=prec,
         BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=1 if INTERPRET else (2 if is_nf4 else 3),
@@ -156,7 +156,7 @@ def ctw(c, weight, K, nf4=None):
     if N == 0 or K == 0:
         return out.sum(0)
     dot_fp32, prec = dot_flags(dtype)
-    _ctw_kernel[(tiles, split)](
+    launch(_ctw_kernel, (tiles, split), device,
         c, w, absmax, code, out, N, K, r, chunk, c.stride(0), c.stride(1), swn, swk,
         IS_NF4=is_nf4, NF4_BLOCK=blk, R_PAD=rp, DOT_FP32=dot_fp32, INPUT_PRECISION=prec,
         BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=1 if INTERPRET else (2 if is_nf4 else 3),

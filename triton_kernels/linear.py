@@ -25,7 +25,8 @@
 #   With COMPUTE_DX = 0 the grid is one program per row tile and only the column sums run.
 # Column sums go to a zero-initialised fp32 buffer [ceil(M / min BM), N], one row per row tile,
 # summed by the caller (deterministic; no atomics). Its size is bounded by pruning small-BM
-# configs at large M (see _min_block_m).
+# configs at large M (see _min_block_m). A config with a larger BM writes fewer rows, so the
+# autotuner zeroes the buffer before every trial and before the real launch (zero_when).
 #
 # Limits: r <= 128 (padded to a power of two >= 16); element offsets < 2**31 (int32 index math,
 # checked). Cost: the GEMMs are 2*M*N*K FLOP (DROP: twice that); the epilogues add one read of
@@ -41,8 +42,8 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    DTYPES, autotuned, check, check_int32, config_shapes, dot_flags, fit_smem, grouped_tile, m_bucket, mma, r_pad,
-    smem_estimate, w_tile, weight_args,
+    DTYPES, autotuned, check, check_int32, config_shapes, dot_flags, fit_smem, grouped_tile, launch, m_bucket,
+    mma, r_pad, smem_estimate, w_tile, weight_args, zero_when,
 )
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages); the first entry is the pinned one.
@@ -234,14 +235,17 @@ def _dx_kernel(
                  acc.to(dx_ptr.dtype.element_ty), mask=m_ok & k_ok)
 
 
-def _tuned(fn, kernel, weight, flags):
-    return autotuned(fn, _CONFIGS, kernel, weight, flags, _prune(kernel, weight == "nf4"))
+def _tuned(fn, kernel, weight, flags, pre_hook):
+    return autotuned(fn, _CONFIGS, kernel, weight, flags, _prune(kernel, weight == "nf4"), pre_hook)
 
 
 _FWD_FLAGS = ["HAS_LORA", "HAS_SCALE", "DROP", "COLSUM"]
 _DX_FLAGS = ["COMPUTE_DX", "HAS_SCALE", "DROP", "DB", "CY"]
-_FWD = {0: _tuned(_fwd_kernel, "fwd", "dense", _FWD_FLAGS), 1: _tuned(_fwd_kernel, "fwd", "nf4", _FWD_FLAGS)}
-_DX = {0: _tuned(_dx_kernel, "dx", "dense", _DX_FLAGS), 1: _tuned(_dx_kernel, "dx", "nf4", _DX_FLAGS)}
+# the column-sum buffers' used rows depend on BLOCK_M: zero them between autotuning trials
+_FWD_HOOK = zero_when(("out_ptr", "COLSUM"))
+_DX_HOOK = zero_when(("db_ptr", "DB"), ("c_ptr", "CY"))
+_FWD = {w: _tuned(_fwd_kernel, "fwd", kind, _FWD_FLAGS, _FWD_HOOK) for w, kind in ((0, "dense"), (1, "nf4"))}
+_DX = {w: _tuned(_dx_kernel, "dx", kind, _DX_FLAGS, _DX_HOOK) for w, kind in ((0, "dense"), (1, "nf4"))}
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,6 +298,7 @@ def frozen_forward(x, weight, N, nf4=None, bias=None, lora=None, g=None, keep=No
     check(K >= 1, "K must be >= 1")
     mode_colsum = colsum is not None
     _same("bias", bias, dtype, device, (N,))
+    bias = bias.contiguous() if bias is not None else None  # the kernel reads bias[n] at offset n
     if lora is not None:
         xa, lb, scaling = lora
         r = lb.shape[1] if lb.dim() == 2 else -1
@@ -312,7 +317,7 @@ def frozen_forward(x, weight, N, nf4=None, bias=None, lora=None, g=None, keep=No
         _same("dy", colsum, dtype, device, (M, N))
         if cols is not None:
             check(cols.shape == (N,) and cols.device == device, f"cols must be a [{N}] mask on {device}")
-            cols = cols.view(torch.uint8) if cols.dtype == torch.bool else cols.contiguous()
+            cols = (cols.view(torch.uint8) if cols.dtype == torch.bool else cols).contiguous()
         rows = -(-M // _min_block_m("fwd", "nf4" if is_nf4 else "dense", M))
         out = torch.zeros((max(rows, 1), N), device=device, dtype=torch.float32)
     else:
@@ -328,7 +333,7 @@ def frozen_forward(x, weight, N, nf4=None, bias=None, lora=None, g=None, keep=No
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    _FWD[is_nf4][grid](
+    launch(_FWD[is_nf4], grid, device,
         x, w, absmax, code, kp, xa, lb, g if g is not None else absmax, bias if bias is not None else x, dy,
         cols if cols is not None else kp, out,
         M, N, K, r, m_bucket(M),
@@ -370,6 +375,7 @@ def frozen_backward(dy, weight, K, nf4=None, compute_dx=True, g=None, lora=None,
     check(keep is None or (lora is not None and g is not None), "the DROP mode needs the LoRA factors and g")
     _same("y", y, dtype, device, (M, N))
     _same("bias", bias, dtype, device, (N,))
+    bias = bias.contiguous() if bias is not None else None
     want_c = y is not None
     dx = torch.empty((M, K), device=device, dtype=dtype) if compute_dx else None
     rows = max(-(-M // _min_block_m("dx", "nf4" if is_nf4 else "dense", M)), 1)
@@ -392,7 +398,7 @@ def frozen_backward(dy, weight, K, nf4=None, compute_dx=True, g=None, lora=None,
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(k_grid, meta["BLOCK_K"]),)
 
-    _DX[is_nf4][grid](
+    launch(_DX[is_nf4], grid, device,
         dy, w, absmax, code, g if g is not None else absmax, dyb, la, kp, yy, bias if bias is not None else dy,
         out, db if db is not None else absmax, c if c is not None else absmax,
         M, N, K, r, m_bucket(M), k_grid,

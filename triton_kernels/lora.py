@@ -30,8 +30,8 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    DTYPES, autotuned, check, check_int32, dot_flags, fit_smem, grouped_tile, m_bucket, mma, r_pad, smem_estimate,
-    w_tile, weight_args,
+    DTYPES, autotuned, check, check_int32, dot_flags, fit_smem, grouped_tile, launch, m_bucket, mma, r_pad,
+    smem_estimate, w_tile, weight_args,
 )
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages); the first entry is the pinned one.
@@ -196,7 +196,7 @@ def lora_forward(x, weight, bias, xa, lora_B, scaling, nf4=None):
         bias = bias.contiguous()
     w, absmax, code, swn, swk, is_nf4, blk = weight_args(weight, nf4, N, K, dtype, x.device)
     out = torch.empty((M, N), device=x.device, dtype=dtype)
-    for name, t in (("x", x), ("out", out)):
+    for name, t in (("x", x), ("xa", xa), ("lora_B", lora_B), ("out", out)):
         check_int32(name, t)
     if M == 0 or N == 0:
         return out
@@ -207,7 +207,7 @@ def lora_forward(x, weight, bias, xa, lora_B, scaling, nf4=None):
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    _FWD[is_nf4][grid](
+    launch(_FWD[is_nf4], grid, x.device,
         x, w, absmax, code, xa, lora_B, bias if bias is not None else x, out,
         M, N, K, r, m_bucket(M),
         x.stride(0), x.stride(1), swn, swk, xa.stride(0), xa.stride(1),
@@ -240,7 +240,7 @@ def lora_backward_dx(dy, weight, dyb, lora_A, scaling, mask=None, mask_scale=1.0
             mask = mask.view(torch.uint8)
     w, absmax, code, swn, swk, is_nf4, blk = weight_args(weight, nf4, N, K, dtype, dy.device)
     out = torch.empty((M, K), device=dy.device, dtype=dtype)
-    for name, t in (("dy", dy), ("mask", mask), ("dx", out)):
+    for name, t in (("dy", dy), ("dyb", dyb), ("lora_A", lora_A), ("mask", mask), ("dx", out)):
         check_int32(name, t)
     if M == 0 or K == 0:
         return out
@@ -252,7 +252,7 @@ def lora_backward_dx(dy, weight, dyb, lora_A, scaling, mask=None, mask_scale=1.0
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
 
-    _DX[is_nf4][grid](
+    launch(_DX[is_nf4], grid, dy.device,
         dy, w, absmax, code, dyb, lora_A, m, out,
         M, N, K, r, m_bucket(M),
         dy.stride(0), dy.stride(1), swn, swk, dyb.stride(0), dyb.stride(1),

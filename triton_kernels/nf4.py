@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import launch
 from .nf4_ref import dequantize_nf4_ref, quantize_nf4_ref  # noqa: F401  (the references, beside the kernels)
 
 NF4_CODE = (
@@ -186,7 +187,7 @@ def dequantize_nf4(packed, absmax, n, blocksize, out_dtype, code,
         nested_code = nested_code.reshape(-1).contiguous()
     nbytes = packed.numel()
     grid = lambda meta: (triton.cdiv(nbytes, meta["BLOCK"]),)  # noqa: E731
-    _dequantize_nf4_kernel[grid](
+    launch(_dequantize_nf4_kernel, grid, packed.device,
         packed.contiguous(), absmax, code,
         nested_absmax if nested else absmax, nested_code if nested else code, out,
         n, nbytes, blocksize.bit_length() - 2, float(offset),
@@ -211,7 +212,7 @@ def quantize_nf4(x, blocksize):
     if n == 0:
         return packed, absmax
     rows = max(1, 2048 // blocksize)
-    _quantize_nf4_kernel[(triton.cdiv(nblocks, rows),)](
+    launch(_quantize_nf4_kernel, (triton.cdiv(nblocks, rows),), x.device,
         x, _nf4_midpoints(x.device), packed, absmax, n, packed.numel(), nblocks,
         BLOCKSIZE=blocksize, ROWS=rows, num_warps=8 if blocksize >= 4096 else 4,
         enable_fp_fusion=False,
