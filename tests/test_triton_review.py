@@ -276,3 +276,28 @@ def test_gpu_production_autotune_first_call_equals_second():
             for a, b_ in zip(first, second):
                 assert (a is None) == (b_ is None)
                 assert a is None or torch.equal(a, b_), f"{kind} call {i}: the tuning call differs from the next"
+
+
+def test_fp32_dot_flags_with_torch_fp32_precision_api():
+    """torch >= 2.9: after `torch.backends.cuda.matmul.fp32_precision = "tf32"` reading the legacy
+    `allow_tf32` raises; the fp32 kernels must still pick their dot precision (subprocess: global state)."""
+    import subprocess
+    import sys
+
+    if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        pytest.skip("torch without the fp32_precision API")
+    code = ("import torch\n"
+            "from deltakern.triton_kernels import _common as C\n"
+            "C.INTERPRET = False\n"
+            "assert C.dot_flags(torch.float32) == (0, 'ieee')\n"
+            "torch.backends.cuda.matmul.fp32_precision = 'tf32'\n"
+            "assert C.dot_flags(torch.float32) == (0, 'tf32'), C.dot_flags(torch.float32)\n"
+            "torch.backends.cuda.matmul.fp32_precision = 'ieee'\n"
+            "assert C.dot_flags(torch.float32) == (0, 'ieee')\n"
+            "torch.backends.cuda.matmul.allow_tf32 = True\n"
+            "assert C.dot_flags(torch.float32) == (0, 'tf32')\n")
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

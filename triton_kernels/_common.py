@@ -171,11 +171,21 @@ def m_bucket(m):
     return triton.next_power_of_2(max(int(m), 1))
 
 
+def tf32_matmul():
+    """Whether torch lets fp32 matmuls use TF32. torch >= 2.9 refuses to read the legacy
+    `allow_tf32` flag (RuntimeError) once the `fp32_precision` API has set TF32; ask that one then."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        return bool(matmul.allow_tf32)
+    except RuntimeError:
+        return getattr(matmul, "fp32_precision", "ieee") == "tf32"
+
+
 def dot_flags(dtype):
     """(DOT_FP32, INPUT_PRECISION): fp32 follows torch's tf32 switch on the GPU, ieee in the
     interpreter; bf16 dots are upcast in the interpreter, whose bf16 tl.dot is wrong."""
     if dtype == torch.float32:
-        tf32 = (not INTERPRET) and torch.backends.cuda.matmul.allow_tf32
+        tf32 = (not INTERPRET) and tf32_matmul()
         return 0, ("tf32" if tf32 else "ieee")
     if dtype == torch.bfloat16 and INTERPRET:
         return 1, "ieee"
