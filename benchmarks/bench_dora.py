@@ -31,7 +31,6 @@ import copy
 import os
 import sys
 import time
-from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -39,51 +38,12 @@ from torch import nn
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import BitFit, Holder, env_var, impl_suffix, train_inputs  # noqa: E402
+
 M_TRAIN, K, R, ALPHA = 8192, 4096, 16, 32
 NS = (4096, 14336)
 DTYPE = torch.bfloat16
 IMPLS = (None, "triton", "torch")
-
-
-@contextmanager
-def _env(name, value):
-    old = os.environ.get(name)
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
-
-
-class _Holder(nn.Module):
-    def __init__(self, layer):
-        super().__init__()
-        self.proj = layer
-
-    def forward(self, x):
-        return self.proj(x)
-
-
-class _BitFit(nn.Module):
-    """A frozen base (nn.Linear or NF4Linear) whose bias alone trains, through deltakern's linear."""
-
-    def __init__(self, base):
-        super().__init__()
-        self.base = base
-        for p in base.parameters():
-            p.requires_grad_(False)
-        base.bias.requires_grad_(True)
-
-    def forward(self, x):
-        from deltakern.autograd.linear import linear
-
-        return linear(x, self.base.weight, self.base.bias)
 
 
 def _perturb(lora_B, magnitude):
@@ -97,7 +57,7 @@ def _peft_dora(layer):
     import peft
 
     cfg = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["proj"], lora_dropout=0.0, use_dora=True)
-    model = peft.get_peft_model(_Holder(layer), cfg, autocast_adapter_dtype=False)
+    model = peft.get_peft_model(Holder(layer), cfg, autocast_adapter_dtype=False)
     inner = model.base_model.model.proj
     _perturb(inner.lora_B["default"].weight, inner.lora_magnitude_vector["default"].weight)
     return model
@@ -134,10 +94,10 @@ def layer_providers(N, k=K, device="cuda", dtype=DTYPE):
     bias_only = copy.deepcopy(lin)
     bias_only.bias.requires_grad_(True)
     out = {"frozen_bf16": (lin, None), "bias_only_torch": (bias_only, None)}
-    bitfit = _BitFit(copy.deepcopy(lin))
-    bitfit_nf4 = _BitFit(NF4Linear.from_linear(copy.deepcopy(lin)))
+    bitfit = BitFit(copy.deepcopy(lin))
+    bitfit_nf4 = BitFit(NF4Linear.from_linear(copy.deepcopy(lin)))
     for impl in IMPLS:
-        suffix = "" if impl is None else f"[{impl}]"
+        suffix = impl_suffix(impl)
         env = None if impl is None else ("DELTAKERN_LINEAR_IMPL", impl)
         out[f"deltakern_linear{suffix}"] = (bitfit, env)
         out[f"deltakern_linear_nf4{suffix}"] = (bitfit_nf4, env)
@@ -152,7 +112,7 @@ def layer_providers(N, k=K, device="cuda", dtype=DTYPE):
     dense = _deltakern_dora(copy.deepcopy(lin))
     nf4 = _deltakern_dora(NF4Linear.from_linear(copy.deepcopy(lin)))
     for impl in IMPLS:
-        suffix = "" if impl is None else f"[{impl}]"
+        suffix = impl_suffix(impl)
         env = None if impl is None else ("DELTAKERN_DORA_IMPL", impl)
         out[f"deltakern_dora{suffix}"] = (dense, env)
         out[f"deltakern_qdora{suffix}"] = (nf4, env)
@@ -191,10 +151,9 @@ def run_train(ns=NS, M=M_TRAIN):
 
     rows = []
     for N in ns:
-        x = torch.randn(M, K, device="cuda", dtype=DTYPE, requires_grad=True)
-        dy = torch.randn(M, N, device="cuda", dtype=DTYPE)
+        x, dy = train_inputs(M, K, N, DTYPE)
         for name, (module, env) in layer_providers(N).items():
-            with _env(*(env or ("DELTAKERN_UNUSED", None))):
+            with env_var(*(env or ("DELTAKERN_UNUSED", None))):
                 step = _train_step(module, x, dy)
                 ms = bench(step)
                 with torch.no_grad():
@@ -226,10 +185,9 @@ def run(ns=NS):
 def smoke():
     """Every provider on tiny CPU shapes, one step each: checks they build and run (no timing)."""
     M, k, N = 16, 128, 96
-    x = torch.randn(M, k, dtype=torch.float32, requires_grad=True)
-    dy = torch.randn(M, N, dtype=torch.float32)
+    x, dy = train_inputs(M, k, N, torch.float32, device="cpu")
     for name, (module, env) in layer_providers(N, k=k, device="cpu", dtype=torch.float32).items():
-        with _env(*(env or ("DELTAKERN_UNUSED", None))):
+        with env_var(*(env or ("DELTAKERN_UNUSED", None))):
             t = time.perf_counter()
             _train_step(module, x, dy)()
             norm = _norm_step(module)

@@ -25,11 +25,16 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-from contextlib import contextmanager
+import sys
 
 import pytest
 import torch
 from torch import nn
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import Holder, env_var, impl_suffix, train_inputs  # noqa: E402
 
 M_TRAIN, K, R, ALPHA = 8192, 4096, 16, 32
 NS = (4096, 14336)
@@ -37,36 +42,11 @@ DECODE_MS = (1, 4, 16)
 DTYPE = torch.bfloat16
 
 
-@contextmanager
-def _env(name, value):
-    old = os.environ.get(name)
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
-
-
-class _Holder(nn.Module):
-    def __init__(self, layer):
-        super().__init__()
-        self.proj = layer
-
-    def forward(self, x):
-        return self.proj(x)
-
-
 def _peft(layer):
     import peft
 
     cfg = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["proj"], lora_dropout=0.0)
-    model = peft.get_peft_model(_Holder(layer), cfg, autocast_adapter_dtype=False)
+    model = peft.get_peft_model(Holder(layer), cfg, autocast_adapter_dtype=False)
     inner = model.base_model.model.proj
     with torch.no_grad():
         inner.lora_B["default"].weight.normal_(0, 0.01)
@@ -125,7 +105,7 @@ def layer_providers(N):
     dense = _deltakern(copy.deepcopy(lin))
     nf4 = _deltakern(NF4Linear.from_linear(lin))
     for impl in (None, "triton", "torch"):
-        suffix = "" if impl is None else f"[{impl}]"
+        suffix = impl_suffix(impl)
         out[f"deltakern_lora{suffix}"] = (dense, impl)
         out[f"deltakern_qlora{suffix}"] = (nf4, impl)
     return out
@@ -151,10 +131,9 @@ def run_train(ns=NS, M=M_TRAIN):
 
     rows = []
     for N in ns:
-        x = torch.randn(M, K, device="cuda", dtype=DTYPE, requires_grad=True)
-        dy = torch.randn(M, N, device="cuda", dtype=DTYPE)
+        x, dy = train_inputs(M, K, N, DTYPE)
         for name, (module, impl) in layer_providers(N).items():
-            with _env("DELTAKERN_LORA_IMPL", impl):
+            with env_var("DELTAKERN_LORA_IMPL", impl):
                 step = _train_step(module, x, dy)
                 ms = bench(step)
                 fwd_ms = bench(lambda: module(x.detach()))  # noqa: B023
@@ -179,7 +158,7 @@ def run_decode(ns=NS, ms_list=DECODE_MS):
         wbytes = w.nbytes
         provs = {}
         for impl in (None, "triton", "torch"):
-            provs["deltakern_qlora" + ("" if impl is None else f"[{impl}]")] = (_deltakern(q), impl)
+            provs["deltakern_qlora" + impl_suffix(impl)] = (_deltakern(q), impl)
         provs["frozen_bf16"] = (lin, None)
         try:
             bl = _bnb_linear(lin)
@@ -190,7 +169,7 @@ def run_decode(ns=NS, ms_list=DECODE_MS):
         for M in ms_list:
             x = torch.randn(M, K, device="cuda", dtype=DTYPE)
             for name, (module, impl) in provs.items():
-                with _env("DELTAKERN_LORA_IMPL", impl), torch.no_grad():
+                with env_var("DELTAKERN_LORA_IMPL", impl), torch.no_grad():
                     ms = bench(lambda: module(x))  # noqa: B023
                 nbytes = (N * K * 2) if name == "frozen_bf16" else wbytes
                 rows.append({"case": "decode_fwd", "M": M, "K": K, "N": N, "r": R, "provider": name, "fwd_ms": ms,
@@ -244,8 +223,7 @@ def test_lora_fwd_bwd(benchmark, provider, N):
     if provider not in provs:
         pytest.skip(f"{provider} unavailable")
     module, _ = provs[provider]
-    x = torch.randn(M_TRAIN, K, device="cuda", dtype=DTYPE, requires_grad=True)
-    dy = torch.randn(M_TRAIN, N, device="cuda", dtype=DTYPE)
+    x, dy = train_inputs(M_TRAIN, K, N, DTYPE)
     step = _train_step(module, x, dy)
 
     def timed():
@@ -275,7 +253,4 @@ def test_qlora_decode_fwd(benchmark, M):
 
 
 if __name__ == "__main__":
-    import sys
-
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     main()

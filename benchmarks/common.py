@@ -8,17 +8,76 @@ bf16 matmul throughput (8192^3).
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import sys
+from contextlib import contextmanager
 from importlib import metadata
 
 import torch
+from torch import nn
 
 
 def require_cuda():
     if not torch.cuda.is_available():
         sys.exit("this benchmark needs a CUDA GPU (torch.cuda.is_available() is False)")
+
+
+@contextmanager
+def env_var(name, value):
+    """Set (or, for None, unset) the environment variable `name` inside the block; restore it after."""
+    old = os.environ.get(name)
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def impl_suffix(impl) -> str:
+    """A provider-name suffix for a forced DELTAKERN_*_IMPL value: "" for the default (None), else "[impl]"."""
+    return "" if impl is None else f"[{impl}]"
+
+
+def train_inputs(M, K, N, dtype, device="cuda"):
+    """A training step's input x [M, K] (requires grad) and upstream gradient dy [M, N], standard normal."""
+    x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
+    dy = torch.randn(M, N, device=device, dtype=dtype)
+    return x, dy
+
+
+class Holder(nn.Module):
+    """A one-layer model whose layer is named `proj` (what the PEFT configs target)."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.proj = layer
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+class BitFit(nn.Module):
+    """A frozen base (nn.Linear or NF4Linear) whose bias alone trains, through deltakern's linear."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        base.bias.requires_grad_(True)
+
+    def forward(self, x):
+        from deltakern.autograd.linear import linear
+
+        return linear(x, self.base.weight, self.base.bias)
 
 
 def bench(fn, warmup: int = 10, reps: int = 50) -> float:

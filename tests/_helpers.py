@@ -3,10 +3,83 @@ and small comparison utilities. Every builder seeds torch, so two calls give the
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    # as in conftest: without a GPU the Triton kernels run in Triton's interpreter (set before they are imported)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 VOCAB = 96
+
+# ---- the kernel tests' lanes and tolerance rule (test_lora, test_dora, test_bitfit) ---------------
+
+CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEV = "cuda" if CUDA else "cpu"
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ATOL = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def rand(shape, seed, scale=1.0, dtype=torch.float32, device="cpu"):
+    return (torch.randn(shape, generator=gen(seed)) * scale).to(dtype=dtype, device=device)
+
+
+def max_err(a, ref):
+    return (a.double() - ref.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_rule(got, base, ref, dtype, name, kernel=False):
+    """|got - ref| <= 2 |base - ref| + atol (max norms), ref in float64; `kernel`: a Triton kernel's output, which
+    in the interpreter gets 1 bf16 ulp more (its fp32->bf16 cast truncates)."""
+    e_got, e_base = max_err(got, ref), max_err(base, ref)
+    atol = ATOL[dtype] * max(1.0, ref.abs().max().item())
+    if kernel and INTERPRET and dtype == torch.bfloat16:
+        atol += 2**-7 * ref.abs().max().item()  # the interpreter's fp32->bf16 cast truncates: 1 ulp, not 1/2
+    assert e_got <= 2 * e_base + atol, f"{name}: error {e_got:.3g} > 2 * baseline {e_base:.3g} + {atol:.3g}"
+
+
+def grads_of(fn, dy, *leaves):
+    """(out, grads of leaves) of fn(*leaves) under upstream gradient dy (leaves cloned; None kept)."""
+    ls = [t.detach().clone().requires_grad_(True) if t is not None else None for t in leaves]
+    out = fn(*ls)
+    out.backward(dy)
+    return (out.detach(),) + tuple(t.grad if t is not None else None for t in ls)
+
+
+def triton_kernels(*names):
+    """The modules deltakern.triton_kernels.<name> (one, or a tuple for several); skips without Triton, and
+    without CUDA unless TRITON_INTERPRET=1."""
+    pytest.importorskip("triton")
+    import importlib
+
+    if not INTERPRET and not CUDA:
+        pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
+    mods = tuple(importlib.import_module(f"deltakern.triton_kernels.{n}") for n in names)
+    return mods[0] if len(mods) == 1 else mods
+
+
+def opcheck_sample(samples, i, device=None):
+    """torch.library.opcheck of the i-th (op, args) of `samples` (tensors moved to `device` if given)."""
+    op, args = samples[i]
+    if device is not None:
+        args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(op, args)
+
+
+def check_impl_override(monkeypatch, use_triton, var, bad):
+    """`var`=triton forces Triton on a large dense problem; an unknown value `bad` raises ValueError naming `var`."""
+    monkeypatch.setenv(var, "triton")
+    assert use_triton(8192, 4096, 4096, "dense") is True
+    monkeypatch.setenv(var, bad)
+    with pytest.raises(ValueError, match=var):
+        use_triton(1, 8, 8, "dense")
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -6,46 +6,20 @@ Tolerance rule: error vs a float64 reference <= 2x the plain-torch same-dtype er
 """
 
 import math
-import os
 
 import pytest
 import torch
 from torch import nn
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from deltakern import nf4  # noqa: E402
-from deltakern.autograd import linear as alinear  # noqa: E402
-from deltakern.autograd.linear import linear, linear_ref  # noqa: E402
-from deltakern.nn import NF4Linear  # noqa: E402
-from deltakern.ops import linear as ops  # noqa: E402
-
-CUDA = torch.cuda.is_available()
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEV = "cuda" if CUDA else "cpu"
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-ATOL = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def rand(shape, seed, scale=1.0, dtype=torch.float32, device="cpu"):
-    return (torch.randn(shape, generator=gen(seed)) * scale).to(dtype=dtype, device=device)
-
-
-def max_err(a, ref):
-    return (a.double() - ref.double()).abs().max().item() if a.numel() else 0.0
-
-
-def assert_rule(got, base, ref, dtype, name, kernel=False):
-    e_got, e_base = max_err(got, ref), max_err(base, ref)
-    atol = ATOL[dtype] * max(1.0, ref.abs().max().item())
-    if kernel and INTERPRET and dtype == torch.bfloat16:
-        atol += 2**-7 * ref.abs().max().item()  # the interpreter's fp32->bf16 cast truncates: 1 ulp, not 1/2
-    assert e_got <= 2 * e_base + atol, f"{name}: error {e_got:.3g} > 2 * baseline {e_base:.3g} + {atol:.3g}"
+# _helpers first: it sets TRITON_INTERPRET=1 without a GPU, before deltakern's kernels are imported
+from _helpers import (DEV, DTYPES, INTERPRET, assert_rule, check_impl_override, grads_of, opcheck_sample, rand,
+                      triton_kernels)
+from benchmarks.common import BitFit
+from deltakern import nf4
+from deltakern.autograd import linear as alinear
+from deltakern.autograd.linear import linear, linear_ref
+from deltakern.nn import NF4Linear
+from deltakern.ops import linear as ops
 
 
 def problem(M_shape, K, N, dtype, seed=0, kind="dense", device="cpu"):
@@ -57,13 +31,6 @@ def problem(M_shape, K, N, dtype, seed=0, kind="dense", device="cpu"):
         return x, q, q.dequantize(dtype), b
     W = W.to(dtype=dtype, device=device)
     return x, W, W, b
-
-
-def grads_of(fn, dy, *leaves):
-    ls = [t.detach().clone().requires_grad_(True) if t is not None else None for t in leaves]
-    out = fn(*ls)
-    out.backward(dy)
-    return (out.detach(),) + tuple(t.grad if t is not None else None for t in ls)
 
 
 # ---- the Function vs float64 -----------------------------------------------------------------
@@ -128,7 +95,7 @@ def test_expanded_upstream_gradient():
 def test_bitfit_module_trains_only_the_bias():
     torch.manual_seed(0)
     lin = nn.Linear(32, 16)
-    model = _BitFit(lin)
+    model = BitFit(lin)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     w0 = lin.weight.detach().clone()
     x = torch.randn(8, 32)
@@ -176,11 +143,7 @@ def test_use_triton_chooser(monkeypatch):
     monkeypatch.delenv("DELTAKERN_LINEAR_IMPL", raising=False)
     assert alinear._use_triton(8192, 4096, 4096, "dense") is False
     assert alinear._use_triton(8192, 4096, 4096, "nf4") is True
-    monkeypatch.setenv("DELTAKERN_LINEAR_IMPL", "triton")
-    assert alinear._use_triton(8192, 4096, 4096, "dense") is True
-    monkeypatch.setenv("DELTAKERN_LINEAR_IMPL", "cublas")
-    with pytest.raises(ValueError, match="DELTAKERN_LINEAR_IMPL"):
-        alinear._use_triton(1, 8, 8, "dense")
+    check_impl_override(monkeypatch, alinear._use_triton, "DELTAKERN_LINEAR_IMPL", "cublas")
 
 
 # ---- ops: opcheck, compile ---------------------------------------------------------------------
@@ -204,29 +167,14 @@ def _op_samples(device="cpu"):
 
 @pytest.mark.parametrize("i", range(5))
 def test_opcheck_cpu(i):
-    op, args = _op_samples()[i]
-    torch.library.opcheck(op, args)
-
-
-class _BitFit(nn.Module):
-    """A frozen base (dense nn.Linear or NF4Linear) whose bias alone trains."""
-
-    def __init__(self, base):
-        super().__init__()
-        self.base = base
-        for p in base.parameters():
-            p.requires_grad_(False)
-        base.bias.requires_grad_(True)
-
-    def forward(self, x):
-        return linear(x, self.base.weight, self.base.bias)
+    opcheck_sample(_op_samples(), i)
 
 
 @pytest.mark.parametrize("kind", ["dense", "nf4"])
 def test_compile_fullgraph(kind):
     torch.manual_seed(0)
     lin = nn.Linear(40, 24)
-    m = _BitFit(NF4Linear.from_linear(lin, blocksize=32) if kind == "nf4" else lin)
+    m = BitFit(NF4Linear.from_linear(lin, blocksize=32) if kind == "nf4" else lin)
     torch._dynamo.reset()
     compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
     x = torch.randn(2, 3, 40)
@@ -246,12 +194,7 @@ def test_compile_fullgraph(kind):
 
 @pytest.fixture
 def tk():
-    pytest.importorskip("triton")
-    import importlib
-
-    if not INTERPRET and not CUDA:
-        pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
-    return importlib.import_module("deltakern.triton_kernels.linear")
+    return triton_kernels("linear")
 
 
 def _as_decoded(W, weight, dtype):
@@ -332,5 +275,4 @@ def test_gpu_vs_torch_bias_only(impl, kind, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("i", range(5))
 def test_gpu_opcheck(i):
-    op, args = _op_samples("cuda")[i]
-    torch.library.opcheck(op, args)
+    opcheck_sample(_op_samples("cuda"), i)

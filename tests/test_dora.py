@@ -14,43 +14,19 @@ import pytest
 import torch
 from torch import nn
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from deltakern import nf4  # noqa: E402
-from deltakern.autograd import dora as adora  # noqa: E402
-from deltakern.autograd.dora import DoRANormCache, dora_linear, dora_linear_ref  # noqa: E402
-from deltakern.nn import NF4Linear  # noqa: E402
-from deltakern.nn.dora import DoRALinear  # noqa: E402
-from deltakern.ops import dora as ops  # noqa: E402
-
-CUDA = torch.cuda.is_available()
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEV = "cuda" if CUDA else "cpu"
-ATOL = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+# _helpers first: it sets TRITON_INTERPRET=1 without a GPU, before deltakern's kernels are imported
+from _helpers import (CUDA, DEV, INTERPRET, assert_rule, check_impl_override, gen, grads_of, opcheck_sample, rand,
+                      triton_kernels)
+from benchmarks.common import Holder
+from deltakern import nf4
+from deltakern.autograd import dora as adora
+from deltakern.autograd.dora import DoRANormCache, dora_linear, dora_linear_ref
+from deltakern.nn import NF4Linear
+from deltakern.nn.dora import DoRALinear
+from deltakern.ops import dora as ops
 
 
 # ---- helpers ---------------------------------------------------------------------------------
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def rand(shape, seed, scale=1.0, dtype=torch.float32, device="cpu"):
-    return (torch.randn(shape, generator=gen(seed)) * scale).to(dtype=dtype, device=device)
-
-
-def max_err(a, ref):
-    return (a.double() - ref.double()).abs().max().item() if a.numel() else 0.0
-
-
-def assert_rule(got, base, ref, dtype, name, kernel=False):
-    e_got, e_base = max_err(got, ref), max_err(base, ref)
-    atol = ATOL[dtype] * max(1.0, ref.abs().max().item())
-    if kernel and INTERPRET and dtype == torch.bfloat16:
-        atol += 2**-7 * ref.abs().max().item()  # the interpreter's fp32->bf16 cast truncates: 1 ulp, not 1/2
-    assert e_got <= 2 * e_base + atol, f"{name}: error {e_got:.3g} > 2 * baseline {e_base:.3g} + {atol:.3g}"
 
 
 def make_problem(M_shape, K, N, r, dtype, seed=0, bias=True, device="cpu"):
@@ -63,14 +39,6 @@ def make_problem(M_shape, K, N, r, dtype, seed=0, bias=True, device="cpu"):
     m = torch.linalg.norm(W + 1.7 * B @ A, dim=1) * (0.5 + torch.rand(N, generator=gen(seed + 5)))
     return x, W.to(dtype=dtype, device=device), b, A.to(dtype=dtype, device=device), \
         B.to(dtype=dtype, device=device), m.to(dtype=dtype, device=device)
-
-
-def grads_of(fn, dy, *leaves):
-    """(out, grads of leaves) of fn(*leaves) under upstream gradient dy (leaves cloned; None kept)."""
-    ls = [t.detach().clone().requires_grad_(True) if t is not None else None for t in leaves]
-    out = fn(*ls)
-    out.backward(dy)
-    return (out.detach(),) + tuple(t.grad if t is not None else None for t in ls)
 
 
 NAMES = ("out", "dx", "dbias", "dA", "dB", "dm")
@@ -352,20 +320,11 @@ def test_norm_cache_recomputes_only_when_A_or_B_change(monkeypatch):
 # ---- PEFT parity -----------------------------------------------------------------------------
 
 
-class _Holder(nn.Module):
-    def __init__(self, layer):
-        super().__init__()
-        self.proj = layer
-
-    def forward(self, x):
-        return self.proj(x)
-
-
 def _peft_dora(base, r, alpha, dropout=0.0, rslora=False):
     peft = pytest.importorskip("peft")
     cfg = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["proj"], lora_dropout=dropout, use_rslora=rslora,
                           use_dora=True)
-    model = peft.get_peft_model(_Holder(base), cfg, autocast_adapter_dtype=False)
+    model = peft.get_peft_model(Holder(base), cfg, autocast_adapter_dtype=False)
     layer = model.base_model.model.proj
     with torch.no_grad():
         layer.lora_A["default"].weight.copy_(rand(layer.lora_A["default"].weight.shape, 11, 0.2))
@@ -392,6 +351,19 @@ def _run(module, x, dy, params, seed=None):
     y = module(x)
     y.backward(dy)
     return (y.detach(), x.grad) + tuple(p.grad for p in params)
+
+
+def _assert_vs_float64(o, p, x, dy, lin, pparams, scaling, dropout, seed, dtype):
+    """Ours (o) and PEFT's (p) (out, dx, dA, dB, dm) by the tolerance rule against the float64 reference, under
+    the dropout mask torch.manual_seed(seed) draws for x (as both modules did)."""
+    torch.manual_seed(seed)
+    keep = torch.native_dropout(x, dropout, True)[1] if dropout else None
+    d = lambda t: t.detach().double()  # noqa: E731
+    ref = grads_of(lambda x_, b_, A_, B_, m_: dora_linear_ref(x_, d(lin.weight), b_, A_, B_, m_, scaling,
+                                                              dropout, True, keep),
+                   dy.double(), d(x), d(lin.bias), d(pparams[0]), d(pparams[1]), d(pparams[2]))
+    for name, got, base, want in zip(("out", "dx", "dA", "dB", "dm"), o, p, (ref[0], ref[1], ref[3], ref[4], ref[5])):
+        assert_rule(got, base, want, dtype, name)
 
 
 @pytest.mark.parametrize("kind", ["dense", "nf4"])
@@ -424,14 +396,7 @@ def test_matches_peft(kind, dtype, dropout):
         for name, a, b_ in zip(("out", "dx", "dA", "dB", "dm"), o, p):
             torch.testing.assert_close(a, b_, rtol=2e-5, atol=2e-5, msg=name)
         return
-    torch.manual_seed(1234)
-    keep = torch.native_dropout(x, dropout, True)[1] if dropout else None
-    d = lambda t: t.detach().double()  # noqa: E731
-    ref = grads_of(lambda x_, b_, A_, B_, m_: dora_linear_ref(x_, d(lin.weight), b_, A_, B_, m_, ours.scaling,
-                                                              dropout, True, keep),
-                   dy.double(), d(x), d(lin.bias), d(pparams[0]), d(pparams[1]), d(pparams[2]))
-    for name, got, base, want in zip(("out", "dx", "dA", "dB", "dm"), o, p, (ref[0], ref[1], ref[3], ref[4], ref[5])):
-        assert_rule(got, base, want, dtype, name)
+    _assert_vs_float64(o, p, x, dy, lin, pparams, ours.scaling, dropout, 1234, dtype)
 
 
 def test_init_matches_peft():
@@ -533,13 +498,7 @@ def test_bad_inputs():
 
 @pytest.fixture
 def tk():
-    pytest.importorskip("triton")
-    import importlib
-
-    if not INTERPRET and not CUDA:
-        pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
-    return importlib.import_module("deltakern.triton_kernels.linear"), importlib.import_module(
-        "deltakern.triton_kernels.dora")
+    return triton_kernels("linear", "dora")
 
 
 KERNEL_CASES = [  # (M, K, N, r, kind, dtype, dropout)
@@ -778,8 +737,7 @@ def _op_samples():
 
 @pytest.mark.parametrize("i", range(11))
 def test_opcheck_cpu(i):
-    op, args = _op_samples()[i]
-    torch.library.opcheck(op, args)
+    opcheck_sample(_op_samples(), i)
 
 
 def test_use_triton_chooser(monkeypatch):
@@ -789,11 +747,7 @@ def test_use_triton_chooser(monkeypatch):
     assert adora._use_triton(32, 4096, 4096, "dense") is True
     assert adora._use_triton(8192, 4096, 4096, "dense") is False
     assert adora._use_triton(1, 4096, 4096, "dense", r=256) is False
-    monkeypatch.setenv("DELTAKERN_DORA_IMPL", "triton")
-    assert adora._use_triton(8192, 4096, 4096, "dense") is True
-    monkeypatch.setenv("DELTAKERN_DORA_IMPL", "bogus")
-    with pytest.raises(ValueError, match="DELTAKERN_DORA_IMPL"):
-        adora._use_triton(1, 8, 8, "dense")
+    check_impl_override(monkeypatch, adora._use_triton, "DELTAKERN_DORA_IMPL", "bogus")
 
 
 # ---- ahead-of-time compile for sm_90 (no GPU needed) -----------------------------------------
@@ -911,19 +865,10 @@ def test_gpu_vs_peft(impl, kind, dropout, monkeypatch):
     dy = rand((M, N), 2, dtype=torch.bfloat16, device="cuda")
     p = _run(model, x, dy, pparams, seed=7)
     o = _run(ours, x, dy, oparams, seed=7)
-    torch.manual_seed(7)
-    keep = torch.native_dropout(x, dropout, True)[1] if dropout else None
-    d = lambda t: t.detach().double()  # noqa: E731
-    ref = grads_of(lambda x_, b_, A_, B_, m_: dora_linear_ref(x_, d(lin.weight), b_, A_, B_, m_, ours.scaling,
-                                                              dropout, True, keep),
-                   dy.double(), d(x), d(lin.bias), d(pparams[0]), d(pparams[1]), d(pparams[2]))
-    for name, got, base, want in zip(("out", "dx", "dA", "dB", "dm"), o, p, (ref[0], ref[1], ref[3], ref[4], ref[5])):
-        assert_rule(got, base, want, torch.bfloat16, name)
+    _assert_vs_float64(o, p, x, dy, lin, pparams, ours.scaling, dropout, 7, torch.bfloat16)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("i", range(11))
 def test_gpu_opcheck(i):
-    op, args = _op_samples()[i]
-    args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
-    torch.library.opcheck(op, args)
+    opcheck_sample(_op_samples(), i, "cuda")

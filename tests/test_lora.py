@@ -14,42 +14,20 @@ import pytest
 import torch
 from torch import nn
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from deltakern import nf4  # noqa: E402
-from deltakern.autograd import lora as alora  # noqa: E402
-from deltakern.autograd.lora import lora_linear, lora_linear_backward_ref, lora_linear_ref  # noqa: E402
-from deltakern.nn import NF4Linear  # noqa: E402
-from deltakern.nn.lora import LoRALinear  # noqa: E402
-from deltakern.ops import lora as ops  # noqa: E402
-
-CUDA = torch.cuda.is_available()
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-ATOL = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+# _helpers first: it sets TRITON_INTERPRET=1 without a GPU, before deltakern's kernels are imported
+import _helpers
+from _helpers import (CUDA, DEV, DTYPES, assert_rule, check_impl_override, gen, max_err, opcheck_sample, rand,
+                      triton_kernels)
+from benchmarks.common import Holder
+from deltakern import nf4
+from deltakern.autograd import lora as alora
+from deltakern.autograd.lora import lora_linear, lora_linear_backward_ref, lora_linear_ref
+from deltakern.nn import NF4Linear
+from deltakern.nn.lora import LoRALinear
+from deltakern.ops import lora as ops
 
 
 # ---- helpers ---------------------------------------------------------------------------------
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def rand(shape, seed, scale=1.0, dtype=torch.float32, device="cpu"):
-    return (torch.randn(shape, generator=gen(seed)) * scale).to(dtype=dtype, device=device)
-
-
-def max_err(a, ref):
-    return (a.double() - ref.double()).abs().max().item()
-
-
-def assert_rule(got, base, ref, dtype, name):
-    """|got - ref| <= 2 |base - ref| + atol (max norms), ref in float64."""
-    e_got, e_base = max_err(got, ref), max_err(base, ref)
-    atol = ATOL[dtype] * max(1.0, ref.abs().max().item())
-    assert e_got <= 2 * e_base + atol, f"{name}: error {e_got:.3g} > 2 * baseline {e_base:.3g} + {atol:.3g}"
 
 
 def make_problem(M_shape, K, N, r, dtype, seed=0, bias=True, device="cpu"):
@@ -64,10 +42,7 @@ def make_problem(M_shape, K, N, r, dtype, seed=0, bias=True, device="cpu"):
 
 def grads_of(fn, x, bias, A, B, dy):
     """(out, dx, dbias, dA, dB) of fn(x, bias, A, B) under upstream gradient dy (leaves cloned)."""
-    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (x, bias, A, B)]
-    out = fn(*leaves)
-    out.backward(dy)
-    return (out.detach(),) + tuple(t.grad if t is not None else None for t in leaves)
+    return _helpers.grads_of(fn, dy, x, bias, A, B)
 
 
 # ---- reference path (CPU): fused ops' CPU kernels and the torch composition ----------------
@@ -136,19 +111,10 @@ def test_empty_batch():
 # ---- PEFT parity -----------------------------------------------------------------------------
 
 
-class _Holder(nn.Module):
-    def __init__(self, layer):
-        super().__init__()
-        self.proj = layer
-
-    def forward(self, x):
-        return self.proj(x)
-
-
 def _peft_model(base, r, alpha, dropout=0.0, rslora=False):
     peft = pytest.importorskip("peft")
     cfg = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["proj"], lora_dropout=dropout, use_rslora=rslora)
-    model = peft.get_peft_model(_Holder(base), cfg, autocast_adapter_dtype=False)
+    model = peft.get_peft_model(Holder(base), cfg, autocast_adapter_dtype=False)
     layer = model.base_model.model.proj
     with torch.no_grad():  # nonzero B, fresh A
         layer.lora_A["default"].weight.copy_(rand(layer.lora_A["default"].weight.shape, 11, 0.2))
@@ -289,16 +255,9 @@ def test_dropout_mask_statistics_and_grads():
 
 @pytest.fixture
 def tk():
-    pytest.importorskip("triton")
-    import importlib
-
-    kernels = importlib.import_module("deltakern.triton_kernels.lora")
-    if not INTERPRET and not CUDA:
-        pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
-    return kernels
+    return triton_kernels("lora")
 
 
-DEV = "cuda" if CUDA else "cpu"
 KERNEL_CASES = [  # (M, K, N, r, kind, dtype, bias/mask)
     (5, 33, 48, 4, "dense", torch.float32, True),
     (5, 33, 48, 4, "nf4", torch.float32, False),
@@ -460,8 +419,7 @@ def _op_samples(dtype=torch.float32, device="cpu"):
 
 @pytest.mark.parametrize("i", range(6))
 def test_opcheck_cpu(i):
-    op, args = _op_samples()[i]
-    torch.library.opcheck(op, args)
+    opcheck_sample(_op_samples(), i)
 
 
 def test_use_triton_chooser(monkeypatch):
@@ -470,13 +428,9 @@ def test_use_triton_chooser(monkeypatch):
     assert alora._use_triton(8192, 4096, 4096, "nf4") is False
     assert alora._use_triton(8192, 4096, 4096, "dense") is False
     assert alora._use_triton(1, 4096, 4096, "dense", r=512) is False
-    monkeypatch.setenv("DELTAKERN_LORA_IMPL", "triton")
-    assert alora._use_triton(8192, 4096, 4096, "dense") is True
     monkeypatch.setenv("DELTAKERN_LORA_IMPL", "torch")
     assert alora._use_triton(1, 4096, 4096, "nf4") is False
-    monkeypatch.setenv("DELTAKERN_LORA_IMPL", "cublas")
-    with pytest.raises(ValueError, match="DELTAKERN_LORA_IMPL"):
-        alora._use_triton(1, 8, 8, "dense")
+    check_impl_override(monkeypatch, alora._use_triton, "DELTAKERN_LORA_IMPL", "cublas")
 
 
 @pytest.mark.parametrize("kind,p", [("dense", 0.0), ("nf4", 0.0), ("dense", 0.2)])
@@ -666,8 +620,7 @@ def test_gpu_dropout_same_mask_as_peft():
 @pytest.mark.gpu
 @pytest.mark.parametrize("i", range(6))
 def test_gpu_opcheck(i):
-    op, args = _op_samples(torch.bfloat16, "cuda")[i]
-    torch.library.opcheck(op, args)
+    opcheck_sample(_op_samples(torch.bfloat16, "cuda"), i)
 
 
 @pytest.mark.gpu

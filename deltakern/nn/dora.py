@@ -27,25 +27,14 @@ import torch
 from torch import nn
 
 from deltakern.autograd.dora import DoRANormCache, _W, dora_linear, dora_weight_norm
-from deltakern.nn.lora import dense_conv1d_weight
-
-
-def _nf4_type():
-    from deltakern.nf4 import NF4Weight
-
-    return NF4Weight
+from deltakern.nn.lora import _nf4_type, check_adapter_args, dense_conv1d_weight
 
 
 class DoRALinear(nn.Module):
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
                  exact_norm_grad: bool = False):
         super().__init__()
-        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-            raise ValueError(f"r must be a positive int, got {r!r}")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0 or not math.isfinite(alpha):
-            raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+        check_adapter_args(r, alpha, dropout)
         weight = getattr(base, "weight", None)
         self.fan_in_fan_out = False  # True for a Conv1D base (PEFT's name for the [in, out] layout)
         if isinstance(base, nn.Linear) and isinstance(weight, torch.Tensor):

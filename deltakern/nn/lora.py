@@ -51,15 +51,21 @@ def dense_conv1d_weight(module) -> bool:
     return is_conv1d(module) and isinstance(w, torch.Tensor) and w.dim() == 2
 
 
+def check_adapter_args(r, alpha, dropout) -> None:
+    """Raise ValueError unless r is a positive int, alpha a positive finite number and dropout in [0, 1)
+    (the checks LoRALinear and DoRALinear share)."""
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"r must be a positive int, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0 or not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+
+
 class LoRALinear(nn.Module):
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
         super().__init__()
-        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-            raise ValueError(f"r must be a positive int, got {r!r}")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0 or not math.isfinite(alpha):
-            raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+        check_adapter_args(r, alpha, dropout)
         weight = getattr(base, "weight", None)
         NF4Weight = _nf4_type()
         self.fan_in_fan_out = False  # True for a Conv1D base (PEFT's name for the [in, out] layout)
