@@ -133,6 +133,9 @@ class NF4Weight:
                 f"packed weight holds {n_bytes} bytes but shape {tuple(self.shape)} needs "
                 f"{(n + 1) // 2} ((numel+1)//2)"
             )
+        devices = {t.device for t in (self.packed, self.absmax, self.code, self.nested_absmax, self.nested_code) if t is not None}
+        if len(devices) > 1:
+            raise ValueError(f"all parts of an NF4Weight must be on one device, got {sorted(map(str, devices))}")
         _check_table("code", self.code, 16)
         want_absmax = torch.uint8 if self.nested else torch.float32
         if self.absmax.dtype != want_absmax:
@@ -142,6 +145,8 @@ class NF4Weight:
                 f"absmax has {self.absmax.numel()} entries but shape {tuple(self.shape)} with "
                 f"blocksize {self.blocksize} has {self.n_blocks} blocks"
             )
+        if not self.nested:
+            _check_finite("absmax", self.absmax)
         if self.nested:
             if self.nested_code is None:
                 raise ValueError("a nested weight needs nested_code (256 fp32 values)")
@@ -154,11 +159,9 @@ class NF4Weight:
                     f"nested_absmax must be fp32 with {groups} entries, got "
                     f"{self.nested_absmax.dtype} with {self.nested_absmax.numel()}"
                 )
+            _check_finite("nested_absmax", self.nested_absmax)
             if not math.isfinite(self.offset):
                 raise ValueError(f"nested offset must be finite, got {self.offset}")
-        devices = {t.device for t in (self.packed, self.absmax, self.code, self.nested_absmax, self.nested_code) if t is not None}
-        if len(devices) > 1:
-            raise ValueError(f"all parts of an NF4Weight must be on one device, got {sorted(map(str, devices))}")
         return self
 
     # ---- bitsandbytes checkpoints --------------------------------------------------------
@@ -231,6 +234,13 @@ def _check_table(name: str, t: torch.Tensor, size: int):
     if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.numel() != size:
         raise ValueError(f"{name} must be an fp32 tensor of {size} values, got {getattr(t, 'dtype', type(t))} "
                          f"with {getattr(t, 'numel', lambda: '?')()} values")
+    _check_finite(name, t)
+
+
+def _check_finite(name: str, t: torch.Tensor):
+    n_bad = int((~torch.isfinite(t)).sum())
+    if n_bad:
+        raise ValueError(f"{name} has {n_bad} non-finite values (NaN/Inf) out of {t.numel()}: corrupt weight")
 
 
 def _parse_quant_state(blob, key: str) -> dict:

@@ -241,11 +241,27 @@ def _sd(nested=True, shape=(8, 64)):
     (lambda sd: sd.update({"weight.quant_state.bitsandbytes__nf4": _json(sd, dtype="int8")}), "unsupported dtype"),
     (lambda sd: sd.update({"weight.quant_state.bitsandbytes__nf4": _json(sd, quant_type="fp4")}), "says"),
     (lambda sd: sd.update({"weight.quant_state.bitsandbytes__xx4": sd.pop("weight.quant_state.bitsandbytes__nf4")}), "unknown quant type"),
+    (lambda sd: _poison(sd, "weight.nested_absmax"), "nested_absmax has 1 non-finite"),
+    (lambda sd: _poison(sd, "weight.quant_map", float("inf")), "code has 1 non-finite"),
+    (lambda sd: _poison(sd, "weight.nested_quant_map"), "nested_code has 1 non-finite"),
 ])
 def test_bad_checkpoints_are_rejected(mutate, message):
     sd = _sd()
     mutate(sd)
     with pytest.raises((ValueError, TypeError), match=message):
+        NF4Weight.from_bnb_state_dict(sd)
+
+
+def _poison(sd, key, value=float("nan")):
+    t = sd[key].clone()
+    t.view(-1)[0] = value
+    sd[key] = t
+
+
+def test_non_finite_absmax_is_rejected():
+    sd = _sd(nested=False)
+    _poison(sd, "weight.absmax", float("-inf"))
+    with pytest.raises(ValueError, match="absmax has 1 non-finite"):
         NF4Weight.from_bnb_state_dict(sd)
 
 
