@@ -9,6 +9,9 @@ Save / load (deltakern's format and PEFT's) is in test_artifacts.py.
 
 from __future__ import annotations
 
+import copy
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -784,8 +787,115 @@ def test_prompt_tuning_extends_inputs_like_a_user_expects():
     assert o.logits.shape == (2, 7, 96) and torch.isfinite(o.loss)
     gen = lm.generate(ids, max_new_tokens=2, do_sample=False, use_cache=False, pad_token_id=0)
     assert gen.shape == (2, 9) and torch.equal(gen[:, :7], ids)
-    with pytest.raises(NotImplementedError, match="KV cache"):
-        lm.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert torch.equal(lm.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0), gen)  # with a KV cache
+
+
+def _prompt_lm(arch, p=4):
+    """A tiny causal LM with a PromptTuning of p tokens away from its init. GPT-2 with a wider init: at
+    initializer_range 0.02 the tiny tied-embedding model just repeats the last token, prompt or not."""
+    model = llama() if arch == "llama" else gpt2(initializer_range=0.2)
+    dk.apply(model, dk.PromptTuning(num_virtual_tokens=p))
+    perturb(model, 0.3)
+    return model
+
+
+def _greedy(model, ids, **kw):
+    return model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, **kw)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_prompt_tuning_generate_with_kv_cache_equals_without(arch):
+    """generate() with its default KV cache: the prefill call prepends the prompt (its keys/values stay in
+    the cache), decoding calls extend the mask and positions by the prompt length. Token for token equal to
+    use_cache=False, for greedy, sampling and beam search, without and with left padding, and for chunked
+    prefill and prompt-lookup decoding; a left-padded row equals that sequence generated alone; the prompt
+    changes what is generated."""
+    model = _prompt_lm(arch)
+    ids, _ = batch(pad=False)
+    left = torch.ones_like(ids)
+    left[1, :3] = 0  # row 1: 3 pad tokens on the left
+    for mask in (None, left):
+        kw = {} if mask is None else {"attention_mask": mask}
+        a = _greedy(model, ids, **kw)
+        assert a.shape == (2, 13) and torch.equal(a[:, :7], ids)
+        assert torch.equal(a, _greedy(model, ids, use_cache=False, **kw))
+        beams = dict(num_beams=3, **kw)
+        assert torch.equal(_greedy(model, ids, **beams), _greedy(model, ids, use_cache=False, **beams))
+        torch.manual_seed(3)
+        s = model.generate(ids, max_new_tokens=6, do_sample=True, pad_token_id=0, **kw)
+        torch.manual_seed(3)
+        assert torch.equal(s, model.generate(ids, max_new_tokens=6, do_sample=True, pad_token_id=0, use_cache=False,
+                                             **kw))
+        with dk.disable(model):
+            assert not torch.equal(a, _greedy(model, ids, **kw))
+    assert torch.equal(_greedy(model, ids, attention_mask=left)[1, 7:], _greedy(model, ids[1:, 3:])[0, 4:])
+    # chunked prefill (later chunks are decoding calls with several tokens); prompt-lookup decoding (batch 1)
+    assert torch.equal(_greedy(model, ids, attention_mask=left, prefill_chunk_size=3),
+                       _greedy(model, ids, attention_mask=left, use_cache=False))
+    one = torch.cat([ids[:1], ids[:1]], 1)
+    assert torch.equal(_greedy(model, one, prompt_lookup_num_tokens=2), _greedy(model, one, use_cache=False))
+    # generate from inputs_embeds (used on the prefill call only) = from input_ids
+    emb = model.get_input_embeddings()(ids).detach()
+    assert torch.equal(_greedy(model, None, inputs_embeds=emb), _greedy(model, ids)[:, 7:])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_prompt_tuning_equals_peft_forward_and_generate(arch):
+    """The same prompt embedding in PEFT's prompt tuning: the same logits (PEFT's also cover the virtual
+    tokens) and the same greedy generation with a KV cache. No padding: PEFT drops position_ids, so its
+    positions count left padding, ours (from generate's mask-based position_ids) do not."""
+    peft = pytest.importorskip("peft")
+    model = _prompt_lm(arch)
+    base = llama() if arch == "llama" else gpt2(initializer_range=0.2)
+    pm = peft.get_peft_model(base, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    with torch.no_grad():
+        pm.prompt_encoder["default"].embedding.weight.copy_(dkbase.applications(model)[0].params["prompt.embedding"])
+    ids, _ = batch(pad=False)
+    with torch.no_grad():
+        ours, theirs = model(input_ids=ids).logits, pm(input_ids=ids).logits
+    assert theirs.shape[1] == 4 + 7
+    torch.testing.assert_close(ours, theirs[:, 4:], rtol=1e-5, atol=1e-5)
+    a = _greedy(model, ids)
+    with warnings.catch_warnings():  # PEFT warns that it drops generate's position_ids
+        warnings.simplefilter("ignore")
+        b = pm.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(a, b)
+
+
+def test_prompt_tuning_kv_cache_by_hand_and_refusals():
+    """A hand-written decoding loop (cache from a prompted call, then one token at a time with the caller's
+    2-D mask) equals full forward passes; static caches, a cache made without the prompt, and continuing
+    generate() from a previous call's cache are refused with a clear error."""
+    model = _prompt_lm("llama")
+    ids, _ = batch(pad=False)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        o = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        assert o.logits.shape[:2] == (2, 7) and o.past_key_values.get_seq_length() == 4 + 7
+        seq, past = ids, o.past_key_values
+        for _ in range(3):
+            nxt = o.logits[:, -1:].argmax(-1)
+            seq, mask = torch.cat([seq, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
+            o = model(input_ids=nxt, attention_mask=mask, past_key_values=past, use_cache=True)
+            assert o.logits.shape[:2] == (2, 1)
+            torch.testing.assert_close(o.logits[:, -1], model(input_ids=seq).logits[:, -1], rtol=1e-5, atol=1e-5)
+        # explicit position_ids on a decoding call move up by the prompt length, like the model's own
+        pos = torch.full((2, 1), seq.shape[1], dtype=torch.long)
+        nxt = o.logits[:, -1:].argmax(-1)
+        mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+        c1, c2 = copy.deepcopy(past), copy.deepcopy(past)
+        torch.testing.assert_close(model(input_ids=nxt, attention_mask=mask, past_key_values=c1).logits,
+                                   model(input_ids=nxt, attention_mask=mask, past_key_values=c2, position_ids=pos).logits,
+                                   rtol=0, atol=0)
+        with dk.disable(model):
+            plain = model(input_ids=ids, use_cache=True).past_key_values
+        with pytest.raises(ValueError, match="prompt attached"):
+            model(input_ids=nxt[:, :1], attention_mask=torch.ones(2, 8, dtype=torch.long), past_key_values=plain)
+    with pytest.raises(NotImplementedError, match="static"):
+        _greedy(model, ids, cache_implementation="static")
+    out = model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    with pytest.raises(ValueError, match="previous call's cache"):
+        _greedy(model, out.sequences, past_key_values=out.past_key_values)
 
 
 def test_prefix_tuning_generation_with_kv_cache():

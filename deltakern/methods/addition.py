@@ -19,9 +19,18 @@ PromptTuning   learned soft-prompt embeddings prepended to the input embeddings 
                token_type_ids and 2-D labels are extended; explicit position_ids move up by the
                prompt length, the prompt taking positions 0..p-1). Outputs with a sequence dimension
                (last_hidden_state, logits, hidden_states) are cut back to the caller's tokens, so
-               they line up with the inputs (attention maps are not cut). Not supported: generation
-               with a KV cache (generate(..., use_cache=False) works). Note that a pooler reading
+               they line up with the inputs (attention maps are not cut). Note that a pooler reading
                position 0 now reads the first virtual token.
+               Generation with a KV cache (model.generate(), use_cache=True by default) works: the call
+               with an empty cache (prefill) prepends the prompt, whose keys/values then sit in the
+               cache; calls with a non-empty cache (decoding) prepend nothing, and the 2-D
+               attention_mask (which covers the caller's tokens only) gets p ones in front, explicit
+               position_ids and cache_position move up by p; their outputs are not cut. Such a cache
+               must come from this model with the prompt attached (it holds the prompt's p positions
+               first); a mask of the wrong length is refused, which also refuses continuing generate()
+               from a previous call's cache. Tested: DynamicCache with greedy, sampling, beam search,
+               chunked prefill and prompt-lookup decoding. Not supported: static / compileable caches
+               (cache_implementation="static"), 4-D attention masks.
 """
 
 from __future__ import annotations
@@ -486,13 +495,26 @@ def _positional_names(model):
             if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
 
 
+def _check_mask(mask):
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        raise ValueError("PromptTuning supports 2-D attention masks [batch, tokens] only (generate() passes a 4-D "
+                         "mask with a static cache, which PromptTuning does not support)")
+
+
 def _past_length(past) -> int:
+    """Tokens held by a KV cache (a transformers Cache, or the legacy tuple of per-layer (key, value))."""
     if past is None:
         return 0
     get = getattr(past, "get_seq_length", None)
     if callable(get):
         return int(get())
-    return 1
+    if isinstance(past, (tuple, list)):
+        if not past:
+            return 0
+        first = past[0]
+        if isinstance(first, (tuple, list)) and first and isinstance(first[0], torch.Tensor) and first[0].dim() >= 2:
+            return int(first[0].shape[-2])
+    raise TypeError(f"PromptTuning: cannot tell the length of past_key_values of type {type(past).__name__}")
 
 
 @register
@@ -594,8 +616,14 @@ class _PromptApplication(Application):
             kwargs[name] = a
         if len(args) > len(self.names):
             raise TypeError("PromptTuning: too many positional arguments")
-        if _past_length(kwargs.get("past_key_values")) > 0:
-            raise NotImplementedError("PromptTuning does not support decoding with a KV cache (past_key_values)")
+        past_kv = kwargs.get("past_key_values")
+        if getattr(past_kv, "is_compileable", False):
+            raise NotImplementedError(
+                f"PromptTuning does not support static / compileable KV caches ({type(past_kv).__name__}); use the "
+                "default dynamic cache (generate() without cache_implementation='static')")
+        past = _past_length(past_kv)
+        if past > 0:
+            return self._decode(module, kwargs, past)
         ids = kwargs.pop("input_ids", None)
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
@@ -607,8 +635,7 @@ class _PromptApplication(Application):
         kwargs["inputs_embeds"] = torch.cat([prompt, embeds], 1)
         mask = kwargs.get("attention_mask")
         if mask is not None:
-            if mask.dim() != 2:
-                raise ValueError("PromptTuning supports 2-D attention masks [batch, tokens] only")
+            _check_mask(mask)
             kwargs["attention_mask"] = torch.cat([mask.new_ones(b, p), mask], 1)
         for key, fill in (("token_type_ids", 0), ("labels", -100)):
             t = kwargs.get(key)
@@ -620,13 +647,53 @@ class _PromptApplication(Application):
                 raise ValueError("PromptTuning supports 2-D position_ids [batch, tokens] only")
             first = torch.arange(p, dtype=pos.dtype, device=pos.device).expand(pos.shape[0], p)
             kwargs["position_ids"] = torch.cat([first, pos + p], 1)
+        cache_pos = kwargs.get("cache_position")
+        if isinstance(cache_pos, torch.Tensor):  # older / remote-code models: the prompt fills cache slots 0..p-1
+            first = torch.arange(p, dtype=cache_pos.dtype, device=cache_pos.device)
+            kwargs["cache_position"] = torch.cat([first, cache_pos + p], -1)
         self.pending.append((p, embeds.shape[1] + p))
+        return (), kwargs
+
+    def _decode(self, module, kwargs, past):
+        """A call with a non-empty KV cache: the prompt's p positions are already in the cache. Nothing is
+        prepended; the mask gets p ones in front, positions move up by p, the output is not cut."""
+        p = self.prompt.embedding.shape[0]
+        ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+        x = embeds if embeds is not None else ids
+        if x is None:
+            raise ValueError("PromptTuning: the model was called without input_ids or inputs_embeds")
+        q = x.shape[1]
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            _check_mask(mask)
+            if past < p or mask.shape[1] != past - p + q:
+                raise ValueError(
+                    f"PromptTuning: with a KV cache of {past} positions and {q} new tokens the attention mask must "
+                    f"cover the caller's tokens only, {past - p + q} (the cache holds the {p} prompt positions "
+                    f"first), got {mask.shape[1]}. The cache must come from this model with the prompt attached, "
+                    "starting from an empty cache; continuing generate() from a previous call's cache is not "
+                    "supported")
+            kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], p), mask], 1)
+        elif past < p:
+            raise ValueError(f"PromptTuning: the KV cache holds {past} positions, fewer than the {p} prompt "
+                             "positions; it must come from this model with the prompt attached")
+        pos = kwargs.get("position_ids")
+        if pos is not None:
+            if not isinstance(pos, torch.Tensor) or pos.dim() != 2:
+                raise ValueError("PromptTuning supports 2-D position_ids [batch, tokens] only")
+            kwargs["position_ids"] = pos + p
+        cache_pos = kwargs.get("cache_position")
+        if isinstance(cache_pos, torch.Tensor):
+            kwargs["cache_position"] = cache_pos + p
+        self.pending.append((0, q))
         return (), kwargs
 
     def _post(self, module, args, output):
         if not self.pending:
             return output
         p, total = self.pending.pop()
+        if p == 0:  # a decoding call with a KV cache: nothing was prepended
+            return output
 
         def cut(t):
             return t[:, p:] if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[1] == total else t
