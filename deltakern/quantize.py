@@ -1,4 +1,5 @@
-"""`deltakern.quantize(model)`: replace a model's nn.Linear layers by NF4Linear, in place."""
+"""`deltakern.quantize(model)`: replace a model's linear layers (nn.Linear, and transformers' Conv1D as
+in GPT-2) by NF4Linear, in place."""
 
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ def _tensor_bytes(module: nn.Module) -> int:
 
 def quantize(model: nn.Module, skip=("lm_head",), blocksize: int = 64, double_quant: bool = True,
              quant_storage: torch.dtype = torch.uint8, progress: bool = True) -> QuantizeSummary:
-    """Replace every nn.Linear of `model` (except names matching `skip`) by an NF4Linear, in place.
+    """Replace every nn.Linear (and transformers Conv1D) of `model` (except names matching `skip`) by
+    an NF4Linear, in place.
 
     One layer at a time, on the layer's own device: the extra peak memory is about one layer's
     dense weight. Returns the number of layers and the bytes of their weights before and after.
@@ -50,10 +52,12 @@ def quantize(model: nn.Module, skip=("lm_head",), blocksize: int = 64, double_qu
         skip = (skip,)
     from deltakern.nf4 import check_blocksize
 
+    from deltakern.nn.lora import dense_conv1d_weight
+
     check_blocksize(blocksize)
     targets, skipped = [], []
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear) or dense_conv1d_weight(module):
             (skipped if _matches(name, skip) else targets).append(name)
     try:
         from tqdm.auto import tqdm

@@ -343,13 +343,48 @@ def test_target_patterns_select_conv1d_layers():
         dk.apply(gpt2(), dk.LoRA(target="wte"))
 
 
+def test_quantize_converts_conv1d_to_the_same_nf4_weight():
+    """deltakern.quantize on GPT-2: every Conv1D becomes an NF4Linear holding NF4(W^T), and the model
+    computes what the Conv1D model computes with its weights replaced by their dequantized values."""
+    from deltakern.nn import NF4Linear
+
+    model, dense = gpt2(), gpt2()
+    summary = dk.quantize(model, progress=False)
+    convs = [n for n, m in dense.named_modules() if isinstance(m, Conv1D)]
+    assert summary.layers == len(convs) == N_CONV1D and summary.skipped == ["lm_head"]
+    assert summary.bytes_after < summary.bytes_before / 4
+    for n in convs:
+        q, conv = model.get_submodule(n), dense.get_submodule(n)
+        assert isinstance(q, NF4Linear) and (q.out_features, q.in_features) == tuple(conv.weight.t().shape)
+        ref = dk.nf4.quantize(conv.weight.detach().t().contiguous())
+        assert torch.equal(q.weight.packed, ref.packed) and torch.equal(q.weight.absmax, ref.absmax)
+        with torch.no_grad():
+            conv.weight.copy_(q.weight.dequantize(torch.float32).t())
+    ids, mask = batch()
+    assert rel(run(model, ids), run(dense, ids)) < 1e-5
+
+
 @pytest.mark.parametrize("kind", KINDS)
-def test_quantize_refuses_conv1d_targets_and_changes_nothing(kind):
+def test_qlora_qdora_on_conv1d(kind):
+    """LoRA/DoRA(quantize=True) on GPT-2 targets: the targets become NF4 and are wrapped, the other
+    Conv1D layers stay dense, the model is unchanged at init against the quantized base, and only the
+    adapters get gradients."""
+    from deltakern.nn import NF4Linear
+
     model = gpt2()
-    before = snapshot(model)
-    with pytest.raises(ValueError, match=r"quantize=True.*Conv1D.*does not convert"):
-        dk.apply(model, _method(kind, target="c_attn", quantize=True))
-    assert same_state(snapshot(model), before) and dk.methods.deltas(model) == [] and not _wrappers(model)
+    dk.apply(model, _method(kind, target="c_attn", quantize=True))
+    wrapped = _wrappers(model)
+    assert sorted(wrapped) == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
+    assert all(isinstance(w.base, NF4Linear) for w in wrapped.values())
+    assert isinstance(model.get_submodule("transformer.h.0.attn.c_proj"), Conv1D)
+    ids, mask = batch()
+    with dk.disable(model):
+        y_base = run(model, ids)
+    assert rel(run(model, ids), y_base) < 1e-6
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert grads and all(".lora_" in n for n in grads)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])

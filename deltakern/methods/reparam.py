@@ -36,6 +36,11 @@ def _check_number(cls, name, value, positive=True, integer=False, upper=None):
                          f"got {value!r}")
 
 
+def _dense(module: nn.Module) -> bool:
+    """A layer deltakern.quantize converts to NF4: nn.Linear or a transformers Conv1D."""
+    return isinstance(module, nn.Linear) or base.is_conv1d(module)
+
+
 @dataclass
 class _LowRankMethod(Method):
     """The fields LoRA and DoRA share (documented on LoRA)."""
@@ -93,13 +98,7 @@ class _LowRankMethod(Method):
             plan.tensors[f"{n}.lora_B"] = (out_f, self.r)
             if self._module_type == "dora":
                 plan.tensors[f"{n}.lora_magnitude_vector"] = (out_f,)
-        conv1d = [n for n, m in chosen if base.is_conv1d(m)]
-        if self.quantize and conv1d:
-            raise ValueError(f"{name}(quantize=True): {', '.join(conv1d[:4])}{', ...' if len(conv1d) > 4 else ''} "
-                             f"are transformers Conv1D layers (GPT-2 style), which deltakern.quantize does not convert "
-                             f"to NF4 (it converts nn.Linear only); use {name}() without quantize on them, or leave "
-                             f"them out of target")
-        if self.quantize and any(isinstance(base.get_module(model, n), nn.Linear) for n in plan.targets):
+        if self.quantize and any(_dense(base.get_module(model, n)) for n in plan.targets):
             st = base._state(model)
             held = [d for d, apps in (st.deltas.items() if st else []) if apps]
             if held:
@@ -112,10 +111,10 @@ class _LowRankMethod(Method):
         """Quantize the dense targets to NF4 with deltakern.quantize (a base change, kept by remove())."""
         from deltakern.quantize import quantize
 
-        dense = [n for n in plan.targets if isinstance(base.get_module(model, n), nn.Linear)]
+        dense = [n for n in plan.targets if _dense(base.get_module(model, n))]
         if not dense:
             return None
-        keep = {n for n, m in base.named_modules(model) if isinstance(m, nn.Linear)} - set(dense)
+        keep = {n for n, m in base.named_modules(model) if _dense(m)} - set(dense)
         return quantize(model, skip=["^" + re.escape(n) + "$" for n in sorted(keep)], progress=False)
 
     def build(self, model: nn.Module, plan: Plan) -> Application:

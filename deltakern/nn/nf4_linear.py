@@ -34,10 +34,18 @@ class NF4Linear(nn.Module):
         self.set_weight(weight)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True, quant_storage=torch.uint8):
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
-        q = nf4.quantize(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant, quant_storage=quant_storage)
+    def from_linear(cls, linear: nn.Module, blocksize: int = 64, double_quant: bool = True, quant_storage=torch.uint8):
+        """Quantize an nn.Linear, or a transformers Conv1D (GPT-2 style, weight [in, out]: its
+        transpose is quantized, so the NF4Linear computes the same x W + b)."""
+        from deltakern.nn.lora import dense_conv1d_weight
+
+        if isinstance(linear, nn.Linear):
+            weight = linear.weight.detach()
+        elif dense_conv1d_weight(linear):
+            weight = linear.weight.detach().t()
+        else:
+            raise TypeError(f"from_linear needs an nn.Linear or a transformers Conv1D, got {type(linear).__name__}")
+        q = nf4.quantize(weight, blocksize=blocksize, double_quant=double_quant, quant_storage=quant_storage)
         bias = None if linear.bias is None else linear.bias.detach()
         module = cls(q, bias)
         if module.bias is not None:
