@@ -703,6 +703,53 @@ def test_triton_launcher_validation(tk):
     assert lin.frozen_forward(x[:0], W, 8, bias=b).shape == (0, 8)
 
 
+# ---- torch.compile ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["detached-norm", "exact-norm-grad"])
+@pytest.mark.parametrize("kind", ["dense", "nf4"])
+def test_compile_fullgraph(kind, exact):
+    """A compiled DoRALinear (no graph break: the row norms come from one opaque op instead of the
+    eager cache) gives the eager module's output and gradients."""
+    torch.manual_seed(0)
+    lin = nn.Linear(40, 24)
+    base = NF4Linear.from_linear(lin, blocksize=32) if kind == "nf4" else lin
+    m = DoRALinear(base, r=4, alpha=8, exact_norm_grad=exact)
+    nn.init.normal_(m.lora_B)
+    torch._dynamo.reset()
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 40, requires_grad=True)
+    w = torch.randn(2, 3, 24)
+    results = []
+    for fn in (compiled, m):
+        y = fn(x)
+        grads = torch.autograd.grad((y * w).sum(), (x, m.lora_A, m.lora_B, m.lora_magnitude_vector))
+        results.append((y.detach(), *grads))
+    for a, b_ in zip(*results):
+        torch.testing.assert_close(a, b_)
+
+
+def test_compiled_zero_norm_row_still_raises():
+    lin = nn.Linear(8, 4)
+    m = DoRALinear(lin, r=2, alpha=2)
+    with torch.no_grad():
+        lin.weight[2] = 0.0  # B = 0: row 2 of W + s B A is now exactly zero
+    torch._dynamo.reset()
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    with pytest.raises(Exception, match=r"zero for output rows \[2\]"):
+        compiled(torch.randn(3, 8))
+
+
+def test_weight_norm_op_opcheck():
+    torch.manual_seed(0)
+    W = torch.randn(12, 20)
+    A, B = torch.randn(3, 20), torch.randn(12, 3)
+    torch.library.opcheck(torch.ops.deltakern.dora_weight_norm.default, (W, None, None, 12, 20, 0, A, B, 0.5))
+    norm, wa, sq = torch.ops.deltakern.dora_weight_norm(W, None, None, 12, 20, 0, A, B, 0.5)
+    torch.testing.assert_close(norm, torch.linalg.norm(W + 0.5 * B @ A, dim=1))
+    torch.testing.assert_close(wa, W @ A.t())
+
+
 # ---- ops: opcheck ----------------------------------------------------------------------------
 
 

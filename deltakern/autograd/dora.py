@@ -100,6 +100,21 @@ def _tensor_key(t: torch.Tensor):
     return (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape), tuple(t.stride()))
 
 
+@torch.library.custom_op("deltakern::dora_weight_norm", mutates_args=())
+def _dora_weight_norm_op(w: torch.Tensor, absmax: Optional[torch.Tensor], code: Optional[torch.Tensor], N: int,
+                         K: int, blocksize: int, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                         scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`dora_weight_norm` as one opaque op, for torch.compile: its cancellation repair and zero-row
+    check read values back to the host, which a traced graph cannot do."""
+    return dora_weight_norm(_W(w, absmax, code, N, K, blocksize), lora_A, lora_B, scaling, None)
+
+
+@_dora_weight_norm_op.register_fake
+def _(w, absmax, code, N, K, blocksize, lora_A, lora_B, scaling):
+    f32 = dict(dtype=torch.float32, device=lora_A.device)
+    return lora_A.new_empty(N, **f32), lora_A.new_empty(N, lora_A.shape[0], **f32), lora_A.new_empty(N, **f32)
+
+
 class DoRANormCache:
     """Caches what DoRA's row norms need between optimizer steps.
 
@@ -109,6 +124,9 @@ class DoRANormCache:
       tracked by their data pointers and `_version` counters (an optimizer step bumps both
       versions), or when the scaling or compute dtype changes. Holds O(N r) memory.
     `clear()` forgets everything (e.g. after writing W in place without bumping its version).
+    Inside torch.compile the cache is bypassed (data pointers and version counters cannot be
+    traced): the compiled graph recomputes the norms on every call through one opaque op,
+    `deltakern::dora_weight_norm`, which costs one extra read of W per call.
     """
 
     def __init__(self):
@@ -443,7 +461,8 @@ def dora_linear(
     for name, t in (("lora_A", lora_A), ("lora_B", lora_B), ("magnitude", magnitude)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    ab_key = (_tensor_key(lora_A), _tensor_key(lora_B))  # of the parameters themselves (before any cast)
+    if not torch.compiler.is_compiling():
+        ab_key = (_tensor_key(lora_A), _tensor_key(lora_B))  # of the parameters themselves (before any cast)
 
     cast = autocast_dtype(x)
     if cast is not None:
@@ -464,14 +483,22 @@ def dora_linear(
     if bias is not None:
         check_param("bias", bias, dtype, device, (N,))
 
-    cache = norm_cache if norm_cache is not None else DoRANormCache()
-    if is_nf4:
-        w_key = (_tensor_key(weight.packed), _tensor_key(weight.absmax), dtype)
-        W = _W(weight.packed_bytes(), cache.absmax(weight, w_key), weight.code, N, K, int(weight.blocksize))
+    if torch.compiler.is_compiling():
+        # data pointers and version counters cannot be traced: a compiled graph recomputes the row
+        # norms (one extra pass over W for ||W||^2 and W A^T) on every call instead of caching them
+        absmax = weight.absmax_fp32() if is_nf4 else None
+        W = _W(weight.packed_bytes(), absmax, weight.code, N, K, int(weight.blocksize)) if is_nf4 else \
+            _W(weight, None, None, N, K, 0)
+        norm, wa, _ = torch.ops.deltakern.dora_weight_norm(*W.args, lora_A.detach(), lora_B.detach(), float(scaling))
     else:
-        w_key = (_tensor_key(weight), dtype)
-        W = _W(weight, None, None, N, K, 0)
-    norm, wa = cache.norm(W, w_key, lora_A, lora_B, ab_key + (dtype,), float(scaling))
+        cache = norm_cache if norm_cache is not None else DoRANormCache()
+        if is_nf4:
+            w_key = (_tensor_key(weight.packed), _tensor_key(weight.absmax), dtype)
+            W = _W(weight.packed_bytes(), cache.absmax(weight, w_key), weight.code, N, K, int(weight.blocksize))
+        else:
+            w_key = (_tensor_key(weight), dtype)
+            W = _W(weight, None, None, N, K, 0)
+        norm, wa = cache.norm(W, w_key, lora_A, lora_B, ab_key + (dtype,), float(scaling))
 
     p = float(dropout_p) if training else 0.0
     x2 = x.reshape(-1, K)
