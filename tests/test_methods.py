@@ -937,3 +937,30 @@ def test_prefix_prompt_training_lowers_the_loss_and_leaves_the_base(arch, method
     assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.995 * losses[0], losses
     dk.remove(model)
     assert same_state(snapshot(model), base)
+
+
+@pytest.mark.parametrize("kind", ["lora", "qlora", "qdora", "bitfit"])
+def test_model_compiles_fullgraph(kind):
+    """A transformers model with a delta applied compiles with fullgraph=True (no graph break) and
+    gives the eager outputs and adapter gradients."""
+    model = llama()
+    if kind.startswith("q"):
+        dk.quantize(model, progress=False)
+    method = {"lora": dk.LoRA(r=2), "qlora": dk.LoRA(r=2), "qdora": dk.DoRA(r=2),
+              "bitfit": dk.BitFit(add_missing=True)}[kind]
+    dk.apply(model, method)
+    perturb(model)
+    ids, _ = batch()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (compiled, model):
+        model.zero_grad(set_to_none=True)
+        y = fn(ids).logits
+        y.float().square().mean().backward()
+        results.append((y.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (y1, g1), (y0, g0) = results
+    torch.testing.assert_close(y1, y0)
+    assert g1.keys() == g0.keys() and g0
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-6)
