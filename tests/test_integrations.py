@@ -570,3 +570,28 @@ def test_bench_e2e_same_init_across_methods():
     for method in ("deltakern-qlora", "patched-qlora"):
         assert max(abs(a - b) for a, b in zip(curves[method], curves["peft-qlora"])) < 1e-3, (method, curves)
     assert "vs peft-qlora" in next(iter(bench.compare_curves({k: {"losses": v} for k, v in curves.items()}, 0)))
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_patched_peft_model_compiles_fullgraph(llama_dir, dora):
+    """A patched PEFT model compiles with fullgraph=True (the per-call support checks trace) and gives
+    the eager outputs and adapter gradients, without dynamo warnings about our own code."""
+    model = get_peft_model(_load_llama(llama_dir, four_bit=False),
+                           LoraConfig(r=2, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=dora,
+                                      init_lora_weights=False))
+    dkpeft.patch(model, warn=False)
+    inputs = {"input_ids": torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(3))}
+    y0, g0 = _run(model, inputs)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y1, g1 = _run(compiled, inputs)
+    g1 = {k.removeprefix("_orig_mod."): v for k, v in g1.items()}
+    ours = [str(w.message) for w in caught
+            if any(f in str(w.message) for f in ("deltakern", "peft.py", "bnb.py")) or "deltakern" in str(w.filename)]
+    assert not ours, ours
+    torch.testing.assert_close(y1, y0)
+    assert g1.keys() == g0.keys() and g0
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-7)

@@ -22,7 +22,6 @@ you want it to compute in.
 
 from __future__ import annotations
 
-import functools
 import warnings
 from dataclasses import dataclass, field
 
@@ -45,14 +44,18 @@ def _bnb():
     return bitsandbytes
 
 
-@functools.lru_cache(maxsize=None)
+_LOOKED_UP: dict = {}  # a plain memo, not functools.lru_cache: torch.compile traces through this
+
+
 def _bnb_if_loaded():
     """bitsandbytes if it is installed (None otherwise); never raises. Looked up once."""
-    try:
-        import bitsandbytes
-    except Exception:  # noqa: BLE001 - a broken install is the same as none here
-        return None
-    return bitsandbytes
+    if "bnb" not in _LOOKED_UP:
+        try:
+            import bitsandbytes
+        except Exception:  # noqa: BLE001 - a broken install is the same as none here
+            bitsandbytes = None
+        _LOOKED_UP["bnb"] = bitsandbytes
+    return _LOOKED_UP["bnb"]
 
 
 def is_linear4bit(module) -> bool:

@@ -60,9 +60,17 @@ def _peft():
     return lora_layer
 
 
-@functools.lru_cache(maxsize=None)
+_CLASSES: list = []  # a plain memo, not functools.lru_cache: torch.compile traces through this
+
+
 def _classes():
-    """(supported {class: kind}, DoRA variant class, BaseTunerLayer)."""
+    """(supported {class: kind}, DoRA variant class, BaseTunerLayer), looked up once."""
+    if not _CLASSES:
+        _CLASSES.append(_lookup_classes())
+    return _CLASSES[0]
+
+
+def _lookup_classes():
     lora_layer = _peft()
     from peft.tuners.lora.variants import DoraLinearVariant
     from peft.tuners.tuners_utils import BaseTunerLayer
