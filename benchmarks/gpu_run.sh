@@ -48,6 +48,11 @@ for stage in $stages; do
       arch=$($PY -c "import torch; print('%d%d' % torch.cuda.get_device_capability())")
       DELTAKERN_CUDA_ARCHS=${DELTAKERN_CUDA_ARCHS:-$arch} $PY -m pip install -q --no-build-isolation --no-deps -e . \
         > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; status=1; }
+      if ! $PY -c "import deltakern.triton_kernels" 2>/dev/null; then
+        # no editable install (e.g. no setuptools): run from the source tree, Triton kernels only
+        ln -sfn ../triton_kernels deltakern/triton_kernels
+        echo "editable install failed: running from the source tree (deltakern/triton_kernels -> triton_kernels)"
+      fi
       $PY -c "import deltakern._ext as e; print('extension:', 'loaded' if e.available() else e.load_error())" \
         2>&1 | tee -a "$OUT/build.log" ;;
     test)
