@@ -636,3 +636,33 @@ def test_gpu_compile_fullgraph_triton(monkeypatch):
     b_ = _run(m, x, torch.ones(4, 64, 512, device="cuda", dtype=torch.bfloat16), m.lora_A, m.lora_B)
     for u, v in zip(a, b_):
         torch.testing.assert_close(u, v)
+
+
+@pytest.mark.parametrize("cls_name", ["LoRALinear", "DoRALinear"])
+@pytest.mark.parametrize("kind", ["dense", "nf4"])
+def test_fp32_adapters_over_bf16_input(cls_name, kind):
+    """Adapters kept in fp32 over a bf16 base and input (PEFT's default adapter dtype): the layer
+    computes in bf16 with the parameters cast inside; outputs equal those of bf16 copies of the
+    parameters bit for bit, and the gradients arrive in fp32 with the values of the bf16 run."""
+    import deltakern.nn as dknn
+
+    torch.manual_seed(0)
+    lin = nn.Linear(40, 24).to(torch.bfloat16)
+    base = NF4Linear.from_linear(lin, blocksize=32) if kind == "nf4" else lin
+    m32 = getattr(dknn, cls_name)(base, r=4, alpha=8)
+    nn.init.normal_(m32.lora_B)
+    m16 = copy.deepcopy(m32)
+    names = [n for n, p in m32.named_parameters() if p.requires_grad]
+    for n in names:
+        m32.get_parameter(n).data = m32.get_parameter(n).data.float()
+        m16.get_parameter(n).data = m16.get_parameter(n).data.bfloat16()
+    x = torch.randn(2, 3, 40, dtype=torch.bfloat16)
+    w = torch.randn(2, 3, 24, dtype=torch.bfloat16)
+    y32, y16 = m32(x), m16(x)
+    assert y32.dtype == torch.bfloat16 and torch.equal(y32, y16)
+    (y32 * w).sum().backward()
+    (y16 * w).sum().backward()
+    for n in names:
+        g32, g16 = m32.get_parameter(n).grad, m16.get_parameter(n).grad
+        assert g32.dtype == torch.float32, n
+        torch.testing.assert_close(g32, g16.float(), rtol=0, atol=0)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from deltakern.autograd.dora import DoRANormCache, _W, dora_linear, dora_weight_norm
-from deltakern.nn.lora import _nf4_type, check_adapter_args, dense_conv1d_weight
+from deltakern.nn.lora import _nf4_type, check_adapter_args, compute_in_input_dtype, dense_conv1d_weight
 
 
 class DoRALinear(nn.Module):
@@ -106,8 +106,11 @@ class DoRALinear(nn.Module):
                              f"got shape {tuple(x.shape)}")
         if self.merged:
             return self.base(x)
-        return dora_linear(x, self.base_weight(), self.base.bias, self.lora_A, self.lora_B, self.lora_magnitude_vector,
-                           self.scaling, self.dropout, self.training, self.exact_norm_grad, self._norm_cache)
+        weight, params = self.base_weight(), (self.lora_A, self.lora_B, self.lora_magnitude_vector, self.base.bias)
+        with compute_in_input_dtype(x, weight, params):  # fp32 adapters over a half-precision input (nn.lora)
+            return dora_linear(x, weight, self.base.bias, self.lora_A, self.lora_B,
+                               self.lora_magnitude_vector, self.scaling, self.dropout, self.training,
+                               self.exact_norm_grad, self._norm_cache)
 
     # ---- merging (dense bases, as PEFT) ---------------------------------------------------------
 

@@ -13,10 +13,15 @@ handled as PEFT does with `fan_in_fan_out=True`: the functions get the zero-copy
 [out, in], `lora_A` / `lora_B` keep PEFT's shapes, and merging writes the transposed update into the
 [in, out] weight. transformers stays optional: a Conv1D is recognised only once
 `transformers.pytorch_utils` is imported (which any model holding one has done).
+
+Adapter parameters may be kept in fp32 over a bf16 / fp16 input (PEFT's `autocast_adapter_dtype`
+default): the layer then computes in the input's dtype, with the parameters cast inside (their
+gradients arrive in fp32), as `deltakern.integrations.peft` does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 
@@ -30,6 +35,19 @@ def _nf4_type():
     from deltakern.nf4 import NF4Weight
 
     return NF4Weight
+
+
+def compute_in_input_dtype(x: torch.Tensor, weight, params) -> contextlib.AbstractContextManager:
+    """torch.autocast to x's dtype when x is bf16 / fp16, the base `weight` is NF4 or has x's dtype, and
+    some parameter does not (fp32 adapters over a half-precision base); otherwise (or already under
+    autocast) nothing. The functions cast every floating input to the autocast dtype and the gradients
+    flow back to the fp32 parameters. A dense base of another dtype still raises, as nn.Linear would."""
+    dev = x.device.type
+    base_ok = isinstance(weight, _nf4_type()) or weight.dtype == x.dtype
+    if (x.dtype in (torch.float16, torch.bfloat16) and dev in ("cuda", "cpu") and not torch.is_autocast_enabled(dev)
+            and base_ok and any(p is not None and p.dtype != x.dtype for p in params)):
+        return torch.autocast(dev, dtype=x.dtype)
+    return contextlib.nullcontext()
 
 
 def conv1d_type():
@@ -123,8 +141,10 @@ class LoRALinear(nn.Module):
             )
         if self.merged:
             return self.base(x)
-        return lora_linear(x, self.base_weight(), self.base.bias, self.lora_A, self.lora_B, self.scaling,
-                           self.dropout, self.training)
+        weight = self.base_weight()
+        with compute_in_input_dtype(x, weight, (self.lora_A, self.lora_B, self.base.bias)):
+            return lora_linear(x, weight, self.base.bias, self.lora_A, self.lora_B, self.scaling, self.dropout,
+                               self.training)
 
     # ---- merging ------------------------------------------------------------------------------
 
