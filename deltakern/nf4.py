@@ -146,7 +146,7 @@ class NF4Weight:
                 f"blocksize {self.blocksize} has {self.n_blocks} blocks"
             )
         if not self.nested:
-            _check_finite("absmax", self.absmax)
+            check_finite("absmax", self.absmax)
         if self.nested:
             if self.nested_code is None:
                 raise ValueError("a nested weight needs nested_code (256 fp32 values)")
@@ -159,7 +159,7 @@ class NF4Weight:
                     f"nested_absmax must be fp32 with {groups} entries, got "
                     f"{self.nested_absmax.dtype} with {self.nested_absmax.numel()}"
                 )
-            _check_finite("nested_absmax", self.nested_absmax)
+            check_finite("nested_absmax", self.nested_absmax)
             if not math.isfinite(self.offset):
                 raise ValueError(f"nested offset must be finite, got {self.offset}")
         return self
@@ -234,13 +234,14 @@ def _check_table(name: str, t: torch.Tensor, size: int):
     if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.numel() != size:
         raise ValueError(f"{name} must be an fp32 tensor of {size} values, got {getattr(t, 'dtype', type(t))} "
                          f"with {getattr(t, 'numel', lambda: '?')()} values")
-    _check_finite(name, t)
+    check_finite(name, t)
 
 
-def _check_finite(name: str, t: torch.Tensor):
+def check_finite(name: str, t: torch.Tensor, consequence: str = ": corrupt weight"):
+    """ValueError "{name} has {n} non-finite values (NaN/Inf) out of {numel}{consequence}" if t has any."""
     n_bad = int((~torch.isfinite(t)).sum())
     if n_bad:
-        raise ValueError(f"{name} has {n_bad} non-finite values (NaN/Inf) out of {t.numel()}: corrupt weight")
+        raise ValueError(f"{name} has {n_bad} non-finite values (NaN/Inf) out of {t.numel()}{consequence}")
 
 
 def _parse_quant_state(blob, key: str) -> dict:
@@ -278,9 +279,7 @@ def quantize(
         raise ValueError("weight is empty")
     if not isinstance(quant_storage, torch.dtype) or quant_storage.is_complex:
         raise TypeError(f"quant_storage must be a real torch dtype, got {quant_storage!r}")
-    n_bad = int((~torch.isfinite(weight)).sum())
-    if n_bad:
-        raise ValueError(f"weight has {n_bad} non-finite values (NaN/Inf) out of {weight.numel()}; refusing to quantize")
+    check_finite("weight", weight, "; refusing to quantize")
     n_bytes = (weight.numel() + 1) // 2
     itemsize = torch.empty((), dtype=quant_storage).element_size()
     if n_bytes % itemsize:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from deltakern.methods import base
+from deltakern.nf4 import check_finite
 
 FORMAT = "deltakern.delta"
 VERSION = 1
@@ -165,10 +166,8 @@ def check_tensors(i, method, expected: dict, tensors: dict, prefix: str):
             raise ValueError(f"{label}: tensor {prefix + key} has shape {tuple(t.shape)}, this model needs {tuple(shape)}")
         if not t.is_floating_point():
             raise ValueError(f"{label}: tensor {prefix + key} has dtype {t.dtype}, expected a floating-point tensor")
-        n_bad = int((~torch.isfinite(t)).sum())
-        if n_bad:
-            raise ValueError(f"{label}: tensor {prefix + key} has {n_bad} non-finite values (NaN/Inf); the delta "
-                             "is corrupt or was saved from a diverged run")
+        check_finite(f"{label}: tensor {prefix + key}", t,
+                     "; the delta is corrupt or was saved from a diverged run")
 
 
 def copy_into(app, tensors: dict, prefix: str):
