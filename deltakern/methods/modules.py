@@ -6,11 +6,13 @@ expression (re.fullmatch)."""
 
 from __future__ import annotations
 
-import re
 from typing import Iterable, Iterator, Optional
 
 import torch
 from torch import nn
+
+from deltakern import _patterns
+from deltakern._patterns import match  # noqa: F401  (the one matching rule; base.match is this)
 
 
 def _lora_types():
@@ -159,26 +161,13 @@ def follow(params: Iterable[nn.Parameter], dtype: Optional[torch.dtype], device:
 
 
 
-def match(name: str, patterns: Iterable[str]) -> bool:
-    """A pattern matches a canonical name exactly, as a dotted suffix, or as a regex (fullmatch)."""
-    for p in patterns:
-        if name == p or name.endswith("." + p):
-            return True
-        try:
-            if re.fullmatch(p, name):
-                return True
-        except re.error:
-            pass
-    return False
-
-
-
 def as_patterns(target, what: str) -> Optional[list[str]]:
     if target is None:
         return None
     if isinstance(target, str):
-        return [target]
+        target = [target]
     if isinstance(target, (list, tuple)) and all(isinstance(t, str) for t in target) and target:
+        _patterns.check(target)
         return list(target)
     raise ValueError(f"{what}: target must be a module name, a list of names / suffixes / regexes, or None "
                      f"(the method's default), got {target!r}")
