@@ -207,7 +207,7 @@ from deltakern.methods.modules import (  # noqa: E402,F401
     block_list,
     follow,
     get_module,
-    is_conv1d,
+    is_dense_conv1d,
     is_linear,
     linear_shape,
     match,
@@ -221,3 +221,4 @@ from deltakern.methods.modules import (  # noqa: E402,F401
     wrapper_attr,
 )
 from deltakern.methods.summary import Summary, _model_numel, delta_state_dict, summary  # noqa: E402,F401
+is_conv1d = is_dense_conv1d  # the old name (it always meant: with a dense weight)

@@ -116,8 +116,9 @@ def replace_in_slot(model: nn.Module, cname: str, old: nn.Module, new: nn.Module
 
 
 
-def is_conv1d(module: nn.Module) -> bool:
-    """A transformers Conv1D (GPT-2 style linear, weight stored [in_features, out_features]) with a dense weight."""
+def is_dense_conv1d(module: nn.Module) -> bool:
+    """A transformers Conv1D (GPT-2 style linear, weight stored [in_features, out_features]) with a dense
+    weight (`deltakern.nn.lora.is_conv1d` answers for any Conv1D)."""
     from deltakern.nn.lora import dense_conv1d_weight
 
     return dense_conv1d_weight(module)
@@ -128,14 +129,14 @@ def is_linear(module: nn.Module) -> bool:
     """A dense nn.Linear, a transformers Conv1D, or a 4-bit layer whose .weight is an NF4Weight
     (deltakern.nn.NF4Linear)."""
     return (isinstance(module, nn.Linear) or isinstance(getattr(module, "weight", None), _nf4_weight_type())
-            or is_conv1d(module))
+            or is_dense_conv1d(module))
 
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
     """(out_features, in_features) of a linear layer (a Conv1D stores its weight the other way round)."""
     shape = tuple(int(s) for s in module.weight.shape)
-    return shape[::-1] if is_conv1d(module) else shape
+    return shape[::-1] if is_dense_conv1d(module) else shape
 
 
 
