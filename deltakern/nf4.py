@@ -301,26 +301,15 @@ def quantize(
 def quantize_nested(x: torch.Tensor):
     """8-bit blockwise quantization (blocks of 256) of fp32 `x` with the signed dynamic map.
 
-    Returns (uint8 codes, fp32 per-block absmax, the map). Each value takes the index of the map
-    entry nearest to x / absmax (true fp32 division; distances compared in fp32, ties to the lower
-    index), searching a copy of the map whose first entry is -1.0 as bitsandbytes does. A block
-    whose absmax is 0 stores the index of 0.0, so it still decodes to exactly the offset.
+    Returns (uint8 codes, fp32 per-block absmax, the map). The rule is bitsandbytes' CUDA kernel's
+    (deltakern.triton_kernels.nf4_ref.quantize_nested_ref): z = ftz(x * rcp(absmax)), code = the
+    number of fp32 midpoints of the map below z, a tie going to the even index, NaN z (a block whose
+    absmax is 0) -> 0, which still decodes to exactly the offset.
     """
-    code = _codes.dynamic_map(x.device)
-    search = code.clone()
-    search[0] = -1.0
-    n = x.numel()
-    groups = -(-n // NESTED_BLOCKSIZE)
-    padded = torch.nn.functional.pad(x, (0, groups * NESTED_BLOCKSIZE - n)).view(groups, NESTED_BLOCKSIZE)
-    absmax = padded.abs().amax(dim=1)
-    z = (padded / absmax[:, None]).reshape(-1)[:n]
-    lo = (torch.searchsorted(search, z, right=True) - 1).clamp(0, 255)
-    hi = (lo + 1).clamp(max=255)
-    pick_hi = (hi != lo) & ((z - search[hi]).abs() < (z - search[lo]).abs())
-    q = torch.where(pick_hi, hi, lo)
-    zero_index = int(torch.nonzero(code == 0)[0])
-    q = torch.where(torch.isnan(z), zero_index, q)
-    return q.to(torch.uint8), absmax, code
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32:
+        raise TypeError(f"x must be an fp32 tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    q, absmax = torch.ops.deltakern.nf4_quantize_nested(x.detach().contiguous().reshape(-1))
+    return q, absmax, _codes.dynamic_map(x.device)
 
 
 def dequantize(q: NF4Weight, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
