@@ -136,3 +136,77 @@ def quantize(w: torch.Tensor, blocksize, nested, code2=None, recip=recip_correct
         q, nested_absmax = quantize_8bit((absmax_t - offset).numpy(), code2, 256, recip)
         out.update(absmax=torch.from_numpy(q), offset=offset, nested_absmax=torch.from_numpy(nested_absmax))
     return out
+
+
+# ---- adversarial inputs -------------------------------------------------------------------------
+
+def _blocks_with(values, blocksize, top):
+    """Blocks of `blocksize` holding `top` (the block's absmax) then a chunk of `values`, zero-padded."""
+    values = torch.as_tensor(values, dtype=torch.float32).reshape(-1)
+    out = []
+    for chunk in values.split(blocksize - 1):
+        block = torch.zeros(blocksize)
+        block[0] = top
+        block[1:1 + chunk.numel()] = chunk
+        out.append(block)
+    return torch.cat(out)
+
+
+def _neighbours(t, k=2):
+    """t and its k fp32 neighbours on each side."""
+    t = torch.as_tensor(t, dtype=torch.float32).reshape(-1)
+    out, up, down = [t], t, t
+    for _ in range(k):
+        up, down = torch.nextafter(up, torch.tensor(float("inf"))), torch.nextafter(down, torch.tensor(float("-inf")))
+        out += [up, down]
+    return torch.cat(out)
+
+
+def nf4_adversarial(blocksize, seed=0, huge=True):
+    """A flat fp32 tensor of whole blocks that exercise every corner of the 4-bit rule: random values;
+    an all-zero block; absmax 1 with every threshold, level and fp32 level midpoint and their
+    neighbours (z == x exactly); absmax 7 with x = t * 7 and its neighbours (z lands on and around
+    the thresholds after rounding); a negative maximum; a block of subnormals only (flushed: absmax 0,
+    all codes 0); subnormals beside a normal maximum; with `huge`, an absmax above 2**126, whose
+    reciprocal is subnormal and flushed (z = 0)."""
+    from deltakern._codes import nf4_code, nf4_thresholds
+
+    g = torch.Generator().manual_seed(seed)
+    t, code = nf4_thresholds(), nf4_code()
+    special = torch.cat([_neighbours(t), _neighbours(code), _neighbours((code[:-1] + code[1:]) / 2)])
+    special = special[special.abs() <= 1]
+    parts = [
+        torch.randn(blocksize, generator=g),
+        torch.zeros(blocksize),
+        _blocks_with(special, blocksize, 1.0),
+        _blocks_with(-special, blocksize, -1.0),
+        _blocks_with(_neighbours(t * 7), blocksize, 7.0),
+        torch.linspace(-3, 2, blocksize),
+        torch.linspace(-1e-39, 5e-40, blocksize),
+        torch.cat([torch.tensor([0.5]), torch.linspace(-1e-39, 1e-39, blocksize - 1)]),
+    ]
+    if huge:
+        parts.append(torch.cat([torch.tensor([2.0**127]), (torch.rand(blocksize - 1, generator=g) * 2 - 1) * 2.0**127]))
+    return torch.cat(parts)
+
+
+def nested_adversarial(seed=0):
+    """Flat fp32 input of the 8-bit step: groups of 256 with absmax 1 holding every map entry, every
+    fp32 midpoint of the map and their neighbours; absmax 0.3 with x = m * 0.3 and neighbours; an
+    all-zero group; a subnormal-only group; z = -0.986845255 (code 0, not 1); a partial last group
+    with absmax 1 at -1.0."""
+    from deltakern._codes import dynamic_map
+
+    g = torch.Generator().manual_seed(seed)
+    code = dynamic_map()
+    mids = (code[:-1] + code[1:]) * 0.5
+    special = torch.cat([_neighbours(code), _neighbours(mids)])
+    special = special[special.abs() <= 1]
+    return torch.cat([
+        _blocks_with(special, 256, 1.0),
+        _blocks_with(_neighbours(mids * 0.3), 256, 0.3),
+        torch.zeros(256),
+        torch.linspace(-1e-39, 1e-39, 256),
+        torch.cat([torch.tensor([0.0556773692, -0.0549449474]), torch.randn(254, generator=g) * 0.005]),
+        torch.cat([torch.tensor([-1.0]), torch.randn(99, generator=g) * 0.3]),
+    ])
