@@ -124,15 +124,15 @@ def quantize_8bit(x, code, blocksize=256, recip=recip_correct):
     return dynamic_search(z.reshape(-1)[: x.size], code).astype(np.uint8), absmax
 
 
-def quantize(w: torch.Tensor, blocksize, nested, code2=None, recip=recip_correct):
+def quantize(w: torch.Tensor, blocksize, nested, code2=None, recip=recip_correct, offset=None):
     """bitsandbytes' quantize_4bit on CUDA, emulated: a dict of torch tensors packed [(n+1)//2],
     absmax (fp32, or uint8 when nested) and, when nested, offset (a 0-d fp32 tensor: torch's mean
-    of the fp32 absmax, as bitsandbytes computes it) and nested_absmax."""
+    of the fp32 absmax as bitsandbytes computes it, here on the CPU, unless given) and nested_absmax."""
     packed, absmax = quantize_4bit(w.detach().float().reshape(-1).numpy(), blocksize, recip)
     out = {"packed": torch.from_numpy(packed), "absmax": torch.from_numpy(absmax)}
     if nested:
         absmax_t = out["absmax"]
-        offset = absmax_t.mean()
+        offset = absmax_t.mean() if offset is None else torch.as_tensor(offset, dtype=torch.float32)
         q, nested_absmax = quantize_8bit((absmax_t - offset).numpy(), code2, 256, recip)
         out.update(absmax=torch.from_numpy(q), offset=offset, nested_absmax=torch.from_numpy(nested_absmax))
     return out
