@@ -27,7 +27,6 @@ F = bnb.functional
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 COMPILED = DEV == "cuda"  # else: interpreter, whose fp32 -> bf16 cast truncates
 CODE = torch.tensor(nf4.NF4_CODE, dtype=torch.float32)
-MIDS = (CODE[:-1] + CODE[1:]) / 2
 
 DEQUANT_CASES = [  # (shape, blocksize): odd sizes, partial last blocks, blocks crossing rows
     ((5, 123), 64), ((7, 33), 32), ((1, 1), 64), ((3, 4097), 4096), ((6, 48), 32),
