@@ -167,8 +167,9 @@ def nf4_adversarial(blocksize, seed=0, huge=True):
     an all-zero block; absmax 1 with every threshold, level and fp32 level midpoint and their
     neighbours (z == x exactly); absmax 7 with x = t * 7 and its neighbours (z lands on and around
     the thresholds after rounding); a negative maximum; a block of subnormals only (flushed: absmax 0,
-    all codes 0); subnormals beside a normal maximum; with `huge`, an absmax above 2**126, whose
-    reciprocal is subnormal and flushed (z = 0)."""
+    all codes 0); subnormals beside a normal maximum (x flushed, not z); with `huge` (beyond float16),
+    normal x whose z is subnormal and an absmax above 2**126, whose reciprocal is subnormal and
+    flushed (z = 0)."""
     from deltakern._codes import nf4_code, nf4_thresholds
 
     g = torch.Generator().manual_seed(seed)
@@ -184,8 +185,10 @@ def nf4_adversarial(blocksize, seed=0, huge=True):
         torch.linspace(-3, 2, blocksize),
         torch.linspace(-1e-39, 5e-40, blocksize),
         torch.cat([torch.tensor([0.5]), torch.linspace(-1e-39, 1e-39, blocksize - 1)]),
+        torch.cat([torch.tensor([1.5e-38]), torch.linspace(-1.1e-38, 1.1e-38, blocksize - 1)]),  # v subnormal, z not
     ]
     if huge:
+        parts.append(torch.cat([torch.tensor([2.0**100]), torch.linspace(-2.0**-27, 2.0**-27, blocksize - 1)]))  # z subnormal
         parts.append(torch.cat([torch.tensor([2.0**127]), (torch.rand(blocksize - 1, generator=g) * 2 - 1) * 2.0**127]))
     return torch.cat(parts)
 
@@ -193,7 +196,7 @@ def nf4_adversarial(blocksize, seed=0, huge=True):
 def nested_adversarial(seed=0):
     """Flat fp32 input of the 8-bit step: groups of 256 with absmax 1 holding every map entry, every
     fp32 midpoint of the map and their neighbours; absmax 0.3 with x = m * 0.3 and neighbours; an
-    all-zero group; a subnormal-only group; z = -0.986845255 (code 0, not 1); a partial last group
+    all-zero group; a subnormal-only group; subnormal z from normal x; z = -0.986845255 (code 0, not 1); a partial last group
     with absmax 1 at -1.0."""
     from deltakern._codes import dynamic_map
 
@@ -207,6 +210,7 @@ def nested_adversarial(seed=0):
         _blocks_with(_neighbours(mids * 0.3), 256, 0.3),
         torch.zeros(256),
         torch.linspace(-1e-39, 1e-39, 256),
+        torch.cat([torch.tensor([2.0**100, 1.5e-38]), torch.linspace(-2.0**-27, 2.0**-27, 254)]),
         torch.cat([torch.tensor([0.0556773692, -0.0549449474]), torch.randn(254, generator=g) * 0.005]),
         torch.cat([torch.tensor([-1.0]), torch.randn(99, generator=g) * 0.3]),
     ])

@@ -6,6 +6,7 @@ follows bitsandbytes' CUDA kernel (the rule is stated once, here: `blockwise_sca
 `dynamic_codes_of`); dequantization reproduces bitsandbytes 0.50's rounding exactly (see nf4.py).
 """
 
+import math
 from typing import Optional
 
 import torch
@@ -15,8 +16,9 @@ FLT_MIN = 2.0**-126  # the smallest normal fp32; anything of smaller magnitude i
 
 
 def flush_subnormals(t: torch.Tensor) -> torch.Tensor:
-    """t with subnormal values replaced by 0 (what an FTZ instruction does to its inputs and result)."""
-    return torch.where(t.abs() < FLT_MIN, torch.zeros_like(t), t)
+    """fp32 t with subnormal values (exponent bits all zero) replaced by +0: what an FTZ instruction
+    does to its inputs and result. NaN and inf pass."""
+    return torch.where((t.contiguous().view(torch.int32) & 0x7F800000) == 0, 0.0, t)
 
 
 def blockwise_scale(x: torch.Tensor, blocksize: int):
@@ -34,14 +36,18 @@ def blockwise_scale(x: torch.Tensor, blocksize: int):
     Every block is multiplied by the reciprocal, the partial last one too; nothing is clamped. On the
     GPU, inv is rcp.approx.ftz(absmax), within 1 ulp of 1 / absmax (not IEEE-specified); here it is
     the correctly rounded 1 / absmax, so rarely a z and then its code can differ from the GPU's.
+    The last ftz is not computed: a subnormal z gets the code of 0 anyway (every NF4 threshold and
+    every midpoint of the 8-bit map is at least 2.7e-7 in magnitude).
     Returns (z [blocks, blocksize] fp32, absmax [blocks] fp32).
     """
     xf = x.reshape(-1).float()
     blocks = -(-xf.numel() // blocksize)
-    v = flush_subnormals(torch.nn.functional.pad(xf, (0, blocks * blocksize - xf.numel()))).view(blocks, blocksize)
+    if blocks * blocksize != xf.numel():
+        xf = torch.nn.functional.pad(xf, (0, blocks * blocksize - xf.numel()))
+    v = flush_subnormals(xf).view(blocks, blocksize)
     absmax = v.abs().amax(dim=1)
     inv = flush_subnormals(torch.reciprocal(absmax))
-    return flush_subnormals(v * inv[:, None]), absmax
+    return v * inv[:, None], absmax
 
 
 def nf4_codes_of(z: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
@@ -50,8 +56,7 @@ def nf4_codes_of(z: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     This is bitsandbytes' comparison tree (strict `>` at every node, so z == t_j takes the lower
     code) written as a count; a NaN z fails every comparison and gets code 0.
     """
-    q = torch.bucketize(z, thresholds, out_int32=True)  # #{j : t_j < z}
-    return torch.where(torch.isnan(z), torch.zeros_like(q), q)
+    return torch.bucketize(torch.nan_to_num(z, nan=-math.inf), thresholds, out_int32=True)  # #{j : t_j < z}
 
 
 def dynamic_codes_of(z: torch.Tensor, midpoints: torch.Tensor) -> torch.Tensor:
@@ -61,10 +66,10 @@ def dynamic_codes_of(z: torch.Tensor, midpoints: torch.Tensor) -> torch.Tensor:
     to a midpoint m_q lies between map[q] and map[q+1] and takes the even one of q, q+1 (that is
     where its 7-step binary search, pivot 127 and steps 64..1, always lands); a NaN z gets 0.
     """
+    z = torch.nan_to_num(z, nan=-math.inf)
     q = torch.bucketize(z, midpoints, out_int32=True)
     tie = (q % 2 == 1) & (midpoints[q.clamp(max=midpoints.numel() - 1).long()] == z)
-    q = q + tie.to(q.dtype)
-    return torch.where(torch.isnan(z), torch.zeros_like(q), q)
+    return q + tie.to(q.dtype)
 
 
 def quantize_nf4_ref(x: torch.Tensor, blocksize: int, thresholds: Optional[torch.Tensor] = None):
