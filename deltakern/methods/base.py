@@ -159,6 +159,9 @@ def _state(model: nn.Module, create: bool = False) -> Optional[_State]:
         st = _State()
         st.grad_flags = _grad_flags(model)
         object.__setattr__(model, _STATE_ATTR, st)
+        from deltakern.integrations import transformers as hf
+
+        hf.install(model)  # save_pretrained / load_state_dict of checkpoints (transformers models only)
     return st
 
 
@@ -596,6 +599,9 @@ def _drop_state_if_empty(model, st):
     if not st.deltas:
         _restore_grad_flags(st.grad_flags)
         model.__dict__.pop(_STATE_ATTR, None)
+        from deltakern.integrations import transformers as hf
+
+        hf.uninstall(model)
 
 
 def remove(model: nn.Module, name: Optional[str] = None) -> nn.Module:
