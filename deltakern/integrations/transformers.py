@@ -164,7 +164,8 @@ def _load_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_k
     st, apps = _active_apps(module)
     if st is None:
         return
-    names = [k for k in module.state_dict().keys()]
+    live = module.state_dict(keep_vars=True)
+    names = list(live)
     delta = _delta_keys(module, apps)
     swapped = set(_swapped_base(apps))
     has_delta = any(k.startswith(prefix + DELTA_PREFIX) for k in state_dict)
@@ -194,6 +195,14 @@ def _load_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_k
         if prefix + key not in new:
             state_dict.pop(prefix + key, None)
     state_dict.update(new)
+    tied = {}  # save_pretrained drops tied copies (an lm_head tied to the embeddings): give them their twin
+    for k, t in live.items():
+        tied.setdefault(id(t), []).append(k)
+    for keys in tied.values():
+        have = next((state_dict[prefix + k] for k in keys if prefix + k in state_dict), None)
+        for k in keys:
+            if have is not None and prefix + k not in state_dict:
+                state_dict[prefix + k] = have
     if not has_delta:
         warnings.warn(f"this state dict holds the base model without a deltakern delta: delta {st.active!r} keeps "
                       "its current values. To load a delta saved with save_pretrained, use deltakern.load_delta("
