@@ -133,7 +133,8 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], name: str
             raise FileNotFoundError(f"{p} is missing: not a PEFT adapter directory")
     st = base._state(model)
     if st is not None and name in st.deltas:
-        raise ValueError(f"the model already has a delta named {name!r}; remove it or pass another name")
+        raise ValueError(f"the model already has a delta named {name!r}: pass another name to load this adapter "
+                         f"beside it (load_peft_adapter(model, path, name='...')), or remove(model, {name!r}) first")
     try:
         cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as exc:
