@@ -1048,3 +1048,45 @@ def test_nf4_linear_repr_shows_the_compute_dtype_and_helpers_are_top_level():
     dk.apply(model, dk.LoRA(r=2), name="x")
     assert dk.deltas(model) == ["x"] and dk.active_delta(model) == "x"
     assert set(dk.delta_state_dict(model)) == set(dk.methods.delta_state_dict(model))
+
+
+# ---- generate() step by step against an uncached forward ----------------------------------------------------
+
+
+def _generate_vs_uncached(model, ids, mask, steps=6):
+    """Max |score - logit| per step: generate(output_scores=True) with its default KV cache (greedy) against
+    one uncached forward over the generated sequence with the same mask and generate's positions."""
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, pad_token_id=0,
+                         output_scores=True, return_dict_in_generate=True)
+    seq, t = out.sequences, ids.shape[1]
+    full_mask = torch.cat([mask, torch.ones(seq.shape[0], seq.shape[1] - t, dtype=mask.dtype)], 1)
+    pos = (full_mask.cumsum(-1) - 1).masked_fill(full_mask == 0, 1)  # generate's position_ids
+    with torch.no_grad():
+        logits = model(input_ids=seq, attention_mask=full_mask, position_ids=pos, use_cache=False).logits
+    assert len(out.scores) == steps
+    return [float((out.scores[i] - logits[:, t - 1 + i]).abs().max()) for i in range(steps)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
+def test_generate_scores_equal_an_uncached_forward_at_every_step(arch, method, padded):
+    """generate() with prompt / prefix tuning and the default KV cache: the scores of every new token equal the
+    logits of an uncached forward over the final sequence (the base model alone gives the same equality, the
+    reference for the tolerance), with and without left padding."""
+    model = llama() if arch == "llama" else gpt2(initializer_range=0.2)
+    ids, _ = batch(pad=False)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :3] = 0
+        ids = ids.masked_fill(mask == 0, 0)
+    base_err = max(_generate_vs_uncached(model, ids, mask))
+    dk.apply(model, dk.PromptTuning(num_virtual_tokens=4) if method == "prompt" else
+             dk.PrefixTuning(num_virtual_tokens=3))
+    perturb(model, 0.3)
+    errs = _generate_vs_uncached(model, ids, mask)
+    assert max(errs) <= max(10 * base_err, 2e-5), (errs, base_err)
+    with dk.disable(model):  # the delta changes what is generated
+        plain = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert not torch.equal(plain, model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                                 pad_token_id=0))
