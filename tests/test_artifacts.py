@@ -478,19 +478,22 @@ def _quiet_from_pretrained(path):
     return transformers.AutoModelForCausalLM.from_pretrained(str(path)).eval()
 
 
-@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
-def test_save_pretrained_writes_the_base_under_its_keys_and_the_delta_beside(tmp_path, nf4):
+@pytest.mark.parametrize("arch,nf4", [("llama", False), ("llama", True), ("gpt2", True)],
+                         ids=["llama-dense", "llama-nf4", "gpt2-nf4"])
+def test_save_pretrained_writes_the_base_under_its_keys_and_the_delta_beside(tmp_path, arch, nf4):
     """save_pretrained (what Trainer calls): model.safetensors holds the base under the original keys (NF4: in
-    bitsandbytes' format, with a bitsandbytes quantization_config, so transformers loads it 4-bit), the delta
-    beside it. from_pretrained gives the base exactly; load_delta / PEFT add the delta exactly."""
+    bitsandbytes' format, with a bitsandbytes quantization_config, so transformers loads it 4-bit; GPT-2's Conv1D
+    layers as Linear4bit), the delta beside it. from_pretrained gives the base exactly; load_delta / PEFT add the
+    delta exactly. Saving again without an active delta removes the delta files."""
     peft = pytest.importorskip("peft")
-    model = llama()
+    model = llama() if arch == "llama" else gpt2(initializer_range=0.2)
+    target = LLAMA_PROJ if arch == "llama" else None
     if nf4:
         dk.quantize(model, progress=False)
     base_state = snapshot(model)
     ids, mask = batch()
     base_out = run(model, ids, mask)
-    dk.apply(model, dk.LoRA(r=4, target=LLAMA_PROJ))
+    dk.apply(model, dk.LoRA(r=4, target=target))
     perturb(model, 0.1)
     want = run(model, ids, mask)
     model.save_pretrained(tmp_path)
@@ -514,7 +517,8 @@ def test_save_pretrained_writes_the_base_under_its_keys_and_the_delta_beside(tmp
 
         from deltakern.integrations import bnb as dkbnb
 
-        assert isinstance(loaded.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+        layer = loaded.model.layers[0].self_attn.q_proj if arch == "llama" else loaded.transformer.h[0].attn.c_attn
+        assert isinstance(layer, bnb.nn.Linear4bit)
         assert cfg["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
         dkbnb.convert(loaded)  # the same bytes as NF4Linear layers
     assert same_state(snapshot(loaded), base_state)
@@ -524,6 +528,11 @@ def test_save_pretrained_writes_the_base_under_its_keys_and_the_delta_beside(tmp
     if not nf4:  # PEFT's adapter format beside it
         pm = peft.PeftModel.from_pretrained(_quiet_from_pretrained(tmp_path), str(tmp_path / "peft_adapter"))
         torch.testing.assert_close(run(pm, ids, mask), want, rtol=1e-5, atol=1e-6)
+    with dk.disable(model):
+        model.save_pretrained(tmp_path)
+    assert not {"delta_config.json", "delta.safetensors"} & {p.name for p in tmp_path.iterdir()}
+    assert not any((tmp_path / "peft_adapter").iterdir())
+    assert not any(k.startswith("deltakern.") for k in load_file(str(tmp_path / "model.safetensors")))
 
 
 def test_save_pretrained_round_trips_every_method_through_load_state_dict(tmp_path):

@@ -274,20 +274,27 @@ def save_pretrained(model: nn.Module, save_directory, *args, state_dict: Optiona
                 cfg.quantization_config = old
             else:
                 del cfg.quantization_config
-    main = kwargs.get("is_main_process", args[0] if args else True)
-    if apps and main:
-        out = Path(save_directory)
+    if not kwargs.get("is_main_process", args[0] if args else True):
+        return result
+    out = Path(save_directory)
+    peft_dir = out / PEFT_SUBFOLDER
+    stale = []  # files of a previous save into this directory that would no longer match what was written
+    if apps:
         save_delta(model, out)
-        peft_dir = out / PEFT_SUBFOLDER
         if all(isinstance(a.method, (LoRA, DoRA)) for a in apps):
             try:
                 save_peft_adapter(model, peft_dir)
             except ValueError as exc:  # e.g. LoRA and DoRA mixed: PEFT has one flag per adapter
                 warnings.warn(f"save_pretrained: the delta is saved in deltakern's format only ({exc})", stacklevel=2)
-        elif peft_dir.is_dir():  # a previous save's adapter would no longer match this delta
-            for f in (peft_dir / "adapter_config.json", peft_dir / "adapter_model.safetensors"):
-                if f.is_file():
-                    os.unlink(f)
+                stale = [peft_dir / "adapter_config.json", peft_dir / "adapter_model.safetensors"]
+        else:
+            stale = [peft_dir / "adapter_config.json", peft_dir / "adapter_model.safetensors"]
+    else:  # no active delta: the base alone
+        stale = [out / "delta_config.json", out / "delta.safetensors", peft_dir / "adapter_config.json",
+                 peft_dir / "adapter_model.safetensors"]
+    for f in stale:
+        if f.is_file():
+            os.unlink(f)
     return result
 
 
