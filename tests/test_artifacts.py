@@ -9,6 +9,7 @@ tampered files, unsupported PEFT adapters) names the problem and leaves the mode
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from pathlib import Path
@@ -478,18 +479,40 @@ def _quiet_from_pretrained(path):
     return transformers.AutoModelForCausalLM.from_pretrained(str(path)).eval()
 
 
-@pytest.mark.parametrize("arch,nf4", [("llama", False), ("llama", True), ("gpt2", True)],
-                         ids=["llama-dense", "llama-nf4", "gpt2-nf4"])
+def _llama_loaded_4bit(tmp_path):
+    """A tiny Llama loaded 4-bit by transformers + bitsandbytes, its Linear4bit layers converted to NF4Linear
+    (it keeps transformers' hf_quantizer and quantization_config)."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    from deltakern.integrations import bnb as dkbnb
+
+    llama().save_pretrained(tmp_path / "dense")
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.float32)
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float32, device_map="cpu",
+                                             quantization_config=q).eval()
+    dkbnb.convert(model)
+    assert model.hf_quantizer is not None
+    return model
+
+
+@pytest.mark.parametrize("arch,nf4", [("llama", False), ("llama", True), ("gpt2", True), ("llama-bnb", True)],
+                         ids=["llama-dense", "llama-nf4", "gpt2-nf4", "llama-loaded-4bit"])
 def test_save_pretrained_writes_the_base_under_its_keys_and_the_delta_beside(tmp_path, arch, nf4):
     """save_pretrained (what Trainer calls): model.safetensors holds the base under the original keys (NF4: in
     bitsandbytes' format, with a bitsandbytes quantization_config, so transformers loads it 4-bit; GPT-2's Conv1D
     layers as Linear4bit), the delta beside it. from_pretrained gives the base exactly; load_delta / PEFT add the
     delta exactly. Saving again without an active delta removes the delta files."""
     peft = pytest.importorskip("peft")
-    model = llama() if arch == "llama" else gpt2(initializer_range=0.2)
-    target = LLAMA_PROJ if arch == "llama" else None
-    if nf4:
-        dk.quantize(model, progress=False)
+    if arch == "llama-bnb":
+        model = _llama_loaded_4bit(tmp_path)
+        tmp_path = tmp_path / "out"
+    else:
+        model = llama() if arch == "llama" else gpt2(initializer_range=0.2)
+        if nf4:
+            dk.quantize(model, progress=False)
+    target = LLAMA_PROJ if arch.startswith("llama") else None
     base_state = snapshot(model)
     ids, mask = batch()
     base_out = run(model, ids, mask)
@@ -508,7 +531,8 @@ def test_save_pretrained_writes_the_base_under_its_keys_and_the_delta_beside(tmp
         {k.removeprefix("0.") for k in dk.delta_state_dict(model)}
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert ("quantization_config" in cfg) == nf4
-    assert not hasattr(model.config, "quantization_config")  # only the file gets it
+    if arch != "llama-bnb":
+        assert not hasattr(model.config, "quantization_config")  # only the file gets it
     assert torch.equal(run(model, ids, mask), want)  # the model is as it was
 
     loaded = _quiet_from_pretrained(tmp_path)
@@ -517,7 +541,7 @@ def test_save_pretrained_writes_the_base_under_its_keys_and_the_delta_beside(tmp
 
         from deltakern.integrations import bnb as dkbnb
 
-        layer = loaded.model.layers[0].self_attn.q_proj if arch == "llama" else loaded.transformer.h[0].attn.c_attn
+        layer = loaded.model.layers[0].self_attn.q_proj if arch != "gpt2" else loaded.transformer.h[0].attn.c_attn
         assert isinstance(layer, bnb.nn.Linear4bit)
         assert cfg["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
         dkbnb.convert(loaded)  # the same bytes as NF4Linear layers
@@ -588,22 +612,30 @@ def test_save_pretrained_refuses_a_merged_delta_and_is_plain_without_deltas(tmp_
         model.save_pretrained(tmp_path / "a")
     assert not (tmp_path / "a" / "model.safetensors").exists()
     dk.unmerge(model)
+    twin = copy.deepcopy(model)  # the copy saves its own delta
+    assert twin.__dict__["save_pretrained"].model is twin
+    twin.save_pretrained(tmp_path / "c")
+    saved = load_file(str(tmp_path / "c" / "model.safetensors"))
+    assert all(torch.equal(saved["deltakern.delta." + k], v) for k, v in dk.delta_state_dict(twin).items())
     dk.remove(model)
     assert "save_pretrained" not in model.__dict__  # the last delta gone: transformers' own method again
     model.save_pretrained(tmp_path / "b")
     assert not (tmp_path / "b" / "delta_config.json").exists()
 
 
-def test_trainer_resume_from_checkpoint_equals_an_uninterrupted_run(tmp_path):
-    """transformers.Trainer on a deltakern model: each checkpoint holds the delta; resuming a run from the
-    middle checkpoint on a model with a freshly initialised delta gives the same loss curve and the same final
-    delta as the run that was not interrupted."""
+@pytest.mark.parametrize("qlora", [False, True], ids=["lora+bitfit", "qlora+bitfit"])
+def test_trainer_resume_from_checkpoint_equals_an_uninterrupted_run(tmp_path, qlora):
+    """transformers.Trainer on a deltakern model (dense or NF4 base): each checkpoint holds the delta; resuming a
+    run from the middle checkpoint on a model with a freshly initialised delta gives the same loss curve and the
+    same final delta as the run that was not interrupted."""
     transformers = pytest.importorskip("transformers")
     g = torch.Generator().manual_seed(0)
     data = [{"input_ids": x, "labels": x} for x in torch.randint(1, 96, (16, 8), generator=g)]
 
     def make(seed):
         m = llama()
+        if qlora:
+            dk.quantize(m, progress=False)
         torch.manual_seed(seed)
         dk.apply(m, [dk.LoRA(r=4), dk.BitFit(add_missing=True, target="o_proj")])
         return m.train()

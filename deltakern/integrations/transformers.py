@@ -265,10 +265,17 @@ def save_pretrained(model: nn.Module, save_directory, *args, state_dict: Optiona
     had, old = hasattr(cfg, "quantization_config"), getattr(cfg, "quantization_config", None)
     if qcfg is not None:
         cfg.quantization_config = qcfg
+    # a model loaded 4-bit by transformers (then converted to NF4Linear) keeps its hf_quantizer, whose state dict
+    # would replace ours: the NF4 layers describe themselves (qcfg), so it stays out of this save
+    quantizer = model.__dict__.get("hf_quantizer")
+    if quantizer is not None:
+        model.__dict__["hf_quantizer"] = None
     try:
         with base.base_only(model) if st is not None and st.active is not None else _nothing():
             result = cls_save(model, save_directory, *args, state_dict=sd, **kwargs)
     finally:
+        if quantizer is not None:
+            model.__dict__["hf_quantizer"] = quantizer
         if qcfg is not None:
             if had:
                 cfg.quantization_config = old
