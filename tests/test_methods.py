@@ -1060,7 +1060,7 @@ def _generate_vs_uncached(model, ids, mask, steps=6):
                          output_scores=True, return_dict_in_generate=True)
     seq, t = out.sequences, ids.shape[1]
     full_mask = torch.cat([mask, torch.ones(seq.shape[0], seq.shape[1] - t, dtype=mask.dtype)], 1)
-    pos = (full_mask.cumsum(-1) - 1).masked_fill(full_mask == 0, 1)  # generate's position_ids
+    pos = (full_mask.cumsum(-1) - 1).masked_fill(full_mask == 0, 0)  # as generate makes position_ids
     with torch.no_grad():
         logits = model(input_ids=seq, attention_mask=full_mask, position_ids=pos, use_cache=False).logits
     assert len(out.scores) == steps
