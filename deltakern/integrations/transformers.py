@@ -37,6 +37,7 @@ A merged delta (`merge(model)` without unload) is refused by `save_pretrained`: 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from pathlib import Path
@@ -271,7 +272,7 @@ def save_pretrained(model: nn.Module, save_directory, *args, state_dict: Optiona
     if quantizer is not None:
         model.__dict__["hf_quantizer"] = None
     try:
-        with base.base_only(model) if st is not None and st.active is not None else _nothing():
+        with base.base_only(model) if apps else contextlib.nullcontext():
             result = cls_save(model, save_directory, *args, state_dict=sd, **kwargs)
     finally:
         if quantizer is not None:
@@ -303,11 +304,3 @@ def save_pretrained(model: nn.Module, save_directory, *args, state_dict: Optiona
         if f.is_file():
             os.unlink(f)
     return result
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

@@ -110,9 +110,10 @@ class _LowRankMethod(Method):
             if self._module_type == "dora":
                 plan.tensors[f"{n}.lora_magnitude_vector"] = (out_f,)
         if too_wide:
+            shown = ", ".join(too_wide[:4]) + (", ..." if len(too_wide) > 4 else "")
             warnings.warn(f"{name}: r={self.r} exceeds min(in_features, out_features) of {len(too_wide)} target(s): "
-                          f"{', '.join(too_wide[:4])}{', ...' if len(too_wide) > 4 else ''}; the update B A cannot have "
-                          "a rank above that, the extra rank only costs parameters", UserWarning, stacklevel=4)
+                          f"{shown}; the update B A cannot have a rank above that, the extra rank only costs "
+                          "parameters", UserWarning, stacklevel=4)
         if self.quantize and any(_dense(base.get_module(model, n)) for n in plan.targets):
             st = base._state(model)
             held = [d for d, apps in (st.deltas.items() if st else []) if apps]
@@ -145,7 +146,7 @@ class _LowRankMethod(Method):
                 warnings.filterwarnings("ignore", message=r"r=\d+ exceeds min", category=UserWarning)
                 w = cls(linear, self.r, self.alpha, dropout=self.dropout, use_rslora=self.use_rslora)
             w.train(linear.training)
-            base.follow(w.parameters(recurse=False), adapter_dtype(self, linear), None)
+            base.follow(w.parameters(recurse=False), adapter_dtype(self, linear), w.lora_A.device)
             wrappers[n] = w
         params = {}
         for n, w in wrappers.items():
