@@ -419,7 +419,7 @@ def test_peft_format_refusals(tmp_path):
     ids = batch()[0]
     model = llama()
     dk.apply(model, [dk.LoRA(r=2, target="q_proj"), dk.BitFit(add_missing=True, target="q_proj")])
-    with pytest.raises(ValueError, match="holds BitFit.add_missing.: PEFT's LoRA format stores LoRA/DoRA only"):
+    with pytest.raises(ValueError, match="holds BitFit.add_missing.: PEFT's adapter formats store LoRA/DoRA layers"):
         dk.save_peft_adapter(model, tmp_path / "x")
     model = llama()
     dk.apply(model, [dk.LoRA(r=2, target="q_proj"), dk.DoRA(r=2, target="v_proj")])
@@ -663,3 +663,43 @@ def test_trainer_resume_from_checkpoint_equals_an_uninterrupted_run(tmp_path, ql
     assert sorted(l1) == list(range(1, 7)) and all(l2[s] == l1[s] for s in (4, 5, 6))
     a, b = dk.delta_state_dict(full), dk.delta_state_dict(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_prompt_tuning_in_peft_format_both_ways(tmp_path, arch):
+    """A delta that is one PromptTuning is PEFT's PROMPT_TUNING adapter: PEFT loads ours (save_peft_adapter, and
+    save_pretrained's peft_adapter/) with the same logits on the caller's tokens, and ours loads PEFT's."""
+    peft = pytest.importorskip("peft")
+
+    def make():
+        return llama() if arch == "llama" else gpt2(initializer_range=0.2)
+
+    model = make()
+    dk.apply(model, dk.PromptTuning(num_virtual_tokens=3))
+    perturb(model, 0.3)
+    ids, _ = batch(pad=False)
+    want = run(model, ids)
+    dk.save_peft_adapter(model, tmp_path / "a")
+    model.save_pretrained(tmp_path / "full")
+    for path in (tmp_path / "a", tmp_path / "full" / "peft_adapter"):
+        cfg = json.loads((path / "adapter_config.json").read_text())
+        assert cfg["peft_type"] == "PROMPT_TUNING" and cfg["num_virtual_tokens"] == 3 and cfg["task_type"] == "CAUSAL_LM"
+        pm = peft.PeftModel.from_pretrained(make(), str(path))
+        torch.testing.assert_close(run(pm, ids)[:, 3:], want, rtol=1e-5, atol=1e-5)
+    theirs = peft.get_peft_model(make(), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5))
+    with torch.no_grad():
+        theirs.prompt_encoder["default"].embedding.weight.normal_(0, 0.5)
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    ours = make()
+    assert dk.load_peft_adapter(ours, tmp_path / "theirs", name="p") == "p"
+    torch.testing.assert_close(run(ours, ids), run(theirs, ids)[:, 5:], rtol=1e-5, atol=1e-5)
+    with dk.disable(ours):
+        dk.apply(ours, [dk.PromptTuning(num_virtual_tokens=2), dk.BitFit(add_missing=True)], name="mixed")
+    with pytest.raises(ValueError, match="LoRA/DoRA layers or a prompt tuning alone"):
+        dk.save_peft_adapter(ours, tmp_path / "b", name="mixed")
+    cfg_path = tmp_path / "theirs" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "num_transformer_submodules": 2}))
+    m = make()
+    with Untouched(m, ids), pytest.raises(ValueError, match="num_transformer_submodules=2"):
+        dk.load_peft_adapter(m, tmp_path / "theirs")

@@ -16,8 +16,9 @@ delta goes. It changes nothing in `model.state_dict()`: its keys stay those of t
                                         (what `Trainer`'s resume reads back, see 2.)
        delta_config.json, delta.safetensors   the active delta in deltakern's format (every method):
                                         `deltakern.load_delta(model, dir)`
-       peft_adapter/                    for a LoRA / DoRA delta, the same delta in PEFT's adapter
-                                        format: `PeftModel.from_pretrained(base, dir + "/peft_adapter")`
+       peft_adapter/                    for a LoRA / DoRA delta (or a lone PromptTuning), the same delta
+                                        in PEFT's adapter format:
+                                        `PeftModel.from_pretrained(base, dir + "/peft_adapter")`
 
    `AutoModel*.from_pretrained(dir)` then builds the base (its load report lists the
    `deltakern.delta.*` keys as unused: they are the delta, which it does not know) and
@@ -251,8 +252,7 @@ def save_pretrained(model: nn.Module, save_directory, *args, state_dict: Optiona
     """transformers' save_pretrained for a model with deltas: see the module docstring for what is written."""
     from deltakern.methods import base
     from deltakern.methods.artifacts import save_delta
-    from deltakern.methods.peft_format import save_peft_adapter
-    from deltakern.methods.reparam import DoRA, LoRA
+    from deltakern.methods.peft_format import peft_exportable, save_peft_adapter
 
     cls_save = type(model).save_pretrained
     st, apps = _active_apps(model)
@@ -289,7 +289,7 @@ def save_pretrained(model: nn.Module, save_directory, *args, state_dict: Optiona
     stale = []  # files of a previous save into this directory that would no longer match what was written
     if apps:
         save_delta(model, out)
-        if all(isinstance(a.method, (LoRA, DoRA)) for a in apps):
+        if peft_exportable(apps):
             try:
                 save_peft_adapter(model, peft_dir)
             except ValueError as exc:  # e.g. LoRA and DoRA mixed: PEFT has one flag per adapter
