@@ -70,11 +70,11 @@ def dense_conv1d_weight(module) -> bool:
     return is_conv1d(module) and isinstance(w, torch.Tensor) and w.dim() == 2
 
 
-def check_rank(r: int, out_features: int, in_features: int, where: str = "") -> None:
+def check_rank(r: int, out_features: int, in_features: int) -> None:
     """Warn when r > min(in_features, out_features): B A then has rank min(in, out) at most, so the extra
     rank only adds parameters and compute (PEFT allows it silently)."""
     if r > min(in_features, out_features):
-        warnings.warn(f"{where}r={r} exceeds min(in_features={in_features}, out_features={out_features}) = "
+        warnings.warn(f"r={r} exceeds min(in_features={in_features}, out_features={out_features}) = "
                       f"{min(in_features, out_features)}: the update B A cannot have a rank above that, the extra "
                       "rank only costs parameters", UserWarning, stacklevel=3)
 
