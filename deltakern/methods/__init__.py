@@ -17,7 +17,9 @@ artifacts.py (save_delta / load_delta), peft_format.py (PEFT's adapter format).
 Named deltas share one base: apply(..., name="taskA"), activate(model, "taskA"), disable(model)
 (also a context manager), remove(model, name). merge(model) / unmerge(model) fold LoRA/DoRA into
 dense weights. Deltas are artifacts: save_delta / load_delta (safetensors + JSON), and LoRA/DoRA
-deltas read and write PEFT's adapter format: save_peft_adapter / load_peft_adapter.
+deltas read and write PEFT's adapter format: save_peft_adapter / load_peft_adapter. On a transformers
+model, save_pretrained (and so Trainer) writes the base under its original keys with the delta beside it,
+and resume_from_checkpoint restores the delta (deltakern.integrations.transformers).
 """
 
 from deltakern.methods.base import Method

@@ -237,7 +237,12 @@ def load_delta(model: nn.Module, path: Union[str, os.PathLike], name: Optional[s
                 raise ValueError(f"{path}: the config and the tensors disagree on {prefixes[i] + key}")
     st = base._state(model)
     if st is not None and name in st.deltas:
-        return _load_into_existing(model, st, name, methods, tensors, prefixes, saved_targets)
+        try:
+            return _load_into_existing(model, st, name, methods, tensors, prefixes, saved_targets)
+        except ValueError as exc:
+            raise ValueError(f"the model already has a delta named {name!r}, so load_delta loads into it (to resume "
+                             f"it), but the saved delta does not fit it: {exc}. To load the saved delta beside it, "
+                             f"pass another name: load_delta(model, path, name='...')") from None
     return load_into_new_delta(model, name, methods, tensors, prefixes, saved_targets)
 
 

@@ -167,6 +167,9 @@ def _state(model: nn.Module, create: bool = False) -> Optional[_State]:
         st = _State()
         st.grad_flags = _grad_flags(model)
         object.__setattr__(model, _STATE_ATTR, st)
+        from deltakern.integrations import transformers as hf
+
+        hf.install(model)  # save_pretrained / load_state_dict of checkpoints (transformers models only)
     return st
 
 

@@ -254,6 +254,9 @@ def _drop_state_if_empty(model, st):
     if not st.deltas:
         _restore_grad_flags(st.grad_flags)
         model.__dict__.pop(_STATE_ATTR, None)
+        from deltakern.integrations import transformers as hf
+
+        hf.uninstall(model)
 
 
 

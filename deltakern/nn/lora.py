@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
+import warnings
 
 import torch
 from torch import nn
@@ -69,6 +70,15 @@ def dense_conv1d_weight(module) -> bool:
     return is_conv1d(module) and isinstance(w, torch.Tensor) and w.dim() == 2
 
 
+def check_rank(r: int, out_features: int, in_features: int) -> None:
+    """Warn when r > min(in_features, out_features): B A then has rank min(in, out) at most, so the extra
+    rank only adds parameters and compute (PEFT allows it silently)."""
+    if r > min(in_features, out_features):
+        warnings.warn(f"r={r} exceeds min(in_features={in_features}, out_features={out_features}) = "
+                      f"{min(in_features, out_features)}: the update B A cannot have a rank above that, the extra "
+                      "rank only costs parameters", UserWarning, stacklevel=3)
+
+
 def check_adapter_args(r, alpha, dropout) -> None:
     """Raise ValueError unless r is a positive int, alpha a positive finite number and dropout in [0, 1)
     (the checks LoRALinear and DoRALinear share)."""
@@ -81,7 +91,9 @@ def check_adapter_args(r, alpha, dropout) -> None:
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+    """`base` plus scaling * B A: r=8, alpha=16 by default (as `deltakern.LoRA`); r above min(in, out) warns."""
+
+    def __init__(self, base: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0, use_rslora: bool = False):
         super().__init__()
         check_adapter_args(r, alpha, dropout)
         weight = getattr(base, "weight", None)
@@ -112,6 +124,7 @@ class LoRALinear(nn.Module):
         if isinstance(bias, torch.Tensor):
             bias.requires_grad_(False)  # PEFT's bias="none": the whole base layer is frozen
 
+        check_rank(r, int(out_features), int(in_features))
         self.base = base
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.r, self.alpha, self.dropout, self.use_rslora = r, alpha, float(dropout), bool(use_rslora)

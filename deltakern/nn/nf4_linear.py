@@ -87,7 +87,8 @@ class NF4Linear(nn.Module):
     def extra_repr(self) -> str:
         w = self.weight
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"{w.quant_type}, blocksize={w.blocksize}, nested={w.nested}, dtype={_short(w.dtype)}")
+                f"{w.quant_type}, blocksize={w.blocksize}, nested={w.nested}, weight_dtype={_short(w.dtype)}, "
+                "compute_dtype=x.dtype (the weight is dequantized to the input's dtype)")
 
     # ---- state dict in bitsandbytes' format ------------------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
