@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from deltakern import _patterns
+from deltakern.nf4 import NF4Weight
 from deltakern._patterns import match  # noqa: F401  (the one matching rule; base.match is this)
 
 
@@ -24,8 +25,7 @@ def _lora_types():
 
 
 def _nf4_weight_type():
-    from deltakern.nf4 import NF4Weight
-
+    """The NF4Weight class (kept for callers of the old lazy accessor)."""
     return NF4Weight
 
 
@@ -128,7 +128,7 @@ def is_dense_conv1d(module: nn.Module) -> bool:
 def is_linear(module: nn.Module) -> bool:
     """A dense nn.Linear, a transformers Conv1D, or a 4-bit layer whose .weight is an NF4Weight
     (deltakern.nn.NF4Linear)."""
-    return (isinstance(module, nn.Linear) or isinstance(getattr(module, "weight", None), _nf4_weight_type())
+    return (isinstance(module, nn.Linear) or isinstance(getattr(module, "weight", None), NF4Weight)
             or is_dense_conv1d(module))
 
 
@@ -144,7 +144,7 @@ def base_dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device]:
     """Compute dtype and device of a module: its weight's (an NF4Weight's dense dtype), else its first
     floating parameter or buffer."""
     w = getattr(module, "weight", None)
-    if isinstance(w, _nf4_weight_type()):
+    if isinstance(w, NF4Weight):
         return w.dtype, w.device
     for t in [*module.parameters(), *module.buffers()]:
         if t.is_floating_point():

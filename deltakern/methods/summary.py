@@ -10,7 +10,7 @@ from torch import nn
 
 from deltakern.methods.base import _state
 from deltakern.methods.deltas import _check_model, resolve_name
-from deltakern.methods.modules import _nf4_weight_type
+from deltakern.nf4 import NF4Weight
 
 
 def delta_state_dict(model: nn.Module, name: Optional[str] = None) -> dict[str, torch.Tensor]:
@@ -25,7 +25,6 @@ def delta_state_dict(model: nn.Module, name: Optional[str] = None) -> dict[str, 
 
 
 def _model_numel(model: nn.Module) -> int:
-    NF4Weight = _nf4_weight_type()
     n = sum(p.numel() for p in model.parameters())
     seen = set()
     for m in model.modules():

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from deltakern.autograd.dora import DoRANormCache, _W, dora_linear, dora_weight_norm
-from deltakern.nn.lora import _nf4_type, check_adapter_args, check_rank, compute_in_input_dtype, dense_conv1d_weight
+from deltakern.nf4 import NF4Weight
+from deltakern.nn.lora import check_adapter_args, check_rank, compute_in_input_dtype, dense_conv1d_weight
 
 
 class DoRALinear(nn.Module):
@@ -46,7 +47,7 @@ class DoRALinear(nn.Module):
             self.is_nf4, self.fan_in_fan_out = False, True
             weight.requires_grad_(False)
             weight = weight.t()  # [out, in]
-        elif isinstance(base, nn.Module) and isinstance(weight, _nf4_type()):
+        elif isinstance(base, nn.Module) and isinstance(weight, NF4Weight):
             self.is_nf4 = True
             if len(weight.shape) != 2:
                 raise ValueError(f"base's NF4 weight must be 2-D, got shape {tuple(weight.shape)}")

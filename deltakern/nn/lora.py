@@ -29,13 +29,9 @@ import warnings
 import torch
 from torch import nn
 
+from deltakern.autograd._common import adapter_autocast
 from deltakern.autograd.lora import lora_linear
-
-
-def _nf4_type():
-    from deltakern.nf4 import NF4Weight
-
-    return NF4Weight
+from deltakern.nf4 import NF4Weight
 
 
 def compute_in_input_dtype(x: torch.Tensor, weight, params) -> contextlib.AbstractContextManager:
@@ -43,12 +39,9 @@ def compute_in_input_dtype(x: torch.Tensor, weight, params) -> contextlib.Abstra
     some parameter does not (fp32 adapters over a half-precision base); otherwise (or already under
     autocast) nothing. The functions cast every floating input to the autocast dtype and the gradients
     flow back to the fp32 parameters. A dense base of another dtype still raises, as nn.Linear would."""
-    dev = x.device.type
-    base_ok = isinstance(weight, _nf4_type()) or weight.dtype == x.dtype
-    if (x.dtype in (torch.float16, torch.bfloat16) and dev in ("cuda", "cpu") and not torch.is_autocast_enabled(dev)
-            and base_ok and any(p is not None and p.dtype != x.dtype for p in params)):
-        return torch.autocast(dev, dtype=x.dtype)
-    return contextlib.nullcontext()
+    if not (isinstance(weight, NF4Weight) or weight.dtype == x.dtype):
+        return contextlib.nullcontext()
+    return adapter_autocast(x.dtype, x.device.type, params)
 
 
 def conv1d_type():
@@ -97,7 +90,6 @@ class LoRALinear(nn.Module):
         super().__init__()
         check_adapter_args(r, alpha, dropout)
         weight = getattr(base, "weight", None)
-        NF4Weight = _nf4_type()
         self.fan_in_fan_out = False  # True for a Conv1D base (PEFT's name for the [in, out] layout)
         if isinstance(base, nn.Linear) and isinstance(weight, torch.Tensor):
             self.is_nf4 = False
