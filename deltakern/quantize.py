@@ -73,5 +73,5 @@ def quantize(model: nn.Module, skip=("lm_head",), blocksize: int = 64, double_qu
         q = NF4Linear.from_linear(linear, blocksize=blocksize, double_quant=double_quant, quant_storage=quant_storage)
         setattr(parent, child, q)
         del linear
-        after += _tensor_bytes(q)
+        after += q.weight.nbytes + (0 if q.bias is None else q.bias.numel() * q.bias.element_size())
     return QuantizeSummary(len(targets), before, after, skipped)
