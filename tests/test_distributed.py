@@ -256,3 +256,28 @@ def test_fsdp_ddp_dcp_on_two_processes(tmp_path):
     torch.multiprocessing.spawn(_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
     report = json.loads((tmp_path / "report.json").read_text())
     print(report)
+
+
+def test_fsdp_shards_at_world_8_on_the_fake_process_group():
+    """FSDP2 at world 8 (fake collectives: shapes and bytes, not values): each rank holds 1/8 of the codes
+    and scales plus the replicated tables, and a forward/backward runs."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from deltakern import distributed as dkd
+
+    dist.init_process_group("fake", rank=3, world_size=8, store=FakeStore())
+    try:
+        model = llama(hidden_size=128, intermediate_size=320, num_attention_heads=4, num_key_value_heads=2)
+        dk.quantize(model, progress=False)
+        dk.apply(model, dk.LoRA(r=4))
+        dkd.shard(model)
+        b = dkd.nf4_bytes(model)
+        layers = sum(isinstance(m, dk.nn.NF4Linear) for m in model.modules())
+        assert b["sharded"] <= (b["total"] - b["replicated"]) / 8 + layers * 2 * 4, b
+        assert b["sharded"] >= (b["total"] - b["replicated"]) / 8 - layers * 2 * 64, b  # really sharded
+        ids, _ = batch(b=1, t=5, pad=False)
+        model(input_ids=ids, labels=ids).loss.backward()
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    finally:
+        dist.destroy_process_group()
