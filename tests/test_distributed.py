@@ -229,6 +229,12 @@ def _worker(rank, tmp):
                     assert (got == want).all(), n
                 else:
                     assert torch.equal(got, _full(dict(_trainable(model))[n])), n
+        # ---- the example (python -m deltakern.examples.fsdp_qlora), a few steps, in this process group -------
+        from deltakern.examples import fsdp_qlora
+
+        ex = fsdp_qlora.main(["--hidden", "64", "--layers", "2", "--steps", "4", "--out", f"{tmp}/example"])
+        assert ex["losses"][-1] < ex["losses"][0] and os.path.isfile(f"{tmp}/example/delta.safetensors")
+        report["example losses"] = ex["losses"]
         if rank == 0:
             with open(f"{tmp}/report.json", "w") as f:
                 json.dump(report, f)
