@@ -29,6 +29,10 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+DEVICE = torch.device("cpu")  # the worker's device (a GPU under NCCL, see the end of this file)
+TOL = 1e-6  # relative difference of gradients from one process (fp32 on the CPU)
+
+
 def _build(method=dk.LoRA, seed=0, double_quant=True, meta=False):
     """A tiny Llama, quantized to NF4 (lm_head dense), with LoRA/DoRA on every other linear, perturbed."""
     if meta:
@@ -41,6 +45,7 @@ def _build(method=dk.LoRA, seed=0, double_quant=True, meta=False):
     dk.apply(model, method(r=4, alpha=8))
     if not meta:
         perturb(model, scale=0.2, seed=seed + 7)
+        model.to(DEVICE)
     return model.train()
 
 
@@ -86,7 +91,8 @@ def _reference(method, ids, double_quant=True):
     return grads, _steps(model, ids, lambda t: t.item())
 
 
-def _check_training(label, model, ref_grads, ref_losses, ids_r, tol=1e-6):
+def _check_training(label, model, ref_grads, ref_losses, ids_r):
+    tol = TOL
     _loss(model, ids_r).backward()
     grads = {n: _full(p.grad) for n, p in _trainable(model).items()}
     assert set(grads) == set(ref_grads), label
@@ -99,7 +105,8 @@ def _check_training(label, model, ref_grads, ref_losses, ids_r, tol=1e-6):
     return worst
 
 
-def _worker(rank, tmp):
+def _worker(rank, tmp, backend="gloo", world=WORLD):
+    global DEVICE, TOL
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
@@ -110,10 +117,17 @@ def _worker(rank, tmp):
     from deltakern import nf4
     from deltakern.nn import NF4Linear
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/pg", rank=rank, world_size=WORLD)
+    if backend == "nccl":
+        DEVICE, TOL = torch.device("cuda", rank), 1e-6 if world == 1 else 5e-3  # the GPU's tf32 dots
+        torch.cuda.set_device(DEVICE)
+        dist.init_process_group(backend, rank=rank, world_size=world)
+    else:
+        torch.set_num_threads(1)
+        init = None if "MASTER_ADDR" in os.environ else f"file://{tmp}/pg"  # torchrun sets env://
+        dist.init_process_group(backend, init_method=init, rank=rank, world_size=world)
     try:
-        ids, _ = batch(b=WORLD, t=6, pad=False)
+        ids, _ = batch(b=world, t=6, pad=False)
+        ids = ids.to(DEVICE)
         ids_r = ids[rank:rank + 1]
         report = {}
 
@@ -126,14 +140,14 @@ def _worker(rank, tmp):
                 b = dkd.nf4_bytes(model)
                 n_layers = sum(isinstance(m, NF4Linear) for m in model.modules())
                 padding = n_layers * 2 * 4  # at most one row of padding per sharded tensor (uint8 / int32 rows)
-                assert b["sharded"] <= (b["total"] - b["replicated"]) / WORLD + padding, (label, b)
+                assert b["sharded"] <= (b["total"] - b["replicated"]) / world + padding, (label, b)
                 report[label] = _check_training(label, model, ref_grads, ref_losses, ids_r)
                 report.setdefault("nf4_bytes", b)
 
         # ---- DDP: LoRA and DoRA equal one process, without find_unused_parameters ---------------------------
         for method in (dk.LoRA, dk.DoRA):
             ref_grads, ref_losses = _reference(method, ids)
-            ddp = DDP(_build(method))
+            ddp = DDP(_build(method), device_ids=[rank] if DEVICE.type == "cuda" else None)
             grads_ok = _check_training(f"ddp {method.__name__}", _DDPLoss(ddp), ref_grads, ref_losses, ids_r)
             report[f"ddp {method.__name__}"] = grads_ok
 
@@ -146,6 +160,7 @@ def _worker(rank, tmp):
         assert all(a.dtype in (torch.uint8, torch.int32) and torch.equal(a, b) for a, b in zip(after, before))
         ref_losses = _reference(dk.LoRA, ids)[1]
         assert abs(losses[0] - ref_losses[0]) < 0.05 * abs(ref_losses[0]), (losses, ref_losses)
+        report["bf16 losses"] = losses
         assert losses[-1] < losses[0], losses
 
         # ---- a sharded layer dequantizes by gathering, equal to the single-process weight ---------------------
@@ -159,7 +174,7 @@ def _worker(rank, tmp):
             dk.merge(model)
 
         # ---- the rank-0 full state dict is byte-equal to the single-process (bitsandbytes-format) dict --------
-        ref_sd = ref.state_dict()
+        ref_sd = {k: v.cpu() for k, v in ref.state_dict().items()}
         full = dkd.full_state_dict(model)
         plain = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if rank == 0:
@@ -171,14 +186,14 @@ def _worker(rank, tmp):
                 if ".quant_state." in k:  # torch's own full dict: the same JSON, padded to a fixed length
                     assert json.loads(bytes(plain[k].tolist())) == json.loads(bytes(v.tolist())), k
                 else:
-                    assert torch.equal(plain[k], v), k
+                    assert torch.equal(plain[k].cpu(), v), k
         else:
             assert full == {} and plain == {}
 
         # ---- broadcast from rank 0 into a model quantized on the meta device, then sharded --------------------
         ref_grads, _ = _reference(dk.LoRA, ids)
         fresh = dkd.shard(_build(meta=True))
-        fresh.to_empty(device="cpu")
+        fresh.to_empty(device=DEVICE)
         persistent = set(ref.state_dict())
         with torch.no_grad():  # non-persistent buffers (rotary inv_freq) are recomputed, not loaded, as after any meta init
             for n, buf in ref.named_buffers():
@@ -188,7 +203,7 @@ def _worker(rank, tmp):
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         _loss(fresh, ids_r).backward()
         worst = max(rel(_full(p.grad), ref_grads[n]) for n, p in _trainable(fresh).items())
-        assert worst < 1e-6, f"broadcast_from_rank0 load: gradients differ by {worst:.2e}"
+        assert worst < TOL, f"broadcast_from_rank0 load: gradients differ by {worst:.2e}"
         report["broadcast load"] = worst
 
         # ---- DCP: save sharded, load into a freshly built sharded model (other seed): values and grads equal --
@@ -198,10 +213,11 @@ def _worker(rank, tmp):
         dcp.load(sd, checkpoint_id=f"{tmp}/dcp")
         set_model_state_dict(other, sd)
         for k, v in dkd.full_state_dict(other, cpu_offload=False).items():
-            assert torch.equal(v, ref_sd[k]), k
+            assert torch.equal(v.cpu(), ref_sd[k]), k
         _loss(other, ids_r).backward()
         worst = max(rel(_full(p.grad), ref_grads[n]) for n, p in _trainable(other).items())
-        assert worst < 1e-6, f"DCP round trip: gradients differ by {worst:.2e}"
+        assert worst < TOL, f"DCP round trip: gradients differ by {worst:.2e}"
+        report["dcp round trip"] = worst
 
         # ---- deltas saved from live shards (deltakern's format and PEFT's), loaded into a sharded model -------
         target = "model.layers.0.self_attn.q_proj.lora_B"
@@ -287,3 +303,15 @@ def test_fsdp_shards_at_world_8_on_the_fake_process_group():
         assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     finally:
         dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    # The same checks on GPUs with NCCL (and the Triton kernels), one process per GPU:
+    #     OUT=/tmp/out torchrun --nproc-per-node <gpus> tests/test_distributed.py
+    # writes $OUT/report.json. With one GPU the world is 1: nothing is split, but every path runs.
+    # Without a GPU the same command runs gloo on the CPU.
+    out = os.environ.get("OUT", "/tmp")
+    backend = os.environ.get("BACKEND", "nccl" if torch.cuda.is_available() else "gloo")
+    _worker(int(os.environ["RANK"]), out, backend=backend, world=int(os.environ["WORLD_SIZE"]))
+    if int(os.environ["RANK"]) == 0:
+        print(open(os.path.join(out, "report.json")).read())
