@@ -172,6 +172,10 @@ def _worker(rank, tmp, backend="gloo", world=WORLD):
         assert torch.equal(nf4.dequantize(layer.weight), nf4.dequantize(dk.methods.base.get_module(ref, name).weight))
         with pytest.raises(ValueError, match="NF4"):
             dk.merge(model)
+        dense = llama().to(DEVICE)
+        dk.apply(dense, dk.LoRA(r=4))
+        with pytest.raises(ValueError, match="sharded"):
+            dk.merge(dkd.shard(dense))
 
         # ---- the rank-0 full state dict is byte-equal to the single-process (bitsandbytes-format) dict --------
         ref_sd = {k: v.cpu() for k, v in ref.state_dict().items()}
