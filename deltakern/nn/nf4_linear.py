@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from deltakern import nf4
+from deltakern import _codes, nf4
 
 _HOLDERS = ("_nf4_codes", "_nf4_scales")
 _META = ("shape", "dtype", "blocksize", "quant_type", "offset", "nested_blocksize", "quant_storage")
@@ -141,14 +141,14 @@ class NF4Linear(nn.Module):
         itemsize = torch.empty((), dtype=quant_storage).element_size()
         if ((n + 1) // 2) % itemsize:
             raise ValueError(f"{(n + 1) // 2} packed bytes do not fill whole {quant_storage} elements")
-        code = nf4._codes.nf4_code("cpu") if quant_type == "nf4" else nf4._codes.fp4_code("cpu")
+        code = _codes.nf4_code("cpu") if quant_type == "nf4" else _codes.fp4_code("cpu")
         weight = nf4.NF4Weight(
             packed=torch.empty(((n + 1) // 2) // itemsize, 1, dtype=quant_storage, device=device),
             absmax=torch.empty(blocks, dtype=torch.uint8 if double_quant else torch.float32, device=device),
             shape=torch.Size((out_f, in_f)), dtype=dtype, blocksize=blocksize, code=code.to(device),
             quant_type=quant_type,
             nested_absmax=torch.empty(-(-blocks // nf4.NESTED_BLOCKSIZE), device=device) if double_quant else None,
-            nested_code=nf4._codes.dynamic_map("cpu").to(device) if double_quant else None,
+            nested_code=_codes.dynamic_map("cpu").to(device) if double_quant else None,
             quant_storage=quant_storage,
         )
         b = torch.empty(out_f, dtype=dtype, device=device) if bias else None
@@ -158,6 +158,11 @@ class NF4Linear(nn.Module):
     def _fqn_modifiers(self) -> dict[str, str]:
         """For torch.distributed.checkpoint: the holders do not appear in state-dict names."""
         return {h: h for h in _HOLDERS}
+
+    @property
+    def nested(self) -> bool:
+        """Whether the block scales are double-quantized."""
+        return "nested_absmax" in self._nf4_scales.weight._buffers
 
     @property
     def is_sharded(self) -> bool:
@@ -203,8 +208,8 @@ class NF4Linear(nn.Module):
             if old[k] != meta[k]:
                 raise ValueError(f"this layer is sharded: its {k} is {old[k]!r} and cannot become {meta[k]!r} "
                                  f"(build the layer with that format before sharding it)")
-        if weight.nested != (old_nested := "nested_absmax" in self._nf4_scales.weight._buffers):
-            raise ValueError(f"this layer is sharded: double quantization is {old_nested} and cannot change")
+        if weight.nested != self.nested:
+            raise ValueError(f"this layer is sharded: double quantization is {self.nested} and cannot change")
         absmax = weight.absmax if weight.nested else weight.absmax.view(torch.int32)
         with torch.no_grad():
             for param, full in zip(self.nf4_parameters(), (weight.packed, absmax)):
@@ -222,7 +227,7 @@ class NF4Linear(nn.Module):
         """The NF4 weight, assembled from this module's (current-device) tensors."""
         parts = self._nf4_scales.weight
         packed, absmax = self.nf4_parameters()
-        nested = "nested_absmax" in parts._buffers
+        nested = self.nested
         if not nested:
             absmax = _view(absmax, torch.float32)
         return nf4.NF4Weight(packed=packed, absmax=absmax, code=parts.quant_map,
@@ -237,8 +242,7 @@ class NF4Linear(nn.Module):
     def extra_repr(self) -> str:
         m = self._meta
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"{m['quant_type']}, blocksize={m['blocksize']}, nested={'nested_absmax' in self._nf4_scales.weight._buffers}, "
-                f"dtype={_short(m['dtype'])}")
+                f"{m['quant_type']}, blocksize={m['blocksize']}, nested={self.nested}, dtype={_short(m['dtype'])}")
 
     # ---- state dict in bitsandbytes' format ------------------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
