@@ -135,6 +135,10 @@ class NF4Linear(nn.Module):
         device by default: no memory), ready for `load_state_dict`, `set_model_state_dict` or a DCP
         load. Its offset is 0.0 until loaded; do not compute with it before."""
         nf4.check_blocksize(blocksize)
+        if quant_type not in nf4.QUANT_TYPES:
+            raise ValueError(f"quant_type must be one of {nf4.QUANT_TYPES}, got {quant_type!r}")
+        if len(shape) != 2 or min(shape) <= 0:
+            raise ValueError(f"shape must be [out_features, in_features] > 0, got {tuple(shape)}")
         out_f, in_f = (int(s) for s in shape)
         n = out_f * in_f
         blocks = -(-n // blocksize)
