@@ -249,6 +249,14 @@ def _worker(rank, tmp, backend="gloo", world=WORLD):
                     assert (got == want).all(), n
                 else:
                     assert torch.equal(got, _full(dict(_trainable(model))[n])), n
+        bare = llama()
+        dk.quantize(bare, progress=False)
+        bare = dkd.shard(bare.to(DEVICE))
+        with pytest.warns(UserWarning, match="already sharded"):  # a new delta on a sharded model: inference only
+            dk.load_delta(bare, f"{tmp}/delta")
+        with torch.no_grad():
+            assert rel(_loss(bare, ids_r), _loss(into, ids_r)) < TOL
+
         # ---- the example (python -m deltakern.examples.fsdp_qlora), a few steps, in this process group -------
         from deltakern.examples import fsdp_qlora
 

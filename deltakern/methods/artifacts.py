@@ -292,7 +292,20 @@ def load_into_new_delta(model: nn.Module, name: str, methods: list, tensors: dic
                          + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
     base.new_delta(model, name, list(zip(methods, plans)),
                    before_attach=lambda i, app: copy_into(app, tensors, prefixes[i]))
+    _warn_if_sharded(model, name)
     return name
+
+
+def _warn_if_sharded(model: nn.Module, name: str):
+    from deltakern.nn.nf4_linear import is_dtensor
+
+    if any(is_dtensor(p) for p in model.parameters()):
+        import warnings
+
+        warnings.warn(f"delta {name!r} was created on a model already sharded with fully_shard: its parameters are "
+                      f"whole on every rank and FSDP does not reduce their gradients. That is fine for inference; to "
+                      f"train, apply the delta before sharding (then load_delta / load_peft_adapter load into it)",
+                      stacklevel=3)
 
 
 def load_delta(model: nn.Module, path: Union[str, os.PathLike], name: Optional[str] = None) -> str:
