@@ -2,6 +2,7 @@
 
     torchrun --nproc-per-node 2 -m deltakern.examples.fsdp_qlora            # CPU: gloo
     torchrun --nproc-per-node 8 -m deltakern.examples.fsdp_qlora --bf16     # GPUs: NCCL, bf16 compute
+    python -m deltakern.examples.fsdp_qlora                                 # one process (nothing split)
 
 The low-memory path, step by step:
 1. every rank builds the model on the meta device (no memory) and `deltakern.quantize` turns its
@@ -65,7 +66,13 @@ def main(argv=None) -> dict:
     cuda = torch.cuda.is_available()
     own_group = not dist.is_initialized()
     if own_group:
-        dist.init_process_group("nccl" if cuda else "gloo")
+        if "MASTER_ADDR" in os.environ:  # torchrun
+            dist.init_process_group("nccl" if cuda else "gloo")
+        else:  # plain `python -m`: one process
+            import tempfile
+
+            init = f"file://{tempfile.mkdtemp()}/pg"
+            dist.init_process_group("nccl" if cuda else "gloo", init_method=init, rank=0, world_size=1)
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
