@@ -231,6 +231,9 @@ class NF4Linear(nn.Module):
         """The NF4 weight, assembled from this module's (current-device) tensors."""
         parts = self._nf4_scales.weight
         packed, absmax = self.nf4_parameters()
+        if packed.dtype != self._meta["quant_storage"]:
+            raise TypeError(f"the packed codes were cast to {packed.dtype} (stored as {self._meta['quant_storage']}); "
+                            f"FSDP mixed precision casts floating parameters: use quant_storage=torch.uint8")
         nested = self.nested
         if not nested:
             absmax = _view(absmax, torch.float32)
