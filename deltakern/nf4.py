@@ -109,6 +109,41 @@ class NF4Weight:
         """The packed codes as a flat uint8 tensor (a view, whatever `quant_storage` is)."""
         return self.packed.reshape(-1).view(torch.uint8)
 
+    # ---- the names bitsandbytes' state-dict keys use (torch.distributed.checkpoint walks them) ------
+    @property
+    def quant_map(self) -> torch.Tensor:
+        """Alias of `code` (key `weight.quant_map`)."""
+        return self.code
+
+    @property
+    def nested_quant_map(self) -> Optional[torch.Tensor]:
+        """Alias of `nested_code` (key `weight.nested_quant_map`)."""
+        return self.nested_code
+
+    @property
+    def quant_state(self) -> "_QuantStateKey":
+        """`quant_state.bitsandbytes__nf4` (or `__fp4`): the packed quant-state JSON."""
+        return _QuantStateKey(self)
+
+    @property
+    def is_sharded(self) -> bool:
+        """Whether the codes or scales are DTensors (shards of an FSDP-sharded layer)."""
+        from deltakern.nn.nf4_linear import is_dtensor
+
+        return is_dtensor(self.packed) or is_dtensor(self.absmax)
+
+    def gathered(self) -> "NF4Weight":
+        """This weight with sharded (DTensor) parts all-gathered into whole tensors; itself when
+        nothing is sharded. A collective: on a sharded model every rank must call it."""
+        from deltakern.nn.nf4_linear import is_dtensor
+
+        full = lambda t: t.full_tensor() if is_dtensor(t) else t  # noqa: E731
+        if not any(is_dtensor(t) for t in (self.packed, self.absmax, self.code, self.nested_absmax, self.nested_code)):
+            return self
+        return replace(self, packed=full(self.packed), absmax=full(self.absmax), code=full(self.code),
+                       nested_absmax=None if self.nested_absmax is None else full(self.nested_absmax),
+                       nested_code=None if self.nested_code is None else full(self.nested_code))
+
     def to(self, device) -> "NF4Weight":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return replace(
@@ -242,6 +277,18 @@ class NF4Weight:
         return out
 
 
+class _QuantStateKey:
+    """What `weight.quant_state` resolves to when a state-dict key is walked attribute by attribute."""
+
+    def __init__(self, weight: NF4Weight):
+        self._weight = weight
+
+    def __getattr__(self, name):
+        if name == f"bitsandbytes__{self._weight.quant_type}":
+            return self._weight.to_bnb_state_dict("w")[f"w.quant_state.{name}"]
+        raise AttributeError(name)
+
+
 def _check_table(name: str, t: torch.Tensor, size: int):
     if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.numel() != size:
         raise ValueError(f"{name} must be an fp32 tensor of {size} values, got {getattr(t, 'dtype', type(t))} "
@@ -331,6 +378,8 @@ def dequantize(q: NF4Weight, dtype: Optional[torch.dtype] = None) -> torch.Tenso
     dtype = q.dtype if dtype is None else dtype
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+    if type(q.packed) is not torch.Tensor and type(q.packed) is not torch.nn.Parameter:
+        q = q.gathered()  # a sharded weight (FSDP, outside its forward): gather, never use one shard
     flat = torch.ops.deltakern.nf4_dequantize(
         q.packed_bytes(), q.absmax, q.nested_absmax, q.nested_code, q.offset, q.code, q.numel, q.blocksize, dtype
     )

@@ -37,6 +37,8 @@ def quantize(model: nn.Module, skip=("lm_head",), blocksize: int = 64, double_qu
 
     One layer at a time, on the layer's own device: the extra peak memory is about one layer's
     dense weight. Returns the number of layers and the bytes of their weights before and after.
+    Layers on the meta device become empty NF4 layers (`NF4Linear.empty`, no memory), ready for
+    `load_state_dict(..., assign=True)`, `set_model_state_dict` or a DCP load after sharding.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -65,5 +67,5 @@ def quantize(model: nn.Module, skip=("lm_head",), blocksize: int = 64, double_qu
         q = NF4Linear.from_linear(linear, blocksize=blocksize, double_quant=double_quant, quant_storage=quant_storage)
         setattr(parent, child, q)
         del linear
-        after += _tensor_bytes(q)
+        after += q.weight.nbytes + (0 if q.bias is None else q.bias.numel() * q.bias.element_size())
     return QuantizeSummary(len(targets), before, after, skipped)

@@ -991,9 +991,10 @@ def test_loading_a_delta_under_a_taken_name_names_the_clash(tmp_path):
         dk.load_delta(model, tmp_path / "lora")
     assert dk.deltas(model) == ["task"]
     assert dk.load_delta(model, tmp_path / "lora", name="task2") == "task2" and dk.deltas(model) == ["task", "task2"]
-    dk.save_peft_adapter(model, tmp_path / "peft")
-    with pytest.raises(ValueError, match=r"already has a delta named 'task2'.*name='\.\.\.'"):
-        dk.load_peft_adapter(model, tmp_path / "peft", name="task2")
+    dk.save_peft_adapter(model, tmp_path / "peft")  # task2's LoRA: loads into 'task2' itself (a resume), not 'task'
+    with pytest.raises(ValueError, match=r"already has a delta named 'task' holding DoRA.*name='\.\.\.'"):
+        dk.load_peft_adapter(model, tmp_path / "peft", name="task")
+    assert dk.load_peft_adapter(model, tmp_path / "peft", name="task2") == "task2"
 
 
 def test_nn_modules_take_the_methods_defaults_and_warn_on_too_high_a_rank():

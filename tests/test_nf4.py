@@ -10,7 +10,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import deltakern
 from _helpers import bnb_dequantize_4bit
 from deltakern import NF4Weight, nf4
 from deltakern._codes import dynamic_map, dynamic_midpoints, fp4_code, nf4_code, nf4_thresholds

@@ -36,8 +36,9 @@ from typing import Optional, Union
 from torch import nn
 
 from deltakern.methods import base
-from deltakern.methods.artifacts import _write_atomic, load_into_new_delta
-from deltakern.methods.addition import PromptTuning
+from deltakern.methods.artifacts import (_write_atomic, copy_full_into, full_cpu, live_params, load_into_new_delta,
+                                        write_on_rank0)
+from deltakern.methods.prompt import PromptTuning
 from deltakern.methods.reparam import DoRA, LoRA
 
 CONFIG_NAME = "adapter_config.json"
@@ -77,11 +78,10 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], name: Opt
         for n, w in a.wrappers.items():
             layers[n] = (a.method.r, a.method.alpha)
             fan_in_fan_out = fan_in_fan_out or bool(getattr(w, "fan_in_fan_out", False))
-            tensors[f"{PREFIX}{n}.lora_A.weight"] = w.lora_A.detach().to("cpu", copy=True).contiguous()
-            tensors[f"{PREFIX}{n}.lora_B.weight"] = w.lora_B.detach().to("cpu", copy=True).contiguous()
+            tensors[f"{PREFIX}{n}.lora_A.weight"] = full_cpu(w.lora_A)  # the live (maybe sharded) parameters
+            tensors[f"{PREFIX}{n}.lora_B.weight"] = full_cpu(w.lora_B)
             if use_dora:
-                tensors[f"{PREFIX}{n}.lora_magnitude_vector"] = (
-                    w.lora_magnitude_vector.detach().to("cpu", copy=True).contiguous())
+                tensors[f"{PREFIX}{n}.lora_magnitude_vector"] = full_cpu(w.lora_magnitude_vector)
     r0 = Counter(r for r, _ in layers.values()).most_common(1)[0][0]
     a0 = Counter(al for _, al in layers.values()).most_common(1)[0][0]
     config = {
@@ -106,9 +106,13 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], name: Opt
         "revision": None,
     }
     out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _write_atomic(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
+
+    def write():
+        out.mkdir(parents=True, exist_ok=True)
+        _write_atomic(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+        _write_atomic(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
+
+    write_on_rank0(write)  # on a distributed model: rank 0 writes, the other ranks wait
     return out
 
 
@@ -201,9 +205,12 @@ def _pattern_value(patterns: dict, module: str, default):
 
 
 def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], name: str = "default") -> str:
-    """Load a PEFT LoRA/DoRA (or PROMPT_TUNING) adapter directory onto `model` (the same base model it was
-    trained on) as deltakern delta `name`, made active; returns the name. Checks everything before changing
-    the model."""
+    """Load a PEFT LoRA/DoRA (or PROMPT_TUNING) adapter directory onto `model` (the same base model it was trained on) as
+    deltakern delta `name`, made active; returns the name. Checks everything before changing the model.
+
+    When the model already has delta `name` with the same LoRA/DoRA layers (e.g. applied before
+    `fully_shard`, whose sharded parameters cannot be replaced), the tensors are loaded into it."""
+
     base._check_model(model)
     base._check_name(name)
     path = Path(path)
@@ -212,9 +219,7 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], name: str
         if not p.is_file():
             raise FileNotFoundError(f"{p} is missing: not a PEFT adapter directory")
     st = base._state(model)
-    if st is not None and name in st.deltas:
-        raise ValueError(f"the model already has a delta named {name!r}: pass another name to load this adapter "
-                         f"beside it (load_peft_adapter(model, path, name='...')), or remove(model, {name!r}) first")
+    existing = st is not None and name in st.deltas
     try:
         cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as exc:
@@ -261,6 +266,8 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], name: str
             raise ValueError(f"{cfg_path}: {module} has lora_alpha {alpha!r}")
         groups.setdefault((r, alpha), []).append(module)
     cls = DoRA if use_dora else LoRA
+    if existing:
+        return _load_into_existing(model, name, cls, layers, groups, use_rslora, w_path)
     methods, local, prefixes, saved_targets = [], {}, [], []
     for i, ((r, alpha), modules) in enumerate(sorted(groups.items(), key=lambda kv: sorted(kv[1])[0])):
         methods.append(cls(r=r, alpha=alpha, target=["^" + re.escape(n) + "$" for n in sorted(modules)],
@@ -274,3 +281,54 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], name: str
             if use_dora:
                 local[f"{i}.{n}.lora_magnitude_vector"] = layers[n]["lora_magnitude_vector"]
     return load_into_new_delta(model, name, methods, local, prefixes, saved_targets)
+
+
+def _load_into_existing(model, name, cls, layers, groups, use_rslora, w_path) -> str:
+    """Load the adapter's tensors into delta `name`, which must hold the same LoRA/DoRA layers (module,
+    rank, alpha, rsLoRA) and nothing else: e.g. to resume training of a model sharded with fully_shard,
+    whose parameters cannot be replaced. Checks everything first; then copies and activates the delta."""
+    st = base._state(model)
+    apps = st.deltas[name]
+    if st.merged and st.active == name:
+        raise RuntimeError(f"delta {name!r} is merged; unmerge(model) before loading into it")
+    have = {}
+    for a in apps:
+        if type(a.method) is not cls or a.method.use_rslora != use_rslora:
+            raise ValueError(f"the model already has a delta named {name!r} holding {a.method.describe()}; the "
+                             f"adapter is {cls.__name__}{' with rsLoRA' if use_rslora else ''}: remove it, or load "
+                             f"the adapter beside it under another name (load_peft_adapter(model, path, name='...'))")
+        for n in a.wrappers:
+            have[n] = (a, a.method.r, a.method.alpha)
+    want = {n: (r, alpha) for (r, alpha), modules in groups.items() for n in modules}
+    if set(have) != set(want):
+        extra, missing = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+        raise ValueError(f"the model already has a delta named {name!r}, and its layers differ from the adapter's "
+                         + (f"(only the adapter has {extra[:3]})" if extra else f"(only the model has {missing[:3]})")
+                         + "; remove it, or load the adapter beside it under another name "
+                         "(load_peft_adapter(model, path, name='...'))")
+    for n, (r, alpha) in want.items():
+        if have[n][1:] != (r, alpha):
+            raise ValueError(f"{n}: the model's delta {name!r} has r={have[n][1]}, alpha={have[n][2]}; the adapter "
+                             f"r={r}, alpha={alpha}")
+    todo = []
+    for a in apps:
+        params = live_params(model, a)
+        for n in a.wrappers:
+            parts = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+            if cls is DoRA:
+                parts["lora_magnitude_vector"] = "lora_magnitude_vector"
+            for attr, key in parts.items():
+                p, t = params[f"{n}.{attr}"], layers[n][key]
+                if tuple(t.shape) != tuple(p.shape) or not t.is_floating_point():
+                    raise ValueError(f"{w_path}: {n}.{key} has shape {tuple(t.shape)} ({t.dtype}), the model needs "
+                                     f"{tuple(p.shape)}")
+                todo.append((p, t))
+    for p, t in todo:
+        copy_full_into(p, t)
+    for a in apps:
+        for w in a.wrappers.values():
+            cache = getattr(w, "_norm_cache", None)
+            if cache is not None:
+                cache.clear()
+    base.activate(model, name)
+    return name

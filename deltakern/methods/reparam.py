@@ -168,6 +168,12 @@ def adapter_dtype(method, linear) -> torch.dtype:
     return dtype
 
 
+def _is_dtensor(t) -> bool:
+    from deltakern.nn.nf4_linear import is_dtensor
+
+    return is_dtensor(t)
+
+
 class _LowRankApplication(Application):
     mergeable = True
 
@@ -210,6 +216,10 @@ class _LowRankApplication(Application):
                     raise ValueError(f"cannot merge into {n}: its base weight is NF4 (merging would requantize, which "
                                      f"is lossy and cannot be undone); keep the delta unmerged, or load the delta onto a "
                                      f"dense base and merge there")
+                if any(_is_dtensor(t) for t in w.parameters()) or any(_is_dtensor(t) for t in w.base.parameters()):
+                    raise ValueError(f"cannot merge into {n}: the layer is sharded (FSDP), each rank holds only part of "
+                                     f"it; merge before sharding, or load deltakern.distributed.full_state_dict(model) "
+                                     f"into an unsharded model and merge there")
                 w.merge()
                 done.append(w)
         except Exception:

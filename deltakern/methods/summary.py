@@ -25,13 +25,15 @@ def delta_state_dict(model: nn.Module, name: Optional[str] = None) -> dict[str, 
 
 
 def _model_numel(model: nn.Module) -> int:
-    n = sum(p.numel() for p in model.parameters())
-    seen = set()
+    seen, packed = set(), set()
+    n = 0
     for m in model.modules():
         w = getattr(m, "weight", None)
         if isinstance(w, NF4Weight) and id(m) not in seen:
             seen.add(id(m))
             n += w.numel
+            packed.update(id(p) for p in getattr(m, "nf4_parameters", list)())
+    n += sum(p.numel() for p in model.parameters() if id(p) not in packed)
     return n
 
 
