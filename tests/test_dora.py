@@ -507,6 +507,8 @@ KERNEL_CASES = [  # (M, K, N, r, kind, dtype, dropout)
     (17, 100, 40, 16, "dense", torch.float16, True),
     (7, 100, 40, 5, "nf4", torch.float16, False),
     (9, 40, 33, 4, "nf4", torch.bfloat16, True),
+    (7, 64, 37, 4, "nf4", torch.float32, True),  # K % blocksize == 0: the vector-load NF4 tile path
+    (5, 96, 40, 5, "nf4", torch.bfloat16, False),
 ]
 
 
@@ -602,9 +604,10 @@ def test_triton_colsum(tk, M, K, N, r, kind, dtype, drop):
 
 @pytest.mark.parametrize("kind,dtype", [("dense", torch.float32), ("nf4", torch.float32), ("nf4", torch.float16),
                                         ("dense", torch.bfloat16)])
-def test_triton_norm_parts_and_ctw(tk, kind, dtype):
+@pytest.mark.parametrize("K", [130, 128])
+def test_triton_norm_parts_and_ctw(tk, kind, dtype, K):
     _, dk = tk
-    N, K, r = 45, 130, 3
+    N, r = 45, 3
     x, W, b, A, B, g, keep, (w, nq) = _kernel_problem(2, K, N, r, kind, dtype, False, seed=12)
     wa, sq = dk.norm_parts(w, A, N, nf4=nq)
     assert wa.shape == (N, r) and sq.shape == (N,) and wa.dtype == sq.dtype == torch.float32
@@ -618,11 +621,13 @@ def test_triton_norm_parts_and_ctw(tk, kind, dtype):
     torch.testing.assert_close(got.double(), C.double().t() @ Wd, rtol=1e-5, atol=1e-5)
 
 
-def test_triton_nf4_tile_decode_is_exact(tk):
+@pytest.mark.parametrize("K", [33, 64])
+def test_triton_nf4_tile_decode_is_exact(tk, K):
     """W A^T with A = I gives W^T exactly in fp32: the in-register decode is bit-exact (odd K, rows
-    straddling bytes and blocks), and the plain forward with x = I gives W^T too."""
+    straddling bytes and blocks; K = 64: the aligned vector-load path), and the plain forward with
+    x = I gives W^T too."""
     lin, dk = tk
-    N, K = 20, 33
+    N = 20
     q = nf4.quantize(rand((N, K), 21, 0.3), blocksize=32).to(DEV)
     nq = (q.absmax_fp32(), q.code, q.blocksize)
     dense = q.dequantize(torch.float32)

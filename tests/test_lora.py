@@ -264,6 +264,8 @@ KERNEL_CASES = [  # (M, K, N, r, kind, dtype, bias/mask)
     (17, 100, 48, 16, "nf4", torch.float16, True),
     (17, 100, 48, 16, "dense", torch.float16, False),
     (9, 100, 40, 4, "nf4", torch.bfloat16, True),
+    (7, 64, 40, 4, "nf4", torch.float32, True),  # K % blocksize == 0: the vector-load NF4 tile path
+    (6, 96, 37, 16, "nf4", torch.float16, False),
 ]
 
 
@@ -309,7 +311,7 @@ def test_triton_backward_dx(tk, M, K, N, r, kind, dtype, flag):
     assert_rule(base, plain, ref, dtype, "dx (reference)")
 
 
-@pytest.mark.parametrize("K,blocksize", [(33, 32), (100, 64)])
+@pytest.mark.parametrize("K,blocksize", [(33, 32), (100, 64), (64, 32), (128, 64)])
 def test_triton_nf4_tile_decode_is_exact(tk, K, blocksize):
     """x = I makes out = W^T exactly in fp32: checks the in-register dequantization bit for bit,
     with rows that straddle bytes (odd K) and blocks."""

@@ -50,6 +50,35 @@ def w_tile(w_ptr, absmax_ptr, code_ptr, rows, cols, N, K, stride_wn, stride_wk,
 
 
 @triton.jit
+def nf4_rows_tile(w_ptr, absmax_ptr, code_ptr, rows, k0, N, K,
+                  ROWS: tl.constexpr, BK: tl.constexpr, NF4_BLOCK: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """W[rows, k0 : k0 + BK] as [ROWS, BK] in OUT_DTYPE (0 outside [N, K]) for an NF4 weight whose rows
+    start on a block (K % NF4_BLOCK == 0, so K is even and no block or byte straddles two rows).
+
+    One vector load of the BK / 2 packed bytes of each row, split into (high, low) nibbles and
+    joined back in element order; one fp32 absmax per (row, block), broadcast over the block's
+    columns (BK / NF4_BLOCK of them per row when BK > NF4_BLOCK, else one); the code value gathered
+    from the 64-byte table (L1-resident). w = cast(fp32(code[nibble] * absmax)), the dequantize rule.
+    k0 is a multiple of BK, and BK and NF4_BLOCK are powers of two, so a tile never straddles a block
+    unless it covers whole blocks.
+    """
+    half_k = K // 2
+    kb = k0 // 2 + tl.arange(0, BK // 2)
+    row_ok = rows < N
+    b = tl.load(w_ptr + rows[:, None] * half_k + kb[None, :], mask=row_ok[:, None] & (kb[None, :] < half_k),
+                other=0).to(tl.int32)
+    nib = tl.reshape(tl.join(b >> 4, b & 15), (ROWS, BK))  # element 2j: high nibble of byte j
+    level = tl.load(code_ptr + nib)
+    NB: tl.constexpr = BK // NF4_BLOCK if BK > NF4_BLOCK else 1
+    WIDTH: tl.constexpr = BK // NB
+    cb = k0 + tl.arange(0, NB) * WIDTH  # first column of each block in the tile
+    scale = tl.load(absmax_ptr + (rows[:, None] * K + cb[None, :]) // NF4_BLOCK,
+                    mask=row_ok[:, None] & (cb[None, :] < K), other=0.0)  # [ROWS, NB]; 0 outside
+    w = tl.reshape(level, (ROWS, NB, WIDTH)) * scale[:, :, None]
+    return tl.reshape(w, (ROWS, BK)).to(OUT_DTYPE)
+
+
+@triton.jit
 def mma(a, b, acc, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """acc + a.b; DOT_FP32 upcasts both operands (the interpreter mis-computes bf16 dots)."""
     if DOT_FP32:
@@ -165,6 +194,12 @@ def check(cond, msg):
 def r_pad(r):
     check(1 <= r <= MAX_R, f"LoRA rank r={r} is outside the kernels' range [1, {MAX_R}]")
     return max(16, triton.next_power_of_2(r))
+
+
+def nf4_aligned(is_nf4, K, blocksize):
+    """Whether an NF4 weight's rows start on a block (K % blocksize == 0): the kernels then take the
+    vector-load path (nf4_rows_tile) instead of gathering every element by its flat index."""
+    return int(bool(is_nf4) and K % blocksize == 0)
 
 
 def m_bucket(m):
