@@ -173,6 +173,9 @@ def _modes(M):
             ("dequantize", "nested", lambda: _nf4.dequantize_nf4(
                 packed, _e(nb, dtype=torch.uint8), n, BLOCK_, DT, code, _e(-(-nb // 256), dtype=torch.float32),
                 _e(256, dtype=torch.float32), 0.01)),
+            ("dequantize", "nested,fp16", lambda: _nf4.dequantize_nf4(
+                packed, _e(nb, dtype=torch.uint8), n, BLOCK_, torch.float16, code,
+                _e(-(-nb // 256), dtype=torch.float32), _e(256, dtype=torch.float32), 0.01)),
         ]
     return out
 
@@ -339,6 +342,7 @@ def analyse(job, arch):
     if job["kernel"] == "dequantize":
         outputs = 2 * job["tile"]["BLOCK"]
         ipe, unit = stats["sass_instructions"] * 32 * warps / outputs, "thread-insn per output element"
+        stats = dict(stats, loop_instructions=None)  # straight-line: the whole program is counted
     else:
         elems = _elements_per_iteration(job)
         loop_n = stats["loop_instructions"]

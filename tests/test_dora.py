@@ -842,7 +842,7 @@ for weight in ("dense", "nf4"):
         for mode in ("plain", "dora", "drop", "colsum", "colsum_drop"):
             bm, bn, bk, grp, w, s = L._CONFIGS[("fwd", weight)][0]
             colsum = mode.startswith("colsum")
-            c = dict(IS_NF4=nf4, NF4_BLOCK=64, HAS_LORA=int(mode != "plain"), HAS_SCALE=int(mode in ("dora", "drop")),
+            c = dict(IS_NF4=nf4, NF4_BLOCK=64, NF4_ALIGNED=nf4, HAS_LORA=int(mode != "plain"), HAS_SCALE=int(mode in ("dora", "drop")),
                      HAS_BIAS=int(not colsum), DROP=int(mode.endswith("drop")), COLSUM=int(colsum),
                      COLMASK=int(mode == "colsum"),
                      R_PAD=16, DOT_FP32=0, INPUT_PRECISION="tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=grp)
@@ -850,7 +850,7 @@ for weight in ("dense", "nf4"):
             assert compile_(L._fwd_kernel, ptrs(L._fwd_kernel, dt, nf4, extra), c, w, s, f"fwd {weight} {dt} {mode}")
         for mode in ("bitfit", "dora", "drop", "sums"):
             bm, bn, bk, grp, w, s = L._CONFIGS[("dx", weight)][0]
-            c = dict(IS_NF4=nf4, NF4_BLOCK=64, COMPUTE_DX=int(mode != "sums"), HAS_SCALE=int(mode in ("dora", "drop")),
+            c = dict(IS_NF4=nf4, NF4_BLOCK=64, NF4_ALIGNED=nf4, COMPUTE_DX=int(mode != "sums"), HAS_SCALE=int(mode in ("dora", "drop")),
                      HAS_LORA=int(mode in ("dora", "drop")), DROP=int(mode == "drop"), DB=1, CY=int(mode != "bitfit"),
                      HAS_BIAS=1, R_PAD=16, DOT_FP32=0, INPUT_PRECISION="tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                      GROUP_M=grp)
@@ -858,11 +858,11 @@ for weight in ("dense", "nf4"):
                            f"dx {weight} {dt} {mode}")
             assert mma or mode == "sums"
     bn, bk = D._NORM_TILE
-    c = dict(IS_NF4=nf4, NF4_BLOCK=64, SUMSQ=1, R_PAD=16, DOT_FP32=0, INPUT_PRECISION="tf32", BLOCK_N=bn, BLOCK_K=bk)
+    c = dict(IS_NF4=nf4, NF4_BLOCK=64, NF4_ALIGNED=nf4, SUMSQ=1, R_PAD=16, DOT_FP32=0, INPUT_PRECISION="tf32", BLOCK_N=bn, BLOCK_K=bk)
     compile_(D._norm_parts_kernel, ptrs(D._norm_parts_kernel, "bf16", nf4, {"wa_ptr": "*fp32", "sq_ptr": "*fp32"}), c,
              4, 2 if nf4 else 3, f"norm_parts {weight}")
     bn, bk = D._CTW_TILE
-    c = dict(IS_NF4=nf4, NF4_BLOCK=64, R_PAD=16, DOT_FP32=0, INPUT_PRECISION="tf32", BLOCK_N=bn, BLOCK_K=bk)
+    c = dict(IS_NF4=nf4, NF4_BLOCK=64, NF4_ALIGNED=nf4, R_PAD=16, DOT_FP32=0, INPUT_PRECISION="tf32", BLOCK_N=bn, BLOCK_K=bk)
     compile_(D._ctw_kernel, ptrs(D._ctw_kernel, "bf16", nf4, {"out_ptr": "*fp32"}), c, 4, 2 if nf4 else 3,
              f"ctw {weight}")
 """

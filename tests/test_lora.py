@@ -362,7 +362,7 @@ for kernel, weight, dt, prec in [("fwd", "dense", "bf16", "tf32"), ("fwd", "nf4"
     if nf4:
         types["w_ptr"] = "*u8"
     flag = "HAS_BIAS" if kernel == "fwd" else "HAS_MASK"
-    consts = {"IS_NF4": nf4, "NF4_BLOCK": 64, flag: 1, "R_PAD": 16, "DOT_FP32": 0, "INPUT_PRECISION": prec,
+    consts = {"IS_NF4": nf4, "NF4_BLOCK": 64, "NF4_ALIGNED": nf4, flag: 1, "R_PAD": 16, "DOT_FP32": 0, "INPUT_PRECISION": prec,
               "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group}
     consts.update({name: 1 for name in unit if name in fn.arg_names})
     sig = {n: "constexpr" if n in consts else types.get(n, "fp32" if n in ("scaling", "mask_scale") else "i32")

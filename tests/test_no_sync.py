@@ -232,3 +232,29 @@ def test_dora_module_zero_row_in_training_is_raised_by_the_next_check():
     assert not torch.isfinite(y[:, 5]).all()
     with pytest.raises(ValueError, match="became zero"):
         check_dora_norms()
+
+
+def test_autotuning_during_graph_capture_is_refused(monkeypatch):
+    """Autotuning cannot be captured in a CUDA graph: a launch that would tune while capturing raises
+    (simulated on the CPU: a fake autotuner, `is_current_stream_capturing` patched, a cuda device)."""
+    triton = pytest.importorskip("triton")
+    from deltakern.triton_kernels import _common
+
+    class FakeTuner(triton.runtime.autotuner.Autotuner):
+        def __init__(self):  # only what _untuned_key reads
+            self.configs, self.arg_names, self.keys, self.cache = [1, 2], ["x", "M", "FLAG"], ["M", "FLAG"], {}
+            self.fn = type("F", (), {"__name__": "fake_kernel"})
+
+        def __getitem__(self, grid):
+            return lambda *a, **k: "launched"
+
+    tuner = FakeTuner()
+    x = torch.zeros(2)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(_common, "device_guard", lambda device: contextlib.nullcontext())
+    with pytest.raises(RuntimeError, match="autotune during CUDA graph capture"):
+        _common.launch(tuner, (1,), torch.device("cuda"), x, 64, FLAG=1)
+    tuner.cache[(64, 1, str(x.dtype))] = "tuned"  # tuned before capture: the launch goes ahead
+    assert _common.launch(tuner, (1,), torch.device("cuda"), x, 64, FLAG=1) == "launched"
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert _common.launch(tuner, (1,), torch.device("cuda"), x, 128, FLAG=1) == "launched"  # not capturing

@@ -180,8 +180,33 @@ def device_guard(device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def _untuned_key(kernel, args, kwargs):
+    """The autotuner key this launch would tune for, or None when it is tuned (or not autotuned).
+    Mirrors triton.runtime.autotuner.Autotuner.run (Triton 3.6): the key arguments, then the dtypes
+    of every argument that has one."""
+    if not isinstance(kernel, triton.runtime.autotuner.Autotuner) or len(kernel.configs) <= 1:
+        return None
+    named = {**dict(zip(kernel.arg_names, args)), **kwargs}
+    named = {k: v for k, v in named.items() if k in kernel.arg_names}
+    key = [named[k] for k in kernel.keys if k in named]
+    key += [str(v.dtype) for v in named.values() if hasattr(v, "dtype")]
+    key = tuple(key)
+    return None if key in kernel.cache else key
+
+
 def launch(kernel, grid, device, *args, **kwargs):
-    """kernel[grid](*args, **kwargs) on `device` (see device_guard)."""
+    """kernel[grid](*args, **kwargs) on `device` (see device_guard).
+
+    Autotuning times every config with real launches and synchronises, which a CUDA graph capture
+    cannot contain: a launch that would tune while the current stream is capturing raises instead
+    (run one eager step with the same shapes first, or pin the configs: DELTAKERN_TRITON_PIN=1)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        key = _untuned_key(kernel, args, kwargs)
+        if key is not None:
+            name = getattr(kernel.fn, "__name__", "a Triton kernel")
+            raise RuntimeError(
+                f"{name} would autotune during CUDA graph capture (key {key[:6]}...): run one eager step "
+                "with the same shapes before capturing, or set DELTAKERN_TRITON_PIN=1")
     with device_guard(device):
         return kernel[grid](*args, **kwargs)
 
@@ -194,6 +219,26 @@ def check(cond, msg):
 def r_pad(r):
     check(1 <= r <= MAX_R, f"LoRA rank r={r} is outside the kernels' range [1, {MAX_R}]")
     return max(16, triton.next_power_of_2(r))
+
+
+_pairs = {}
+
+
+def pair_table(code):
+    """int64 [256] for a 16-entry fp32 code book: entry b holds the fp32 bits of code[b >> 4] (low
+    word: the byte's first element) and of code[b & 15] (high word). One 8-byte load then decodes
+    both levels of a packed byte. Built on code's device with torch ops (no host copy), kept per
+    code tensor (storage and version)."""
+    key = (code.data_ptr(), code._version, code.device)
+    t = _pairs.get(key)
+    if t is None:
+        bits = code.reshape(-1).contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+        b = torch.arange(256, device=code.device)
+        t = bits[b >> 4] | (bits[b & 15] << 32)
+        if len(_pairs) > 64:
+            _pairs.clear()
+        _pairs[key] = t
+    return t
 
 
 def nf4_aligned(is_nf4, K, blocksize):

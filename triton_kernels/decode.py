@@ -26,19 +26,21 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DTYPES, INTERPRET, PIN, check, check_int32, dot_flags, launch, mma
+from ._common import DTYPES, INTERPRET, PIN, check, check_int32, dot_flags, launch, mma, pair_table  # noqa: F401
 
 MAX_M = 16
 
-_CONFIGS = [(64, 512, 4), (32, 512, 4), (64, 256, 4), (128, 256, 8), (32, 1024, 4)]  # (BLOCK_N, BLOCK_K, warps)
+# (BLOCK_N, BLOCK_K, warps, stages)
+# (the kernel report's sm_90 compiles: none spills; wider tiles did)
+_CONFIGS = [(64, 256, 4, 1), (32, 512, 4, 3), (32, 256, 4, 1)]
 if INTERPRET:
-    _CONFIGS = [(16, 64, 4)]
+    _CONFIGS = [(16, 64, 4, 1)]
 elif PIN:
     _CONFIGS = _CONFIGS[:1]
 
 
 @triton.autotune(
-    configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=3) for bn, bk, w in _CONFIGS],
+    configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bn, bk, w, s in _CONFIGS],
     key=["M_PAD", "N", "K", "NF4_BLOCK", "HAS_BIAS"],
 )
 @triton.jit
@@ -83,24 +85,6 @@ def _decode_kernel(
         acc += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + offs_m[:, None] * stride_om + rows[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
              mask=m_ok & row_ok[None, :])
-
-
-_pairs = {}
-
-
-def pair_table(code: torch.Tensor) -> torch.Tensor:
-    """int64 [256]: entry b holds the fp32 bits of code[b >> 4] (low word) and code[b & 15] (high
-    word). Built on code's device with torch ops (no host copy) and kept per code tensor."""
-    key = (code.data_ptr(), code._version, code.device)
-    t = _pairs.get(key)
-    if t is None:
-        bits = code.reshape(-1).contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-        b = torch.arange(256, device=code.device)
-        t = bits[b >> 4] | (bits[b & 15] << 32)
-        if len(_pairs) > 64:
-            _pairs.clear()
-        _pairs[key] = t
-    return t
 
 
 def decode_forward(x, weight, bias, N, nf4):

@@ -68,6 +68,12 @@ def _min_block_m(kernel, weight, M):
     return min(big) if (M > _SMALL_M and big) else min(bms)
 
 
+def _acc_per_thread(kernel, cfg):
+    """fp32 accumulator values one thread holds for a [BLOCK_M, output tile] accumulator."""
+    out = cfg.kwargs["BLOCK_N"] if kernel == "fwd" else cfg.kwargs["BLOCK_K"]
+    return cfg.kwargs["BLOCK_M"] * out // (32 * cfg.num_warps)
+
+
 def _prune(kernel, nf4):
     def prune(configs, named_args, **kwargs):
         elem = named_args["x_ptr" if kernel == "fwd" else "dy_ptr"].element_size()
@@ -75,6 +81,11 @@ def _prune(kernel, nf4):
         candidates = configs
         if named_args["M"] > _SMALL_M and any(c.kwargs["BLOCK_M"] >= 64 for c in configs):
             candidates = [c for c in configs if c.kwargs["BLOCK_M"] >= 64]
+        if drop and not kwargs.get("COLSUM", named_args.get("COLSUM", 0)):
+            # two fp32 accumulators: more than 64 values each per thread (32 beside the NF4 decode)
+            # spill (the kernel report's sm_90 compiles)
+            fit = [c for c in candidates if _acc_per_thread(kernel, c) <= (32 if nf4 else 64)]
+            candidates = fit or candidates
         kept = fit_smem(candidates, lambda cfg: smem_estimate(kernel, cfg, elem, nf4, drop))
         if not kept:  # nothing fits: the largest BLOCK_M (keeps the column-sum buffer large enough), 1 stage
             cfg = max(configs, key=lambda c: c.kwargs["BLOCK_M"])
