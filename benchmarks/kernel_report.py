@@ -410,6 +410,37 @@ def summary(records):
     return rows
 
 
+def markdown(records, before=None):
+    """A per-(kernel, mode) table for RESULTS.md: sm_90 worst registers and spills, configs that
+    spill on sm_90 / sm_80, instructions per element (best-worst config), configs whose main loop
+    waits on its wgmma. `before`: an earlier report's records, shown as "now (before)"."""
+    def groups(recs):
+        g = {}
+        for r in recs:
+            g.setdefault((r["kernel"], r["mode"]), {}).setdefault(r["arch"], []).append(r)
+        return g
+
+    def cells(d):
+        a, b = d.get("sm_90", []), d.get("sm_80", [])
+        ipes = [r["instructions_per_element"] for r in a if r["instructions_per_element"] is not None]
+        return [f"{len(a)}", f"{max(r['registers'] for r in a)}", f"{max(r['spill_bytes'] for r in a)}",
+                f"{sum(1 for r in a if r['spill_bytes'])}/{len(a)}",
+                f"{sum(1 for r in b if r['spill_bytes'])}/{len(b)}",
+                f"{min(ipes):.2f}-{max(ipes):.2f}" if ipes else "-",
+                f"{sum(1 for r in a if r['wgmma_wait0'])}/{len(a)}"]
+
+    now, old = groups(records), groups(before or [])
+    head = ["kernel", "mode", "configs", "max regs", "max spill B", "spilling sm_90", "spilling sm_80",
+            "insn/elem sm_90", "wgmma wait 0"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, d in now.items():
+        c = cells(d)
+        if key in old:
+            c = [f"{x} ({y})" if x != y else x for x, y in zip(c, cells(old[key]))]
+        lines.append("| " + " | ".join([key[0], key[1]] + c) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=[80, 90])
@@ -417,10 +448,19 @@ def main(argv=None):
     ap.add_argument("--subset", action="store_true", help="only the spill-risk configs (what the test compiles)")
     ap.add_argument("--jobs", type=int, default=max(1, min(4, os.cpu_count() or 1)))
     ap.add_argument("--only", help='a regex over "kernel mode config": compile only those')
+    ap.add_argument("--markdown", action="store_true", help="print the RESULTS.md table")
+    ap.add_argument("--before", type=Path, help="an earlier --json output to compare with (--markdown)")
+    ap.add_argument("--from-json", type=Path, help="read records from this --json output instead of compiling")
     ap.add_argument("--summary", action="store_true", help="print the per-mode summary instead of every record")
     a = ap.parse_args(argv)
     t0 = time.time()
-    records = report(tuple(a.arch), a.subset, a.jobs, a.only)
+    if a.from_json:
+        records = json.loads(a.from_json.read_text())
+    else:
+        records = report(tuple(a.arch), a.subset, a.jobs, a.only)
+    if a.markdown:
+        print(markdown(records, json.loads(a.before.read_text()) if a.before else None))
+        return records
     if a.summary:
         for s in summary(records):
             print(json.dumps(s))
