@@ -5,7 +5,7 @@ Compiles, with Triton's bundled ptxas and no GPU, per (kernel, mode) the config 
 accumulator values per thread (then the most pipeline stages) plus every config of the fixed-tile
 kernels: 50 of the 158 sm_90 compiles. Measured on the 2-core CI machine while it was shared (load
 average 3-5): 63 s with empty caches, 8 s once Triton's and the report's caches hold them.
-`make kernel-report` compiles all configs for sm_90 and sm_80 (~5 min cold on that machine).
+`make kernel-report` compiles all 316 (sm_90 and sm_80): 5 to 17 min cold on that machine under load.
 DELTAKERN_KERNEL_REPORT_FULL=1 makes this test check every config instead of the subset."""
 
 import json
