@@ -148,24 +148,41 @@ def _fwd_kernel(
             acc_x = lora * g[None, :]  # the launcher guarantees g with DROP
         else:
             acc = lora
-    for k0 in range(0, k_end, BLOCK_K):
-        ks = k0 + offs_k
-        ok = m_ok & (ks[None, :] < K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + ks[None, :] * stride_xk, mask=ok, other=0.0)
-        if NF4_ALIGNED:
-            wt = tl.trans(nf4_rows_tile(w_ptr, absmax_ptr, code_ptr, offs_n, k0, N, K, BLOCK_N, BLOCK_K, NF4_BLOCK,
-                                        cdt))
-        else:
+    if NF4_ALIGNED:
+        # the transposed products acc^T = W x_d^T (and W x^T): the decoded W tile is the MMA's left
+        # operand, read from registers, so the MMA stays asynchronous while the next tile decodes
+        acct = tl.trans(acc)
+        acc_xt = tl.trans(acc_x)
+        for k0 in range(0, k_end, BLOCK_K):
+            ks = k0 + offs_k
+            okt = (offs_m[None, :] < M) & (ks[:, None] < K)
+            xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + ks[:, None] * stride_xk, mask=okt, other=0.0)
+            w = nf4_rows_tile(w_ptr, absmax_ptr, code_ptr, offs_n, k0, N, K, BLOCK_N, BLOCK_K, NF4_BLOCK, cdt)
+            if DROP:
+                keep = tl.load(keep_ptr + offs_m[None, :] * stride_km + ks[:, None] * stride_kk, mask=okt, other=0)
+                xdt = tl.where(keep != 0, xt.to(tl.float32) * mask_scale, 0.0).to(cdt)
+                acct = mma(w, xdt, acct, DOT_FP32, INPUT_PRECISION)
+                if not COLSUM:
+                    acc_xt = mma(w, xt, acc_xt, DOT_FP32, INPUT_PRECISION)
+            else:
+                acct = mma(w, xt, acct, DOT_FP32, INPUT_PRECISION)
+        acc = tl.trans(acct)
+        acc_x = tl.trans(acc_xt)
+    else:
+        for k0 in range(0, k_end, BLOCK_K):
+            ks = k0 + offs_k
+            ok = m_ok & (ks[None, :] < K)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + ks[None, :] * stride_xk, mask=ok, other=0.0)
             wt = w_tile(w_ptr, absmax_ptr, code_ptr, offs_n[None, :], ks[:, None], N, K, stride_wn, stride_wk,
                         IS_NF4, NF4_BLOCK, cdt)
-        if DROP:
-            keep = tl.load(keep_ptr + offs_m[:, None] * stride_km + ks[None, :] * stride_kk, mask=ok, other=0)
-            xd = tl.where(keep != 0, x.to(tl.float32) * mask_scale, 0.0).to(cdt)
-            acc = mma(xd, wt, acc, DOT_FP32, INPUT_PRECISION)
-            if not COLSUM:
-                acc_x = mma(x, wt, acc_x, DOT_FP32, INPUT_PRECISION)
-        else:
-            acc = mma(x, wt, acc, DOT_FP32, INPUT_PRECISION)
+            if DROP:
+                keep = tl.load(keep_ptr + offs_m[:, None] * stride_km + ks[None, :] * stride_kk, mask=ok, other=0)
+                xd = tl.where(keep != 0, x.to(tl.float32) * mask_scale, 0.0).to(cdt)
+                acc = mma(xd, wt, acc, DOT_FP32, INPUT_PRECISION)
+                if not COLSUM:
+                    acc_x = mma(x, wt, acc_x, DOT_FP32, INPUT_PRECISION)
+            else:
+                acc = mma(x, wt, acc, DOT_FP32, INPUT_PRECISION)
 
     if COLSUM:
         dy = tl.load(dy_ptr + offs_m[:, None] * stride_dm + offs_n[None, :] * stride_dn,

@@ -89,28 +89,44 @@ def _lora_fwd_kernel(
     m_ok = offs_m[:, None] < M
     cdt = x_ptr.dtype.element_ty
 
-    # LoRA term first, [BLOCK_M, R_PAD] . [R_PAD, BLOCK_N] (r zero-padded) times s in fp32: it seeds
-    # the accumulator, so a single fp32 [BLOCK_M, BLOCK_N] tile is live in the loop (a second one
-    # for the LoRA term spilled). Only the fp32 summation order differs from adding it last.
     offs_r = tl.arange(0, R_PAD)
-    xa = tl.load(xa_ptr + offs_m[:, None] * stride_am + offs_r[None, :] * stride_ar,
-                 mask=m_ok & (offs_r[None, :] < R), other=0.0)
-    bt = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
-                 mask=(offs_n[None, :] < N) & (offs_r[:, None] < R), other=0.0)
-    acc = scaling * mma(xa, bt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_FP32, INPUT_PRECISION)
+    if NF4_ALIGNED:
+        # out^T = W x^T + s B xa^T: the decoded W tile is the MMA's left operand, which the MMA can
+        # read from registers, so the decoded tile need not be written to shared memory first.
+        bm = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                     mask=(offs_n[:, None] < N) & (offs_r[None, :] < R), other=0.0)
+        xat = tl.load(xa_ptr + offs_m[None, :] * stride_am + offs_r[:, None] * stride_ar,
+                      mask=(offs_m[None, :] < M) & (offs_r[:, None] < R), other=0.0)
+        acct = scaling * mma(bm, xat, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), DOT_FP32, INPUT_PRECISION)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + offs_k
+            xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + ks[:, None] * stride_xk,
+                         mask=(offs_m[None, :] < M) & (ks[:, None] < K), other=0.0)
+            w = nf4_rows_tile(w_ptr, absmax_ptr, code_ptr, offs_n, k0, N, K, BLOCK_N, BLOCK_K, NF4_BLOCK, cdt)
+            acct = mma(w, xt, acct, DOT_FP32, INPUT_PRECISION)
+        acc = tl.trans(acct)
+    else:
+        # LoRA term first, [BLOCK_M, R_PAD] . [R_PAD, BLOCK_N] (r zero-padded) times s in fp32: it seeds
+        # the accumulator, so a single fp32 [BLOCK_M, BLOCK_N] tile is live in the loop (a second one
+        # for the LoRA term spilled). Only the fp32 summation order differs from adding it last.
+        xa = tl.load(xa_ptr + offs_m[:, None] * stride_am + offs_r[None, :] * stride_ar,
+                     mask=m_ok & (offs_r[None, :] < R), other=0.0)
+        bt = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
+                     mask=(offs_n[None, :] < N) & (offs_r[:, None] < R), other=0.0)
+        acc = scaling * mma(xa, bt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_FP32, INPUT_PRECISION)
 
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + offs_k
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + ks[None, :] * stride_xk,
-                    mask=m_ok & (ks[None, :] < K), other=0.0)
-        # W^T tile [BLOCK_K, BLOCK_N]: rows of W are n, columns k
-        if NF4_ALIGNED:
-            wt = tl.trans(nf4_rows_tile(w_ptr, absmax_ptr, code_ptr, offs_n, k0, N, K,
-                                        BLOCK_N, BLOCK_K, NF4_BLOCK, cdt))
-        else:
-            wt = w_tile(w_ptr, absmax_ptr, code_ptr, offs_n[None, :], ks[:, None], N, K,
-                        stride_wn, stride_wk, IS_NF4, NF4_BLOCK, cdt)
-        acc = mma(x, wt, acc, DOT_FP32, INPUT_PRECISION)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + offs_k
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + ks[None, :] * stride_xk,
+                        mask=m_ok & (ks[None, :] < K), other=0.0)
+            # W^T tile [BLOCK_K, BLOCK_N]: rows of W are n, columns k
+            if NF4_ALIGNED:
+                wt = tl.trans(nf4_rows_tile(w_ptr, absmax_ptr, code_ptr, offs_n, k0, N, K,
+                                            BLOCK_N, BLOCK_K, NF4_BLOCK, cdt))
+            else:
+                wt = w_tile(w_ptr, absmax_ptr, code_ptr, offs_n[None, :], ks[:, None], N, K,
+                            stride_wn, stride_wk, IS_NF4, NF4_BLOCK, cdt)
+            acc = mma(x, wt, acc, DOT_FP32, INPUT_PRECISION)
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
@@ -153,17 +169,25 @@ def _lora_dx_kernel(
         lora = tl.where(keep != 0, lora * mask_scale, 0.0)
     acc = scaling * lora
 
-    for n0 in range(0, N, BLOCK_N):
-        ns = n0 + offs_n
-        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + ns[None, :] * stride_dyn,
-                     mask=m_ok & (ns[None, :] < N), other=0.0)
-        if NF4_ALIGNED:
+    if NF4_ALIGNED:
+        # dx^T = W^T dy^T: the decoded W tile is the MMA's left operand (registers; see the forward)
+        acct = tl.trans(acc)
+        for n0 in range(0, N, BLOCK_N):
+            ns = n0 + offs_n
+            dyt = tl.load(dy_ptr + offs_m[None, :] * stride_dym + ns[:, None] * stride_dyn,
+                          mask=(offs_m[None, :] < M) & (ns[:, None] < N), other=0.0)
             w = nf4_rows_tile(w_ptr, absmax_ptr, code_ptr, ns, pid_k * BLOCK_K, N, K,
                               BLOCK_N, BLOCK_K, NF4_BLOCK, cdt)
-        else:
+            acct = mma(tl.trans(w), dyt, acct, DOT_FP32, INPUT_PRECISION)
+        acc = tl.trans(acct)
+    else:
+        for n0 in range(0, N, BLOCK_N):
+            ns = n0 + offs_n
+            dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + ns[None, :] * stride_dyn,
+                         mask=m_ok & (ns[None, :] < N), other=0.0)
             w = w_tile(w_ptr, absmax_ptr, code_ptr, ns[:, None], offs_k[None, :], N, K,
                        stride_wn, stride_wk, IS_NF4, NF4_BLOCK, cdt)
-        acc = mma(dy, w, acc, DOT_FP32, INPUT_PRECISION)
+            acc = mma(dy, w, acc, DOT_FP32, INPUT_PRECISION)
 
     tl.store(dx_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
              acc.to(dx_ptr.dtype.element_ty), mask=m_ok & k_ok)
