@@ -65,3 +65,15 @@ def test_decode_validation():
         D.decode_forward(torch.randn(2, 96, device=DEV), q2.packed_bytes(), None, 8, (q2.absmax_fp32(), q2.code, 64))
     with pytest.raises(ValueError, match="bias"):
         D.decode_forward(torch.randn(2, 64, device=DEV), args[0], torch.zeros(7, device=DEV), 8, args[3])
+
+
+def test_pair_table_follows_the_code_tensor_not_its_address():
+    for i in range(20):  # freed and reallocated tables land on reused addresses: never a stale table
+        code = torch.linspace(-1, 1, 16, device=DEV) * (i + 1)
+        t = D.pair_table(code)
+        assert int(t[0x10]) % 2**32 == int(code.view(torch.int32)[1]) % 2**32
+        del code, t
+    code = torch.linspace(-1, 1, 16, device=DEV)
+    t = D.pair_table(code)
+    code.mul_(2)  # written in place: rebuilt
+    assert D.pair_table(code) is not t and int(D.pair_table(code)[0x10]) % 2**32 == int(code.view(torch.int32)[1]) % 2**32

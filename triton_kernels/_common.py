@@ -12,6 +12,7 @@
 
 import contextlib
 import os
+import weakref
 
 import torch
 import triton
@@ -221,24 +222,26 @@ def r_pad(r):
     return max(16, triton.next_power_of_2(r))
 
 
-_pairs = {}
+_pairs = {}  # id(code) -> (weak reference to code, its version, its pair table)
 
 
 def pair_table(code):
     """int64 [256] for a 16-entry fp32 code book: entry b holds the fp32 bits of code[b >> 4] (low
     word: the byte's first element) and of code[b & 15] (high word). One 8-byte load then decodes
-    both levels of a packed byte. Built on code's device with torch ops (no host copy), kept per
-    code tensor (storage and version)."""
-    key = (code.data_ptr(), code._version, code.device)
-    t = _pairs.get(key)
-    if t is None:
-        bits = code.reshape(-1).contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-        b = torch.arange(256, device=code.device)
-        t = bits[b >> 4] | (bits[b & 15] << 32)
-        if len(_pairs) > 64:
-            _pairs.clear()
-        _pairs[key] = t
-    return t
+    both levels of a packed byte. Built on code's device with torch ops (no host copy) and kept
+    while that code tensor lives and is not written (matched by object identity, never by address,
+    which a later tensor may reuse)."""
+    hit = _pairs.get(id(code))
+    if hit is not None and hit[0]() is code and hit[1] == code._version:
+        return hit[2]
+    bits = code.reshape(-1).contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    b = torch.arange(256, device=code.device)
+    table = bits[b >> 4] | (bits[b & 15] << 32)
+    if len(_pairs) >= 256:  # forget the tables of dead code tensors
+        for k in [k for k, v in _pairs.items() if v[0]() is None]:
+            del _pairs[k]
+    _pairs[id(code)] = (weakref.ref(code), code._version, table)
+    return table
 
 
 def nf4_aligned(is_nf4, K, blocksize):

@@ -42,24 +42,26 @@ def forced_impl(var: str) -> Optional[bool]:
 def small_m_choice(var: str, M: int, weight_kind: str, r: int) -> bool:
     """The LoRA / DoRA default, UNTUNED (made without a GPU to measure on): `var` forces the choice;
     otherwise Triton for M <= 64 with a dense W (cuBLAS is the stronger matmul at training shapes)
-    and M <= 256 with NF4. r > MAX_FUSED_R always takes the composition.
+    and M <= 512 with NF4. r > MAX_FUSED_R always takes the composition.
 
     The NF4 bound is the crossover of a cost model fed by the static kernel report
     (benchmarks/kernel_report.py, sm_90 SASS; H100 figures: 132 SMs x 4 warp-instructions per
-    cycle at 1.755 GHz, 708 TFLOP/s bf16, 3.02 TB/s copy):
-        fused  = ceil(M / 128) * N K * ipe / (132 * 4 * 1.755e9) + 2 M N K / 708e12
-                 (ipe = 0.46 warp-instructions per weight element per 128-row tile; the MMA is not
-                 overlapped with the decode: the loop waits on its wgmma)
-        composition = (N K / 2 + N K / 16 + 2 N K) / (0.9 * 3.02e12) + max(2 M N K / 708e12, bytes / 3.02e12)
-    For N = 14336, K = 4096 they cross at M ~ 240 (it was ~144 with the element-wise NF4 loader,
-    whose ipe was 0.93; an overlapped MMA would move it to ~530). Predictions, to be replaced by
-    measured crossovers."""
+    cycle at 1.755 GHz, 708 TFLOP/s bf16, 3.02 TB/s copy), for one training step's forward + dX:
+        fused(kernel) = max(ceil(M / 128) * N K * ipe / (132 * 4 * 1.755e9), 2 M N K / 708e12)
+            (ipe: warp-instructions per weight element per 128-row tile: 0.41 forward, 0.53 dX;
+            max() because the decoded tile is the wgmma's register operand and the loop does not
+            wait on its MMA; with the wait it would be the sum)
+        composition(GEMM) = (N K / 2 + N K / 16 + 2 N K) / (0.9 * 3.02e12)        dequantize
+                            + max(2 M N K / 708e12, (2 N K + 2 M K + 2 M N) / 3.02e12)   cuBLAS
+    For N = 14336, K = 4096, fused(fwd) + fused(dX) < 2 composition(GEMM) below M ~ 530 (it was
+    M ~ 144 with the element-wise NF4 loader: ipe 0.93, MMA waited on). Predictions, to be
+    replaced by measured crossovers."""
     forced = forced_impl(var)
     if forced is not None:
         return forced
     if r > MAX_FUSED_R:
         return False
-    return M <= (256 if weight_kind == "nf4" else 64)
+    return M <= (512 if weight_kind == "nf4" else 64)
 
 
 def fused_path(x: torch.Tensor, var: str, off_backends: tuple, M: int, N: int, K: int, r: int,

@@ -241,7 +241,7 @@ def _use_triton(M: int, N: int, K: int, weight_kind: str, r: int = 16) -> bool:
     dY * g as an [M, N] temporary, and the column sums by the fused column-sum kernel.
 
     `DELTAKERN_DORA_IMPL=triton|torch` forces the choice. The defaults are the LoRA path's UNTUNED
-    thresholds (`small_m_choice`): dense -> Triton for M <= 64 only; NF4 -> Triton for M <= 256,
+    thresholds (`small_m_choice`): dense -> Triton for M <= 64 only; NF4 -> Triton for M <= 512,
     dequantize + cuBLAS above. r > 128 always takes the composition.
     """
     return small_m_choice("DELTAKERN_DORA_IMPL", M, weight_kind, r)

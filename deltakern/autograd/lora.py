@@ -22,7 +22,7 @@ def _use_triton(M: int, N: int, K: int, weight_kind: str, r: int = 16) -> bool:
 
     `DELTAKERN_LORA_IMPL=triton|torch` forces the choice; the defaults are UNTUNED (see
     `small_m_choice`): dense -> Triton only for M <= 64, where fusing saves a launch and an [M, N]
-    pass; NF4 -> Triton for M <= 256; r > 128 always takes the composition.
+    pass; NF4 -> Triton for M <= 512; r > 128 always takes the composition.
     """
     return small_m_choice("DELTAKERN_LORA_IMPL", M, weight_kind, r)
 
