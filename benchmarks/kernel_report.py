@@ -470,7 +470,7 @@ def main(argv=None):
     print(f"\n{len(records)} compiles in {time.time() - t0:.0f} s; {len(spills)} with spills; "
           f"triton {triton.__version__}, ptxas {BIN / 'ptxas'}")
     if a.json:
-        a.json.write_text(json.dumps(records, indent=1))
+        a.json.write_text("[\n" + ",\n".join(json.dumps(r) for r in records) + "\n]\n")  # a record per line
     return records
 
 
