@@ -2,6 +2,9 @@
 #              all-MiniLM-L6-v2 (DEMO_ARGS="--method dora" etc. picks another method, see `deltakern demo -h`)
 # make test  - set up the same environment and run the tests (CPU, Triton interpreter, extension build)
 # make gpu-test / make bench - on a machine with a CUDA GPU (benchmarks/gpu_run.sh: all GPU checks in stages)
+# make kernel-report - no GPU needed: every Triton kernel x mode x autotune config compiled for sm_90 and
+#              sm_80, registers / spills / shared memory / SASS instructions per element
+#              (benchmarks/kernel_report.json; the RESULTS.md "static" section comes from it)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,7 +13,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.deltakern-installed
 DEMO_ARGS ?=
 
-.PHONY: setup demo test gpu-test bench clean
+.PHONY: setup demo test gpu-test bench kernel-report clean
 
 setup: $(STAMP)
 
@@ -33,6 +36,9 @@ gpu-test: setup
 
 bench: setup
 	$(PY) benchmarks/run.py --out benchmarks/results.json --results-md benchmarks/RESULTS.md
+
+kernel-report: setup
+	$(PY) benchmarks/kernel_report.py --json benchmarks/kernel_report.json --summary
 
 clean:
 	rm -rf build *.egg-info deltakern/_C*.so $(VENV)

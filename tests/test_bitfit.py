@@ -214,7 +214,8 @@ def _as_decoded(W, weight, dtype):
 
 KERNEL_CASES = [(5, 33, 48, "dense", torch.float32), (9, 67, 45, "nf4", torch.float32),
                 (17, 100, 40, "dense", torch.float16), (7, 100, 40, "nf4", torch.float16),
-                (9, 40, 33, "nf4", torch.bfloat16), (33, 20, 70, "dense", torch.bfloat16)]
+                (9, 40, 33, "nf4", torch.bfloat16), (33, 20, 70, "dense", torch.bfloat16),
+                (7, 64, 37, "nf4", torch.float32), (5, 96, 40, "nf4", torch.bfloat16)]  # K % 32 == 0: vector loads
 
 
 @pytest.mark.parametrize("M,K,N,kind,dtype", KERNEL_CASES)

@@ -9,8 +9,9 @@
 #
 # dequantize_nf4: out[e] = cast_rne(fp32(code[nibble(e)] * absmax_f[e // blocksize])).
 #   One launch. A program expands BLOCK packed bytes into 2*BLOCK outputs: one vector load of
-#   bytes, the 16-entry code and the scales gathered through L1 (both nibbles of a byte share a
-#   block because blocksize is even), one contiguous interleaved store.
+#   bytes, both levels of a byte from one 8-byte load of a 256-entry pair table (L1-resident), one
+#   scale per NF4 block (blocksize is a constexpr; a byte never straddles blocks because blocksize
+#   is even), and the byte's two outputs stored as one 32- (or 64-) bit word: no interleave.
 #   Memory bound: n/2 + n*sizeof(out) bytes + the scales (4 B per block, or 1 B per block + 4 B
 #   per 256 blocks nested).
 #
@@ -39,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import launch
+from ._common import launch, pair_table
 from .nf4_ref import dequantize_nf4_ref, quantize_nested_ref, quantize_nf4_ref  # noqa: F401  (the references, beside the kernels)
 
 NF4_CODE = (
@@ -52,7 +53,7 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
 _OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # no inline PTX there
 _PIN = os.environ.get("DELTAKERN_TRITON_PIN") == "1" or _INTERPRET
 # The hardware reciprocal is inline PTX, which only a GPU compile can run; the interpreter takes the
 # correctly rounded 1/x instead (the reference's rule). A GPU launch always passes HW_RCP=1.
@@ -78,36 +79,61 @@ def _pinned(configs):
 
 @triton.autotune(
     configs=_pinned([
-        triton.Config({"BLOCK": 2048}, num_warps=4),
-        triton.Config({"BLOCK": 2048}, num_warps=8),
-        triton.Config({"BLOCK": 4096}, num_warps=8),
+        # first (the pinned one): the fewest SASS instructions per output in the kernel report
         triton.Config({"BLOCK": 8192}, num_warps=8),
         triton.Config({"BLOCK": 8192}, num_warps=16),
+        triton.Config({"BLOCK": 4096}, num_warps=8),
+        triton.Config({"BLOCK": 2048}, num_warps=4),
     ]),
-    key=["n", "NESTED"],
+    key=["n", "NESTED", "BLOCKSIZE", "OUT_BITS", "ODD"],
 )
 @triton.jit
 def _dequantize_nf4_kernel(
-    packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, out_ptr,
-    n, nbytes, log2_bytes_per_block, offset,
-    NESTED: tl.constexpr, BLOCK: tl.constexpr,
+    packed_ptr, absmax_ptr, pair_ptr, nested_absmax_ptr, nested_code_ptr, out_ptr,
+    n, nbytes, offset,
+    NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, OUT_BITS: tl.constexpr, ODD: tl.constexpr, PACK_ASM: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
+    # BLOCK packed bytes per program as [BLOCK / BPB, BPB] (BPB = bytes per NF4 block; BLOCK >= BPB):
+    # one scale per row of that tile; both levels of a byte from one 8-byte load of the pair table;
+    # the two outputs of a byte written as one word (OUT_BITS = 16: two 16-bit values in a 32-bit
+    # word, the first element in the low half, i.e. at the lower address; 32: two fp32 in 64 bits),
+    # so there is no interleave. An odd n: the last byte's word would write past the end, so the
+    # program holding it writes its first element alone.
+    BPB: tl.constexpr = BLOCKSIZE // 2
+    ROWS: tl.constexpr = BLOCK // BPB
     pid = tl.program_id(0).to(tl.int64)
-    byte = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = byte < nbytes
-    b = tl.load(packed_ptr + byte, mask=mask, other=0).to(tl.int32)
-    hi = tl.load(code_ptr + (b >> 4))
-    lo = tl.load(code_ptr + (b & 15))
-    blk = byte >> log2_bytes_per_block
+    blk = pid * ROWS + tl.arange(0, ROWS)
+    byte = blk[:, None] * BPB + tl.arange(0, BPB)[None, :]
+    full = byte < n // 2  # bytes holding two elements
+    b = tl.load(packed_ptr + byte, mask=byte < nbytes, other=0)
+    pair = tl.load(pair_ptr + b.to(tl.int32))
+    hi = (pair & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
+    lo = (pair >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
+    blk_ok = blk * BPB < nbytes
     if NESTED:
-        q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
-        scale = tl.load(nested_code_ptr + q) * tl.load(nested_absmax_ptr + (blk >> 8), mask=mask, other=0.0)
+        q = tl.load(absmax_ptr + blk, mask=blk_ok, other=0).to(tl.int32)
+        scale = tl.load(nested_code_ptr + q) * tl.load(nested_absmax_ptr + (blk >> 8), mask=blk_ok, other=0.0)
         scale = scale + offset
     else:
-        scale = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
-    vals = tl.interleave(hi * scale, lo * scale)
-    elem = pid * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
-    tl.store(out_ptr + elem, vals.to(out_ptr.dtype.element_ty), mask=elem < n)
+        scale = tl.load(absmax_ptr + blk, mask=blk_ok, other=0.0)
+    fh = hi * scale[:, None]
+    fl = lo * scale[:, None]
+    if OUT_BITS == 16:
+        if PACK_ASM:  # one round-to-nearest-even cvt packs both outputs of a byte (sm_80+)
+            op: tl.constexpr = "cvt.rn.bf16x2.f32" if out_ptr.dtype.element_ty == tl.bfloat16 else "cvt.rn.f16x2.f32"
+            word = tl.inline_asm_elementwise(op + " $0, $2, $1;", "=r,f,f", [fh, fl], dtype=tl.uint32,
+                                             is_pure=True, pack=1)  # low half: the first element
+        else:
+            vh = fh.to(out_ptr.dtype.element_ty).to(tl.uint16, bitcast=True).to(tl.uint32)
+            word = vh | (fl.to(out_ptr.dtype.element_ty).to(tl.uint16, bitcast=True).to(tl.uint32) << 16)
+        tl.store(out_ptr.to(tl.pointer_type(tl.uint32)) + byte, word, mask=full)
+    else:
+        word = fh.to(tl.uint32, bitcast=True).to(tl.uint64) | (fl.to(tl.uint32, bitcast=True).to(tl.uint64) << 32)
+        tl.store(out_ptr.to(tl.pointer_type(tl.uint64)) + byte, word, mask=full)
+    if ODD:
+        last = n // 2  # the byte whose low nibble is padding
+        tl.store(out_ptr + 2 * byte, fh.to(out_ptr.dtype.element_ty), mask=byte == last)
 
 
 @triton.jit
@@ -246,10 +272,12 @@ def dequantize_nf4(packed, absmax, n, blocksize, out_dtype, code,
     nbytes = packed.numel()
     grid = lambda meta: (triton.cdiv(nbytes, meta["BLOCK"]),)  # noqa: E731
     launch(_dequantize_nf4_kernel, grid, packed.device,
-        packed.contiguous(), absmax, code,
+        packed.contiguous(), absmax, pair_table(code),
         nested_absmax if nested else absmax, nested_code if nested else code, out,
-        n, nbytes, blocksize.bit_length() - 2, float(offset),
-        NESTED=int(nested), enable_fp_fusion=False,
+        n, nbytes, float(offset),
+        NESTED=int(nested), BLOCKSIZE=int(blocksize), OUT_BITS=8 * out.element_size(), ODD=n % 2,
+        PACK_ASM=int(not _INTERPRET),
+        enable_fp_fusion=False,
     )
     return out
 

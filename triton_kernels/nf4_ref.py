@@ -105,12 +105,16 @@ def quantize_nested_ref(x: torch.Tensor, blocksize: int = 256, midpoints: Option
 
 
 def absmax_ref(absmax, nested_absmax, nested_code, offset, nested_blocksize: int = 256):
-    """fp32 block scales; a uint8 absmax decodes as fp32(map[q] * nested_absmax[g]) + offset."""
+    """fp32 block scales; a uint8 absmax decodes as fp32(fp32(map[q] * nested_absmax[g]) + offset).
+
+    The offset is added as a Python scalar: torch rounds it to fp32 and adds in fp32 (the same single
+    rounding as an fp32 tensor holding it) without a host -> device copy (which would synchronise).
+    """
     if nested_absmax is None:
         return absmax
     groups = torch.arange(absmax.numel(), device=absmax.device) // nested_blocksize
     scaled = nested_code[absmax.long()] * nested_absmax[groups]
-    return scaled + torch.tensor(offset, dtype=torch.float32, device=absmax.device)
+    return scaled + float(offset)
 
 
 def dequantize_nf4_ref(packed, absmax, n: int, blocksize: int, out_dtype, code,

@@ -55,8 +55,42 @@ def _row_list(rows: torch.Tensor, limit: int = 10) -> str:
     return f"{idx[:limit]}{more}"
 
 
+# Steady-state norm recomputations (after an optimizer step) repair at most this many cancelled rows
+# on the device, without reading anything back (see dora_weight_norm).
+REPAIR_ROWS = 32
+_deferred = {}  # device -> int32 flags of the sync-free recomputations: 1 = a zero row, 2 = too many cancelled rows
+
+
+def _deferred_flags(device) -> torch.Tensor:
+    flags = _deferred.get(device)
+    if flags is None:
+        flags = _deferred[device] = torch.zeros((), dtype=torch.int32, device=device)
+    return flags
+
+
+def check_dora_norms():
+    """Raise ValueError if a sync-free DoRA norm recomputation since the last check met a row whose
+    norm ||W_j + s (BA)_j|| is exactly 0 (the output scale m / 0 is undefined: those outputs are
+    inf/NaN, as in PEFT) or more cancelled rows than it repairs (REPAIR_ROWS; the rest keep the
+    expanded sum's value). Reads one flag per device (a synchronisation): call it where the host
+    waits anyway (logging, checkpointing); the first norm computation of every DoRA layer calls it.
+    """
+    for device, flags in list(_deferred.items()):
+        bits = int(flags.item())
+        if bits:
+            flags.zero_()
+            if bits & 1:
+                raise ValueError(
+                    "DoRA weight norm ||W + s*B@A|| became zero for some output row during training "
+                    "(recomputed after an optimizer step); the magnitude/norm scale is undefined there.")
+            raise ValueError(
+                f"more than {REPAIR_ROWS} rows of a DoRA weight norm lost their digits to cancellation "
+                "in one recomputation; the rest were not repaired. Raise "
+                "deltakern.autograd.dora.REPAIR_ROWS or check the adapter for divergence.")
+
+
 def dora_weight_norm(weight: _W, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-                     sumsq: Optional[torch.Tensor] = None):
+                     sumsq: Optional[torch.Tensor] = None, sync: bool = True):
     """Row norms ||W_j + s (B A)_j|| (fp32 [N]) without forming B A or a dense W.
 
         ||W_j + s (BA)_j||^2 = ||W_j||^2 + 2 s <B_j, (W A^T)_j> + s^2 <B_j, (B (A A^T))_j>
@@ -64,9 +98,16 @@ def dora_weight_norm(weight: _W, lora_A: torch.Tensor, lora_B: torch.Tensor, sca
     W A^T and ||W_j||^2 come from one pass over W (`deltakern::dora_norm_parts`; W in lora_A's dtype,
     NF4 dequantized exactly as the forward uses it); pass `sumsq` (cached ||W_j||^2) to skip the
     squares. All sums are fp32. Rows whose expansion cancels badly (below NORM_CANCELLATION_RTOL of
-    its parts) are recomputed exactly from W_j + s B_j A; a row whose norm is then exactly 0 raises
-    ValueError naming it (m / 0 has no meaning; PEFT would silently produce NaN). This check reads
-    one flag back to the host, i.e. one synchronisation per recomputation.
+    its parts) are recomputed exactly from W_j + s B_j A.
+
+    sync=True (a layer's first norm): every such row is repaired, and a row whose norm is then
+        exactly 0 raises ValueError naming it (m / 0 has no meaning; PEFT would silently produce
+        NaN). This reads the row set back to the host: one synchronisation.
+    sync=False (the steady state, after each optimizer step): nothing is read back. The
+        REPAIR_ROWS rows with the smallest ratio n2 / parts are recomputed exactly (a fixed-size
+        gather, so no data-dependent shape) and taken where they are cancelled; a zero row, or more
+        cancelled rows than that, sets a device flag that `check_dora_norms()` raises on later.
+        Between the event and that check the outputs of a zero row are inf/NaN (PEFT's behaviour).
 
     Returns (norm [N], W A^T [N, r], ||W_j||^2 [N]), all fp32.
     """
@@ -80,8 +121,21 @@ def dora_weight_norm(weight: _W, lora_A: torch.Tensor, lora_B: torch.Tensor, sca
         quad = (bq * Bf).sum(1)  # ||(BA)_j||^2
         cross = (wa * Bf).sum(1)  # <W_j, (BA)_j>
         n2 = sq + (2.0 * scaling) * cross + (scaling * scaling) * quad
-        bad = n2 <= NORM_CANCELLATION_RTOL * (sq + (scaling * scaling) * quad)
-        if bool(bad.any()):
+        parts = sq + (scaling * scaling) * quad
+        bad = n2 <= NORM_CANCELLATION_RTOL * parts
+        if not sync:
+            if weight.N:
+                k = min(REPAIR_ROWS, weight.N)
+                ratio = torch.where(parts > 0, n2 / parts, torch.zeros_like(n2))  # zero parts: a zero row
+                rows = torch.topk(ratio, k, largest=False).indices
+                v = weight.dense_rows(rows, A.dtype).float() + scaling * torch.mm(Bf[rows], Af)
+                exact = v.square().sum(1)
+                fix = bad[rows]
+                n2 = n2.index_put((rows,), torch.where(fix, exact, n2[rows]))
+                zero = (fix & (exact == 0)).any().to(torch.int32)
+                over = (bad.sum() > k).to(torch.int32)
+                _deferred_flags(n2.device).bitwise_or_(zero | (over << 1))
+        elif bool(bad.any()):
             rows = bad.nonzero().flatten()
             v = weight.dense_rows(rows, A.dtype).float() + scaling * torch.mm(Bf[rows], Af)
             exact = v.square().sum(1)
@@ -104,9 +158,21 @@ def _tensor_key(t: torch.Tensor):
 def _dora_weight_norm_op(w: torch.Tensor, absmax: Optional[torch.Tensor], code: Optional[torch.Tensor], N: int,
                          K: int, blocksize: int, lora_A: torch.Tensor, lora_B: torch.Tensor,
                          scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`dora_weight_norm` as one opaque op, for torch.compile: its cancellation repair and zero-row
-    check read values back to the host, which a traced graph cannot do."""
-    return dora_weight_norm(_W(w, absmax, code, N, K, blocksize), lora_A, lora_B, scaling, None)
+    """`dora_weight_norm` as one opaque op, for torch.compile (a traced graph cannot raise on values).
+    The first call for a weight (storage, version, shape) checks synchronously; later calls, the
+    compiled steady state, are sync-free (sync=False)."""
+    key = (w.data_ptr(), w._version, w.device, tuple(w.shape), None if absmax is None else absmax.data_ptr())
+    first = key not in _checked_weights
+    if first:
+        if len(_checked_weights) >= 4096:
+            _checked_weights.clear()
+        check_dora_norms()
+    out = dora_weight_norm(_W(w, absmax, code, N, K, blocksize), lora_A, lora_B, scaling, None, sync=first)
+    _checked_weights.add(key)
+    return out
+
+
+_checked_weights: set = set()
 
 
 @_dora_weight_norm_op.register_fake
@@ -153,7 +219,11 @@ class DoRANormCache:
         self._weight(w_key)
         key = (ab_key, float(scaling))
         if self._key != key or self._norm is None:
-            self._norm, self._wa, self._sumsq = dora_weight_norm(weight, lora_A, lora_B, scaling, self._sumsq)
+            first = self._norm is None  # a layer's first norm checks synchronously; later ones do not
+            if first:
+                check_dora_norms()
+            self._norm, self._wa, self._sumsq = dora_weight_norm(weight, lora_A, lora_B, scaling, self._sumsq,
+                                                                 sync=first)
             self._key = key
         return self._norm, self._wa
 
