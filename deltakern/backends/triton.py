@@ -94,6 +94,10 @@ def lora_dx_nf4(dy, packed, absmax, code, N, K, blocksize, dyb, lora_A, scaling,
 
 @_impl("linear_fwd")
 def linear_fwd(x, weight, absmax, code, N, K, blocksize, bias):
+    """NF4 with at most 16 rows and rows starting on a block (K % blocksize == 0): the decode GEMV
+    (triton_kernels/decode.py, bound by reading W); otherwise the tiled GEMM."""
+    if absmax is not None and x.shape[0] <= 16 and K % blocksize == 0:
+        return module("decode").decode_forward(x, weight, bias, N, (absmax, code, blocksize))
     return module("linear").linear_forward(x, weight, bias, N, nf4=_nf4(absmax, code, blocksize))
 
 
