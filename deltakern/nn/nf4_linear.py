@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from deltakern import _codes, nf4
+from deltakern.autograd.linear import linear as _linear
 
 _HOLDERS = ("_nf4_codes", "_nf4_scales")
 _META = ("shape", "dtype", "blocksize", "quant_type", "offset", "nested_blocksize", "quant_storage")
@@ -244,7 +245,12 @@ class NF4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, NF4Linear expects {self.in_features}")
-        return torch.nn.functional.linear(x, nf4.dequantize(self.weight, x.dtype), self.bias)
+        # deltakern's frozen linear: NF4 weights go through the backends' kernels (decode GEMVs for a few
+        # rows, else dequantize + GEMM) instead of a dense copy built here; gradients for x and the bias
+        bias = self.bias
+        if bias is not None and bias.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            bias = bias.to(x.dtype)
+        return _linear(x, self.weight, bias)
 
     def extra_repr(self) -> str:
         m = self._meta
