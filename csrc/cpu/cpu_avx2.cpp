@@ -92,13 +92,16 @@ void dequantize(const dk::DequantArgs& a, int nthreads) {
     }
 }
 
+// x rows -> dst[chunk][m][16]: per 16-element chunk and row, the 8 even elements, then the 8 odd ones.
 void permute_rows(const float* src, int64_t rows, int64_t K, int64_t pad_rows, float* dst) {
-    for (int64_t m = 0; m < pad_rows; ++m)
-        for (int64_t c = 0; c < K; c += CH)
+    for (int64_t c = 0; c < K; c += CH)
+        for (int64_t m = 0; m < pad_rows; ++m) {
+            float* d = dst + c * pad_rows + m * CH;
             for (int j = 0; j < CH / 2; ++j) {
-                dst[m * K + c + j] = m < rows ? src[m * K + c + 2 * j] : 0.f;
-                dst[m * K + c + CH / 2 + j] = m < rows ? src[m * K + c + 2 * j + 1] : 0.f;
+                d[j] = m < rows ? src[m * K + c + 2 * j] : 0.f;
+                d[CH / 2 + j] = m < rows ? src[m * K + c + 2 * j + 1] : 0.f;
             }
+        }
 }
 
 inline float hsum(__m256 v) {
@@ -125,8 +128,8 @@ inline void gemv_rows(const dk::MatArgs& a, const float* xp, int64_t n0, int64_t
                 __m256 wlo = lookup(tab[r], b, _mm256_slli_epi32(b, 28));
 #pragma GCC unroll 8
                 for (int m = 0; m < MB; ++m) {
-                    acc[r][m] = _mm256_fmadd_ps(whi, _mm256_loadu_ps(xp + m * K + k), acc[r][m]);
-                    acc[r][m] = _mm256_fmadd_ps(wlo, _mm256_loadu_ps(xp + m * K + k + CH / 2), acc[r][m]);
+                    acc[r][m] = _mm256_fmadd_ps(whi, _mm256_loadu_ps(xp + k * MB + m * CH), acc[r][m]);
+                    acc[r][m] = _mm256_fmadd_ps(wlo, _mm256_loadu_ps(xp + k * MB + m * CH + CH / 2), acc[r][m]);
                 }
             }
         }
@@ -162,32 +165,50 @@ void gemv(const dk::MatArgs& a, int nthreads) {
     }
 }
 
+// dx[m0 + m, k] for m < MB: dyT is [N][MB]. A task owns SUB chunks (one 64-byte line of each W row)
+// and walks W rows in tiles of NT (see cpu_avx512.cpp).
 template <int MB>
 void dx_mb(const dk::MatArgs& a, const float* dyT, int64_t m0, int nthreads) {
+    constexpr int64_t SUB = 8, NT = 256;
     const int64_t N = a.N, K = a.K, bs = a.blocksize, bpr = K / bs, chunks = K / CH;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t c = 0; c < chunks; ++c) {
-        const int64_t k = c * CH, kb = k / bs;
-        __m256 ah[MB], al[MB];
-        for (int m = 0; m < MB; ++m) ah[m] = al[m] = _mm256_setzero_ps();
-        for (int64_t n = 0; n < N; ++n) {
-            Tab tab = scaled_table(a.code, a.absmax[n * bpr + kb], a.wdtype);
-            __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(a.packed + (n * K + k) / 2)));
-            __m256 whi = lookup(tab, _mm256_srli_epi32(b, 4), _mm256_slli_epi32(b, 24));
-            __m256 wlo = lookup(tab, b, _mm256_slli_epi32(b, 28));
+    for (int64_t t = 0; t < cdiv(chunks, SUB); ++t) {
+        const int64_t c0 = t * SUB, c1 = std::min(c0 + SUB, chunks);
+        __m256 sh[SUB][MB], sl[SUB][MB];
+        for (int64_t s = 0; s < SUB; ++s)
+            for (int m = 0; m < MB; ++m) sh[s][m] = sl[s][m] = _mm256_setzero_ps();
+        for (int64_t n0 = 0; n0 < N; n0 += NT) {
+            const int64_t n1 = std::min(n0 + NT, N);
+            for (int64_t c = c0; c < c1; ++c) {
+                const int64_t k = c * CH, kb = k / bs;
+                __m256 ah[MB], al[MB];
+                for (int m = 0; m < MB; ++m) ah[m] = al[m] = _mm256_setzero_ps();
+                for (int64_t n = n0; n < n1; ++n) {
+                    Tab tab = scaled_table(a.code, a.absmax[n * bpr + kb], a.wdtype);
+                    __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(a.packed + (n * K + k) / 2)));
+                    __m256 whi = lookup(tab, _mm256_srli_epi32(b, 4), _mm256_slli_epi32(b, 24));
+                    __m256 wlo = lookup(tab, b, _mm256_slli_epi32(b, 28));
 #pragma GCC unroll 4
-            for (int m = 0; m < MB; ++m) {
-                __m256 d = _mm256_broadcast_ss(dyT + n * MB + m);
-                ah[m] = _mm256_fmadd_ps(d, whi, ah[m]);
-                al[m] = _mm256_fmadd_ps(d, wlo, al[m]);
+                    for (int m = 0; m < MB; ++m) {
+                        __m256 d = _mm256_broadcast_ss(dyT + n * MB + m);
+                        ah[m] = _mm256_fmadd_ps(d, whi, ah[m]);
+                        al[m] = _mm256_fmadd_ps(d, wlo, al[m]);
+                    }
+                }
+                for (int m = 0; m < MB; ++m) {
+                    sh[c - c0][m] = _mm256_add_ps(sh[c - c0][m], ah[m]);
+                    sl[c - c0][m] = _mm256_add_ps(sl[c - c0][m], al[m]);
+                }
             }
         }
-        for (int m = 0; m < MB && m0 + m < a.M; ++m) {
-            float* o = a.out + (m0 + m) * K + k;
-            __m256 u0 = _mm256_unpacklo_ps(ah[m], al[m]), u1 = _mm256_unpackhi_ps(ah[m], al[m]);  // 0-3|8-11, 4-7|12-15
-            _mm256_storeu_ps(o, _mm256_permute2f128_ps(u0, u1, 0x20));
-            _mm256_storeu_ps(o + 8, _mm256_permute2f128_ps(u0, u1, 0x31));
-        }
+        for (int64_t c = c0; c < c1; ++c)
+            for (int m = 0; m < MB && m0 + m < a.M; ++m) {
+                float* o = a.out + (m0 + m) * K + c * CH;
+                __m256 u0 = _mm256_unpacklo_ps(sh[c - c0][m], sl[c - c0][m]);  // 0-3 | 8-11
+                __m256 u1 = _mm256_unpackhi_ps(sh[c - c0][m], sl[c - c0][m]);  // 4-7 | 12-15
+                _mm256_storeu_ps(o, _mm256_permute2f128_ps(u0, u1, 0x20));
+                _mm256_storeu_ps(o + 8, _mm256_permute2f128_ps(u0, u1, 0x31));
+            }
     }
 }
 

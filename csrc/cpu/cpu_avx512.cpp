@@ -73,14 +73,17 @@ void dequantize(const dk::DequantArgs& a, int nthreads) {
     }
 }
 
-// rows[m] (K floats each) permuted per 32-element chunk: the 16 even elements, then the 16 odd ones.
+// x rows (K floats each) -> dst[chunk][m][32]: per 32-element chunk and row, the 16 even elements, then
+// the 16 odd ones (the order the decoder yields; rows of a chunk adjacent, rows >= `rows` zero).
 void permute_rows(const float* src, int64_t rows, int64_t K, int64_t pad_rows, float* dst) {
-    for (int64_t m = 0; m < pad_rows; ++m)
-        for (int64_t c = 0; c < K; c += CH)
+    for (int64_t c = 0; c < K; c += CH)
+        for (int64_t m = 0; m < pad_rows; ++m) {
+            float* d = dst + c * pad_rows + m * CH;
             for (int j = 0; j < CH / 2; ++j) {
-                dst[m * K + c + j] = m < rows ? src[m * K + c + 2 * j] : 0.f;
-                dst[m * K + c + CH / 2 + j] = m < rows ? src[m * K + c + 2 * j + 1] : 0.f;
+                d[j] = m < rows ? src[m * K + c + 2 * j] : 0.f;
+                d[CH / 2 + j] = m < rows ? src[m * K + c + 2 * j + 1] : 0.f;
             }
+        }
 }
 
 // y[m, n0 + r] for r < NR, m < MB (rows of xp beyond M are zero and not written).
@@ -103,8 +106,8 @@ inline void gemv_rows(const dk::MatArgs& a, const float* xp, int64_t n0) {
                 __m512 wlo = _mm512_permutexvar_ps(b, tab[r]);
 #pragma GCC unroll 16
                 for (int m = 0; m < MB; ++m) {
-                    acc[r][m] = _mm512_fmadd_ps(whi, _mm512_loadu_ps(xp + m * K + k), acc[r][m]);
-                    acc[r][m] = _mm512_fmadd_ps(wlo, _mm512_loadu_ps(xp + m * K + k + CH / 2), acc[r][m]);
+                    acc[r][m] = _mm512_fmadd_ps(whi, _mm512_loadu_ps(xp + k * MB + m * CH), acc[r][m]);
+                    acc[r][m] = _mm512_fmadd_ps(wlo, _mm512_loadu_ps(xp + k * MB + m * CH + CH / 2), acc[r][m]);
                 }
             }
         }
@@ -139,35 +142,52 @@ void gemv(const dk::MatArgs& a, int nthreads) {
     }
 }
 
-// dx[m0 + m, chunk] for m < MB: dyT is [N][MB] (rows past M are zero).
+// dx[m0 + m, k] for m < MB: dyT is [N][MB] (rows past M are zero). A task owns SUB chunks (one 64-byte
+// line of each W row) and walks W rows in tiles of NT, so the tile's lines stay in cache across the
+// SUB chunks; per-chunk register sums are added into the task's fp32 accumulator after each tile.
 template <int MB>
 void dx_mb(const dk::MatArgs& a, const float* dyT, int64_t m0, int nthreads) {
+    constexpr int64_t SUB = 4, NT = 256;
     const int64_t N = a.N, K = a.K, bs = a.blocksize, bpr = K / bs, chunks = K / CH;
     const __m512i ilo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     const __m512i ihi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t c = 0; c < chunks; ++c) {
+    for (int64_t t = 0; t < cdiv(chunks, SUB); ++t) {
         const __m512 code = _mm512_loadu_ps(a.code);
-        const int64_t k = c * CH, kb = k / bs;
-        __m512 ah[MB], al[MB];
-        for (int m = 0; m < MB; ++m) ah[m] = al[m] = _mm512_setzero_ps();
-        for (int64_t n = 0; n < N; ++n) {
-            __m512 tab = round_table(_mm512_mul_ps(code, _mm512_set1_ps(a.absmax[n * bpr + kb])), a.wdtype);
-            __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(a.packed + (n * K + k) / 2)));
-            __m512 whi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), tab);
-            __m512 wlo = _mm512_permutexvar_ps(b, tab);
+        const int64_t c0 = t * SUB, c1 = std::min(c0 + SUB, chunks);
+        __m512 sh[SUB][MB], sl[SUB][MB];  // running sums (even / odd elements)
+        for (int64_t s = 0; s < SUB; ++s)
+            for (int m = 0; m < MB; ++m) sh[s][m] = sl[s][m] = _mm512_setzero_ps();
+        for (int64_t n0 = 0; n0 < N; n0 += NT) {
+            const int64_t n1 = std::min(n0 + NT, N);
+            for (int64_t c = c0; c < c1; ++c) {
+                const int64_t k = c * CH, kb = k / bs;
+                __m512 ah[MB], al[MB];
+                for (int m = 0; m < MB; ++m) ah[m] = al[m] = _mm512_setzero_ps();
+                for (int64_t n = n0; n < n1; ++n) {
+                    __m512 tab = round_table(_mm512_mul_ps(code, _mm512_set1_ps(a.absmax[n * bpr + kb])), a.wdtype);
+                    __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(a.packed + (n * K + k) / 2)));
+                    __m512 whi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), tab);
+                    __m512 wlo = _mm512_permutexvar_ps(b, tab);
 #pragma GCC unroll 8
-            for (int m = 0; m < MB; ++m) {
-                __m512 d = _mm512_set1_ps(dyT[n * MB + m]);
-                ah[m] = _mm512_fmadd_ps(d, whi, ah[m]);
-                al[m] = _mm512_fmadd_ps(d, wlo, al[m]);
+                    for (int m = 0; m < MB; ++m) {
+                        __m512 d = _mm512_set1_ps(dyT[n * MB + m]);
+                        ah[m] = _mm512_fmadd_ps(d, whi, ah[m]);
+                        al[m] = _mm512_fmadd_ps(d, wlo, al[m]);
+                    }
+                }
+                for (int m = 0; m < MB; ++m) {
+                    sh[c - c0][m] = _mm512_add_ps(sh[c - c0][m], ah[m]);
+                    sl[c - c0][m] = _mm512_add_ps(sl[c - c0][m], al[m]);
+                }
             }
         }
-        for (int m = 0; m < MB && m0 + m < a.M; ++m) {
-            float* o = a.out + (m0 + m) * K + k;
-            _mm512_storeu_ps(o, _mm512_permutex2var_ps(ah[m], ilo, al[m]));
-            _mm512_storeu_ps(o + 16, _mm512_permutex2var_ps(ah[m], ihi, al[m]));
-        }
+        for (int64_t c = c0; c < c1; ++c)
+            for (int m = 0; m < MB && m0 + m < a.M; ++m) {
+                float* o = a.out + (m0 + m) * K + c * CH;
+                _mm512_storeu_ps(o, _mm512_permutex2var_ps(sh[c - c0][m], ilo, sl[c - c0][m]));
+                _mm512_storeu_ps(o + 16, _mm512_permutex2var_ps(sh[c - c0][m], ihi, sl[c - c0][m]));
+            }
     }
 }
 
