@@ -14,6 +14,18 @@ if not torch.cuda.is_available():
 
 VOCAB = 96
 
+
+class Holder(torch.nn.Module):
+    """A one-layer model whose layer is named `proj` (what the PEFT configs in the tests target)."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.proj = layer
+
+    def forward(self, x):
+        return self.proj(x)
+
+
 # ---- the kernel tests' lanes and tolerance rule (test_lora, test_dora, test_bitfit) ---------------
 
 CUDA = torch.cuda.is_available()
