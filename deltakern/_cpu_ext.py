@@ -138,13 +138,16 @@ def decode_supported(M: int, K: int, blocksize: int) -> bool:
 
 
 def dequantize_nf4(packed, absmax, nested_absmax, nested_code, offset, code, n: int, blocksize: int,
-                   out_dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+                   out_dtype: torch.dtype, out: torch.Tensor | None = None,
+                   round_to: torch.dtype | None = None) -> torch.Tensor:
     """n NF4 elements -> [n] of out_dtype (fp32 / fp16 / bf16), bit-exact with dequantize_nf4_ref.
 
     packed: (n+1)//2 bytes, element 2i in the high nibble of byte i. absmax: fp32 [ceil(n/blocksize)],
     or uint8 of that length with nested_absmax (fp32 [ceil(nblocks/256)]), nested_code (fp32 [256])
     and offset. code: fp32 [16]. `out`: a contiguous [n] tensor of out_dtype to write into (reuse a
-    workspace: a fresh large allocation page-faults on first touch); returned.
+    workspace: a fresh large allocation page-faults on first touch); returned. `round_to` (fp16 /
+    bf16, fp32 out only): each value is rounded to that dtype and stored as fp32, i.e.
+    out == dequantize(..., round_to).float() without the second pass.
     """
     C = require()
     if out_dtype not in _DTYPES:
@@ -169,6 +172,8 @@ def dequantize_nf4(packed, absmax, nested_absmax, nested_code, offset, code, n: 
         if offset is not None and not isinstance(offset, (numbers.Real, torch.Tensor)):
             raise TypeError(f"offset must be a float, got {type(offset).__name__}")
         offset = 0.0
+    if round_to is not None and (round_to not in _DTYPES or (round_to != torch.float32 and out_dtype != torch.float32)):
+        raise ValueError(f"round_to must be float16 / bfloat16 with an fp32 out_dtype, got {round_to} -> {out_dtype}")
     if out is None:
         out = torch.empty(n, dtype=out_dtype)
     else:
@@ -179,7 +184,7 @@ def dequantize_nf4(packed, absmax, nested_absmax, nested_code, offset, code, n: 
     C.dequantize_nf4(packed.data_ptr(), absmax.data_ptr(), int(nested),
                      nested_absmax.data_ptr() if nested else 0, nested_code.data_ptr() if nested else 0,
                      offset, code.data_ptr(), out.data_ptr(), n, blocksize, _DTYPES[out_dtype], streaming,
-                     _threads(), isa())
+                     _DTYPES[round_to or torch.float32], _threads(), isa())
     return out
 
 
@@ -249,8 +254,12 @@ def nf4_matmul_dx(dy, packed, absmax, code, N: int, K: int, blocksize: int,
 _workspace = threading.local()
 
 
-def dense_weight_fp32(packed, absmax, code, N: int, K: int, blocksize: int) -> torch.Tensor:
+def dense_weight_fp32(packed, absmax, code, N: int, K: int, blocksize: int,
+                      round_to: torch.dtype | None = None) -> torch.Tensor:
     """The NF4 weight as a dense fp32 [N, K] VIEW of this thread's reused workspace.
+
+    Values fp32(code[nibble] * absmax), rounded to `round_to` (fp16 / bf16: the input dtype of the
+    matmul, as the other backends decode W) and held as fp32, so BLAS runs in fp32.
 
     Valid only until the next call on this thread (which overwrites it): use it for one matmul and
     never return it to a caller or save it for backward. Reusing the buffer avoids the page faults of
@@ -262,7 +271,7 @@ def dense_weight_fp32(packed, absmax, code, N: int, K: int, blocksize: int) -> t
         _workspace.buf = buf = None  # free the old one first
         _workspace.buf = buf = torch.empty(N * K, dtype=torch.float32)
     out = buf[: N * K]
-    dequantize_nf4(packed, absmax, None, None, 0.0, code, N * K, blocksize, torch.float32, out=out)
+    dequantize_nf4(packed, absmax, None, None, 0.0, code, N * K, blocksize, torch.float32, out=out, round_to=round_to)
     return out.view(N, K)
 
 

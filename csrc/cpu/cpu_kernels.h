@@ -32,6 +32,7 @@ struct DequantArgs {
     int64_t blocksize;
     int out_dtype;
     int streaming;               // non-temporal stores (out 64-byte aligned)
+    int round_dtype;             // fp32 out only: values rounded to this dtype first (F32 = none)
 };
 
 struct MatArgs {                 // y[M, N] = x[M, K] . W[N, K]^T      or     dx[M, K] = dy[M, N] . W[N, K]
@@ -121,7 +122,7 @@ inline void block_table(const dk::DequantArgs& a, int64_t b, float* tab32, uint1
     float s = block_scale(a, b);
     for (int j = 0; j < 16; ++j) {
         float v = a.code[j] * s;
-        tab32[j] = v;
+        tab32[j] = round_to(v, a.round_dtype);
         if (a.out_dtype == dk::BF16) tab16[j] = to_bf16(v);
         else if (a.out_dtype == dk::F16) tab16[j] = to_f16(v);
     }

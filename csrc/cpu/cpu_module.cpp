@@ -64,15 +64,16 @@ PYBIND11_MODULE(_cpu, m) {
         "dequantize_nf4",
         [](uintptr_t packed, uintptr_t absmax, int nested, uintptr_t nested_absmax, uintptr_t nested_code,
            float offset, uintptr_t code, uintptr_t out, int64_t n, int64_t blocksize, int out_dtype, int streaming,
-           int nthreads, const std::string& isa) {
+           int round_dtype, int nthreads, const std::string& isa) {
             const dk::Kernels& k = pick(isa);
             dk::DequantArgs a{ptr<const uint8_t>(packed), ptr<const void>(absmax), nested, ptr<const float>(nested_absmax),
                               ptr<const float>(nested_code), offset, ptr<const float>(code), ptr<void>(out),
-                              n, blocksize, out_dtype, streaming};
+                              n, blocksize, out_dtype, streaming, round_dtype};
             py::gil_scoped_release nogil;
             k.dequantize(a, nthreads);
         },
-        "out[n] = cast(fp32(code[nibble] * scale[block])) (see cpu_kernels.h)");
+        "out[n] = cast(fp32(code[nibble] * scale[block])) (see cpu_kernels.h); with an fp32 out, round_dtype "
+        "(fp16 / bf16) rounds the values to that dtype first");
     m.def(
         "gemv_nf4",
         [](uintptr_t x, uintptr_t packed, uintptr_t absmax, uintptr_t code, uintptr_t bias, uintptr_t out, int64_t M,
