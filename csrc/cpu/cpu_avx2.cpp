@@ -40,12 +40,12 @@ inline Tab scaled_table(const float* code, float s, int dt) {
 }
 
 void dequantize(const dk::DequantArgs& a, int nthreads) {
-    const int64_t bs = a.blocksize, nblocks = cdiv(a.n, bs);
+    const int64_t bs = a.blocksize, nblocks = cdiv(a.n, bs), per_task = std::max<int64_t>(1, 65536 / bs);
     const __m256i shifts = _mm256_set_epi32(0, 4, 0, 4, 0, 4, 0, 4);
     const bool nt = a.streaming;
 #pragma omp parallel num_threads(nthreads)
     {
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, per_task)
         for (int64_t b = 0; b < nblocks; ++b) {
             alignas(64) float tab32[16];
             alignas(64) uint16_t tab16[16];
@@ -144,7 +144,7 @@ void gemv_mb(const dk::MatArgs& a, const float* xp, int64_t m0, int nthreads) {
     const int64_t groups = a.N / NR;
 #pragma omp parallel num_threads(nthreads)
     {
-#pragma omp for schedule(static) nowait
+#pragma omp for schedule(dynamic, 8) nowait
         for (int64_t g = 0; g < groups; ++g) gemv_rows<MB, NR>(a, xp, g * NR, m0);
 #pragma omp for schedule(static)
         for (int64_t n = groups * NR; n < a.N; ++n) gemv_rows<MB, 1>(a, xp, n, m0);
@@ -171,7 +171,7 @@ template <int MB>
 void dx_mb(const dk::MatArgs& a, const float* dyT, int64_t m0, int nthreads) {
     constexpr int64_t SUB = 8, NT = 256;
     const int64_t N = a.N, K = a.K, bs = a.blocksize, bpr = K / bs, chunks = K / CH;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
     for (int64_t t = 0; t < cdiv(chunks, SUB); ++t) {
         const int64_t c0 = t * SUB, c1 = std::min(c0 + SUB, chunks);
         __m256 sh[SUB][MB], sl[SUB][MB];

@@ -27,14 +27,14 @@ inline __m512 round_table(__m512 t, int dt) {
 }
 
 void dequantize(const dk::DequantArgs& a, int nthreads) {
-    const int64_t bs = a.blocksize, nblocks = cdiv(a.n, bs);
+    const int64_t bs = a.blocksize, nblocks = cdiv(a.n, bs), per_task = std::max<int64_t>(1, 65536 / bs);
     const __m512i shifts = _mm512_set_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
     const __m512i shifts16 = _mm512_set_epi16(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4,
                                               0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
     const bool nt = a.streaming;
 #pragma omp parallel num_threads(nthreads)
     {
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, per_task)
         for (int64_t b = 0; b < nblocks; ++b) {
             alignas(64) float tab32[16];
             alignas(64) uint16_t tab16[32];
@@ -122,7 +122,7 @@ void gemv_mb(const dk::MatArgs& a, const float* xp, int nthreads) {
     const int64_t groups = a.N / NR;
 #pragma omp parallel num_threads(nthreads)
     {
-#pragma omp for schedule(static) nowait
+#pragma omp for schedule(dynamic, 8) nowait
         for (int64_t g = 0; g < groups; ++g) gemv_rows<MB, NR>(a, xp, g * NR);
 #pragma omp for schedule(static)
         for (int64_t n = groups * NR; n < a.N; ++n) gemv_rows<MB, 1>(a, xp, n);
@@ -151,7 +151,7 @@ void dx_mb(const dk::MatArgs& a, const float* dyT, int64_t m0, int nthreads) {
     const int64_t N = a.N, K = a.K, bs = a.blocksize, bpr = K / bs, chunks = K / CH;
     const __m512i ilo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     const __m512i ihi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
-#pragma omp parallel for num_threads(nthreads) schedule(static)
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
     for (int64_t t = 0; t < cdiv(chunks, SUB); ++t) {
         const __m512 code = _mm512_loadu_ps(a.code);
         const int64_t c0 = t * SUB, c1 = std::min(c0 + SUB, chunks);

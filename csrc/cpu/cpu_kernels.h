@@ -128,6 +128,8 @@ inline void block_table(const dk::DequantArgs& a, int64_t b, float* tab32, uint1
     }
 }
 
+// Threads take blocks dynamically, 64K elements at a time (robust to a busy core); every output
+// element has one writer, so results never depend on the thread count or the schedule.
 // Elements [i0, i1) of block b decoded with the scalar table (partial blocks, scalar fallback).
 inline void dequant_scalar_range(const dk::DequantArgs& a, const float* tab32, const uint16_t* tab16,
                                  int64_t i0, int64_t i1) {
