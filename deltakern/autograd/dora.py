@@ -12,9 +12,9 @@ from deltakern.autograd._common import (
     autocast_dtype, check_dropout_p, check_features, check_float_dtype, check_input, check_param, check_weight,
     dense_weight, dropped, frozen_weight_kind, nf4_type,
 )
-from deltakern.ops import dora as _dora_ops  # noqa: F401  (registers torch.ops.deltakern.dora_*)
+import deltakern.ops.dora  # noqa: F401,E402  (defines torch.ops.deltakern.dora_*)
 from deltakern.backends import registry
-from deltakern.ops import linear as _ops  # noqa: F401  (registers torch.ops.deltakern.linear_*)
+import deltakern.ops.linear  # noqa: F401,E402  (defines torch.ops.deltakern.linear_*)
 
 # Columns whose scale g = m / ||.|| is below this (or whose magnitude is exactly 0) get their
 # magnitude gradient from a recomputed unscaled output instead of (y - b) / m (see the Function).

@@ -11,7 +11,7 @@ from deltakern.autograd._common import (
     nf4_type, weight_shape,
 )
 from deltakern.backends import registry
-from deltakern.ops import linear as _ops  # noqa: F401  (registers torch.ops.deltakern.linear_*)
+import deltakern.ops.linear  # noqa: F401,E402  (defines torch.ops.deltakern.linear_*)
 
 
 def _use_triton(M: int, N: int, K: int, weight_kind: str) -> bool:

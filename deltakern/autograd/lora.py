@@ -11,7 +11,7 @@ from deltakern.autograd._common import (
     dense_weight, dropped, frozen_weight_kind, nf4_type,
 )
 from deltakern.backends import registry
-from deltakern.ops import lora as _ops  # noqa: F401  (registers torch.ops.deltakern.lora_*)
+import deltakern.ops.lora  # noqa: F401,E402  (defines torch.ops.deltakern.lora_*)
 
 
 def _use_triton(M: int, N: int, K: int, weight_kind: str, r: int = 16) -> bool:
