@@ -18,6 +18,7 @@ Also: pytest benchmarks/bench_cpu_kernels.py --benchmark-only
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -79,6 +80,7 @@ def round_robin(providers: dict, rounds: int, warmup: int = 2) -> dict:
 # ---- cases ----------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=4)  # pytest-benchmark: quantize once per case
 def dequant_providers(out_dtype: torch.dtype, shape=DEQUANT_SHAPE) -> dict:
     from deltakern import _cpu_ext, nf4
 
@@ -98,6 +100,7 @@ def dequant_providers(out_dtype: torch.dtype, shape=DEQUANT_SHAPE) -> dict:
     return prov
 
 
+@functools.lru_cache(maxsize=4)
 def decode_providers(M: int, N: int, K: int, dtype: torch.dtype = torch.float32) -> dict:
     from deltakern import _cpu_ext, nf4
 

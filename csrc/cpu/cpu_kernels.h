@@ -10,6 +10,13 @@
 // `blocksize` consecutive flat elements. Every kernel first builds, per block, the 16-entry table
 //     tab[j] = fp32(code[j] * scale)                         (rounded to the output/compute dtype)
 // so a decoded element is tab[nibble]: exactly the reference's cast(fp32(code[nibble] * absmax)).
+//
+// Threads: OpenMP teams of the size the caller passes (torch.get_num_threads()); work is taken
+// dynamically (a busy core does not stall the other), and every output element has one writer that
+// sums in a fixed order, so results never depend on the thread count or the schedule.
+// Bounds: dequantize writes 4 or 2 bytes per element and reads 0.5 (write bandwidth; non-temporal
+// stores for large outputs); the decode matmuls read W once (0.5 byte per weight) and do M FMAs per
+// weight, so small M is bound by the 16-entry lookups and M = 16 by FMA throughput.
 #pragma once
 
 #include <cstdint>
@@ -128,8 +135,6 @@ inline void block_table(const dk::DequantArgs& a, int64_t b, float* tab32, uint1
     }
 }
 
-// Threads take blocks dynamically, 64K elements at a time (robust to a busy core); every output
-// element has one writer, so results never depend on the thread count or the schedule.
 // Elements [i0, i1) of block b decoded with the scalar table (partial blocks, scalar fallback).
 inline void dequant_scalar_range(const dk::DequantArgs& a, const float* tab32, const uint16_t* tab16,
                                  int64_t i0, int64_t i1) {
