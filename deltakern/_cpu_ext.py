@@ -5,7 +5,7 @@ module or the reason it failed; `available()` / `load_error()` report it and `re
 RuntimeError saying how to get it. The launchers check every tensor (device, dtype, contiguity,
 sizes, blocksize) before anything is allocated or written, then pass raw pointers, sizes and
 `torch.get_num_threads()` (the OpenMP team size, so the kernels never use more threads than torch)
-to the kernels in csrc/cpu/.
+to the kernels in csrc/cpu/ (fewer threads for calls too small to share).
 
 Kernels (fp32 arithmetic throughout; NF4 layout and rounding as in deltakern/ops/nf4.py):
 
@@ -81,8 +81,12 @@ def isa() -> str:
     return forced or require().best_isa()
 
 
-def _threads() -> int:
-    return max(1, torch.get_num_threads())
+GRAIN = 1 << 18  # elements (dequantize) or multiply-adds (matmuls) below which one more thread does not pay
+
+
+def _threads(work: int) -> int:
+    """torch.get_num_threads(), fewer for small calls (a team costs ~10 us to wake; never more than torch)."""
+    return max(1, min(torch.get_num_threads(), work // GRAIN))
 
 
 def _empty(n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -194,7 +198,7 @@ def dequantize_nf4(packed, absmax, nested_absmax, nested_code, offset, code, n: 
     C.dequantize_nf4(packed.data_ptr(), absmax.data_ptr(), int(nested),
                      nested_absmax.data_ptr() if nested else 0, nested_code.data_ptr() if nested else 0,
                      offset, code.data_ptr(), out.data_ptr(), n, blocksize, _DTYPES[out_dtype], streaming,
-                     _DTYPES[round_to or torch.float32], _threads(), isa())
+                     _DTYPES[round_to or torch.float32], _threads(n), isa())
     return out
 
 
@@ -234,7 +238,7 @@ def nf4_matmul(x, packed, absmax, code, N: int, K: int, blocksize: int, bias=Non
     if N and K:
         C.gemv_nf4(xf.data_ptr(), packed.data_ptr(), absmax.data_ptr(), code.data_ptr(),
                    bias.data_ptr() if bias is not None else 0, y.data_ptr(), xf.shape[0], N, K, blocksize,
-                   _DTYPES[x.dtype], _threads(), isa())
+                   _DTYPES[x.dtype], _threads(xf.shape[0] * N * K), isa())
     else:
         y.zero_()
         if bias is not None:
@@ -255,7 +259,7 @@ def nf4_matmul_dx(dy, packed, absmax, code, N: int, K: int, blocksize: int,
     dx = torch.empty(dyf.shape[0], K, dtype=torch.float32)
     if N and K:
         C.dx_nf4(dyf.data_ptr(), packed.data_ptr(), absmax.data_ptr(), code.data_ptr(), dx.data_ptr(),
-                 dyf.shape[0], N, K, blocksize, _DTYPES[dy.dtype], _threads(), isa())
+                 dyf.shape[0], N, K, blocksize, _DTYPES[dy.dtype], _threads(dyf.shape[0] * N * K), isa())
     else:
         dx.zero_()
     return dx.to(out_dtype or dy.dtype)

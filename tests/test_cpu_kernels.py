@@ -94,8 +94,10 @@ def isa(request, ext, monkeypatch):
 
 
 @pytest.fixture
-def threads():
-    """Restores torch's thread count after a test that changes it."""
+def threads(monkeypatch):
+    """Restores torch's thread count after a test that changes it; every call, however small, uses
+    all of torch's threads (no grain), so the 2-thread runs really split the work."""
+    monkeypatch.setattr(_cpu_ext, "GRAIN", 1)
     old = torch.get_num_threads()
     yield
     torch.set_num_threads(old)
@@ -406,6 +408,14 @@ def test_matmul_bad_inputs(ext):
         _cpu_ext.nf4_matmul_dx(torch.randn(1, 5), p2, a2, CODE, 5, 96, 64)
     with pytest.raises(ValueError, match=r"dy must be \[M, 8\]"):
         _cpu_ext.nf4_matmul_dx(torch.randn(2, 9), packed, absmax, CODE, N, K, bs)
+
+
+def test_thread_count_follows_torch_and_work(ext, monkeypatch, threads):
+    torch.set_num_threads(2)
+    monkeypatch.setattr(_cpu_ext, "GRAIN", 1000)
+    assert _cpu_ext._threads(999) == 1 and _cpu_ext._threads(1500) == 1 and _cpu_ext._threads(10**9) == 2
+    torch.set_num_threads(1)
+    assert _cpu_ext._threads(10**9) == 1
 
 
 def test_dense_weight_workspace(ext):
