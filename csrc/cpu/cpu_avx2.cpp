@@ -151,16 +151,17 @@ void gemv_mb(const dk::MatArgs& a, const float* xp, int64_t m0, int nthreads) {
     }
 }
 
+// Rows of x in passes of at most 4; each pass decodes every W row once and feeds 2 rows of W per
+// load of x (16 ymm registers: at most 8 accumulators beside the two rows' tables).
 void gemv(const dk::MatArgs& a, int nthreads) {
-    for (int64_t m0 = 0; m0 < a.M; m0 += 8) {  // 16 ymm registers: at most 8 rows of x per pass over W
-        const int64_t rows = std::min<int64_t>(8, a.M - m0), mb = rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : 8;
+    for (int64_t m0 = 0; m0 < a.M; m0 += 4) {
+        const int64_t rows = std::min<int64_t>(4, a.M - m0), mb = rows <= 1 ? 1 : rows <= 2 ? 2 : 4;
         std::vector<float> xp(mb * a.K);
         permute_rows(a.a + m0 * a.K, rows, a.K, mb, xp.data());
         switch (mb) {
             case 1: gemv_mb<1, 2>(a, xp.data(), m0, nthreads); break;
             case 2: gemv_mb<2, 2>(a, xp.data(), m0, nthreads); break;
-            case 4: gemv_mb<4, 1>(a, xp.data(), m0, nthreads); break;
-            default: gemv_mb<8, 1>(a, xp.data(), m0, nthreads); break;
+            default: gemv_mb<4, 2>(a, xp.data(), m0, nthreads); break;
         }
     }
 }

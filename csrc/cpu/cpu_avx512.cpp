@@ -88,7 +88,7 @@ void permute_rows(const float* src, int64_t rows, int64_t K, int64_t pad_rows, f
 
 // y[m, n0 + r] for r < NR, m < MB (rows of xp beyond M are zero and not written).
 template <int MB, int NR>
-inline void gemv_rows(const dk::MatArgs& a, const float* xp, int64_t n0) {
+inline void gemv_rows(const dk::MatArgs& a, const float* xp, int64_t n0, int64_t m0) {
     const int64_t K = a.K, bs = a.blocksize, bpr = K / bs;
     const __m512 code = _mm512_loadu_ps(a.code);
     __m512 acc[NR][MB];
@@ -113,32 +113,35 @@ inline void gemv_rows(const dk::MatArgs& a, const float* xp, int64_t n0) {
         }
     }
     for (int r = 0; r < NR; ++r)
-        for (int m = 0; m < MB && m < a.M; ++m)
-            a.out[m * a.N + n0 + r] = _mm512_reduce_add_ps(acc[r][m]) + (a.bias ? a.bias[n0 + r] : 0.f);
+        for (int m = 0; m < MB && m0 + m < a.M; ++m)
+            a.out[(m0 + m) * a.N + n0 + r] = _mm512_reduce_add_ps(acc[r][m]) + (a.bias ? a.bias[n0 + r] : 0.f);
 }
 
 template <int MB, int NR>
-void gemv_mb(const dk::MatArgs& a, const float* xp, int nthreads) {
+void gemv_mb(const dk::MatArgs& a, const float* xp, int64_t m0, int nthreads) {
     const int64_t groups = a.N / NR;
 #pragma omp parallel num_threads(nthreads)
     {
 #pragma omp for schedule(dynamic, 8) nowait
-        for (int64_t g = 0; g < groups; ++g) gemv_rows<MB, NR>(a, xp, g * NR);
+        for (int64_t g = 0; g < groups; ++g) gemv_rows<MB, NR>(a, xp, g * NR, m0);
 #pragma omp for schedule(static)
-        for (int64_t n = groups * NR; n < a.N; ++n) gemv_rows<MB, 1>(a, xp, n);
+        for (int64_t n = groups * NR; n < a.N; ++n) gemv_rows<MB, 1>(a, xp, n, m0);
     }
 }
 
+// Rows of x in passes of at most 8; each pass decodes every W row once and feeds NR rows of W per
+// load of x (NR * MB accumulators: 16 or 24 of the 32 zmm registers).
 void gemv(const dk::MatArgs& a, int nthreads) {
-    const int64_t mb = a.M <= 1 ? 1 : a.M <= 2 ? 2 : a.M <= 4 ? 4 : a.M <= 8 ? 8 : 16;
-    std::vector<float> xp(mb * a.K);
-    permute_rows(a.a, a.M, a.K, mb, xp.data());
-    switch (mb) {
-        case 1: gemv_mb<1, 4>(a, xp.data(), nthreads); break;
-        case 2: gemv_mb<2, 2>(a, xp.data(), nthreads); break;
-        case 4: gemv_mb<4, 1>(a, xp.data(), nthreads); break;
-        case 8: gemv_mb<8, 1>(a, xp.data(), nthreads); break;
-        default: gemv_mb<16, 1>(a, xp.data(), nthreads); break;
+    for (int64_t m0 = 0; m0 < a.M; m0 += 8) {
+        const int64_t rows = std::min<int64_t>(8, a.M - m0), mb = rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : 8;
+        std::vector<float> xp(mb * a.K);
+        permute_rows(a.a + m0 * a.K, rows, a.K, mb, xp.data());
+        switch (mb) {
+            case 1: gemv_mb<1, 4>(a, xp.data(), m0, nthreads); break;
+            case 2: gemv_mb<2, 4>(a, xp.data(), m0, nthreads); break;
+            case 4: gemv_mb<4, 4>(a, xp.data(), m0, nthreads); break;
+            default: gemv_mb<8, 2>(a, xp.data(), m0, nthreads); break;
+        }
     }
 }
 
