@@ -215,7 +215,7 @@ def test_convert_is_zero_copy_and_skips_unquantized():
         summary = dkbnb.convert(model)
     assert summary.converted == ["0", "2"] and list(summary.skipped) == ["late"]
     assert "not quantized" in summary.skipped["late"] and "2 layers" in str(summary)
-    assert model[0]._packed.data_ptr() == packed_ptr and model[0]._absmax.data_ptr() == absmax_ptr
+    assert model[0].weight.packed.data_ptr() == packed_ptr and model[0].weight.absmax.data_ptr() == absmax_ptr
     assert dkbnb.is_linear4bit(model.late)
 
 
