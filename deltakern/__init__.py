@@ -10,7 +10,7 @@ from deltakern import backends, nf4, nn  # noqa: E402  (nf4 registers the torch.
 from deltakern.autograd import dora_linear, lora_linear  # noqa: E402  (registers the ops)
 from deltakern.autograd.linear import linear  # noqa: E402
 from deltakern.nf4 import NF4Weight  # noqa: E402
-from deltakern.quantize import QuantizeSummary, quantize  # noqa: E402
+from deltakern.quantization import QuantizeSummary, quantize  # noqa: E402  (module renamed: the function kept the name)
 from deltakern import methods  # noqa: E402
 from deltakern.methods import (  # noqa: E402
     Adapter, BitFit, DoRA, Freeze, LoRA, PrefixTuning, PromptTuning, activate, apply, disable, load_delta,

@@ -4,17 +4,29 @@ Bit-compatible with bitsandbytes 0.50 (checked against its wheel in the tests):
 
 * the weight [N, K] is flattened row-major and cut into blocks of `blocksize` consecutive
   elements (the last block may be partial); each block stores absmax = max|x| in fp32;
-* each element becomes the index of the nearest NF4 level to x / absmax (ties go to the lower
-  level), and byte i packs element 2i in the high nibble and element 2i+1 in the low nibble;
+* quantize follows bitsandbytes' CUDA kernel (the rule is written out once, in
+  deltakern.triton_kernels.nf4_ref): z = ftz(x * rcp(absmax)) with subnormals flushed to zero, in
+  every block, the partial last one too; the NF4 code is the number of its 15 fixed fp32 thresholds
+  strictly below z (a tie takes the lower code; an all-zero block has z = 0 * inf = NaN, code 0,
+  and packs 0x00); byte i packs element 2i in the high nibble and element 2i+1 in the low nibble;
 * double quantization stores absmax - mean(absmax) with bitsandbytes' signed 8-bit dynamic map in
-  blocks of 256, plus one fp32 scale per 256 blocks and the fp32 mean ("offset");
+  blocks of 256 by the same scaling, code = the number of fp32 midpoints of the map below z, a tie
+  going to the even index, NaN -> 0; plus one fp32 scale per 256 blocks and the fp32 mean ("offset");
 * dequantize: absmax = fp32(map[q] * nested_absmax) + offset (two roundings), then
   out = cast(fp32(code[nibble] * absmax)).
 
-One documented difference: bitsandbytes' CPU quantizer for the 8-bit nested absmax does not always
-pick the nearest map entry: about 0.15% of entries land on another entry, mostly within 1e-4
-(relative to the nested scale) as near as the nearest one, rarely up to ~3e-3 farther. `quantize` always picks the nearest entry; the 4-bit codes, the fp32 absmax,
-the offset and the nested scales are identical, and every checkpoint either side writes is read
+Documented differences. On CUDA tensors the Triton kernels use the hardware reciprocal
+rcp.approx.ftz.f32, as bitsandbytes' fast-math build does, and so write its bytes. On the CPU the
+reference uses the correctly rounded 1/absmax; the hardware one is that value or its neighbour 1 ulp
+away, so a code can differ only where z moves across a threshold or midpoint with the reciprocal's
+last bit. Counted with benchmarks/nf4_rcp_rate.py on randn * 0.02 weights [4096, 4096], blocksize 64,
+as the codes a 1-ulp change either way can move (an upper bound): bf16 weights, no 4-bit code (no
+pair of a bf16 absmax and a bf16 value in its block has one) and 4.4e-6 of the nested codes; fp32
+weights, 6.0e-7 of the 4-bit codes and 2.6e-6 of the nested codes. The offset is torch's mean on the
+weight's device, as in bitsandbytes, so where CPU and CUDA sums round differently the offset and the
+nested codes differ too. bitsandbytes' own CPU backend follows another rule (the fp32 level midpoints
+as thresholds, a division in the partial last block, 0x77 for an all-zero block, its own 8-bit
+search: about 0.1-0.2% of the nested codes differ). Every checkpoint either side writes is read
 bit-exactly by the other.
 """
 
@@ -301,26 +313,15 @@ def quantize(
 def quantize_nested(x: torch.Tensor):
     """8-bit blockwise quantization (blocks of 256) of fp32 `x` with the signed dynamic map.
 
-    Returns (uint8 codes, fp32 per-block absmax, the map). Each value takes the index of the map
-    entry nearest to x / absmax (true fp32 division; distances compared in fp32, ties to the lower
-    index), searching a copy of the map whose first entry is -1.0 as bitsandbytes does. A block
-    whose absmax is 0 stores the index of 0.0, so it still decodes to exactly the offset.
+    Returns (uint8 codes, fp32 per-block absmax, the map). The rule is bitsandbytes' CUDA kernel's
+    (deltakern.triton_kernels.nf4_ref.quantize_nested_ref): z = ftz(x * rcp(absmax)), code = the
+    number of fp32 midpoints of the map below z, a tie going to the even index, NaN z (a block whose
+    absmax is 0) -> 0, which still decodes to exactly the offset.
     """
-    code = _codes.dynamic_map(x.device)
-    search = code.clone()
-    search[0] = -1.0
-    n = x.numel()
-    groups = -(-n // NESTED_BLOCKSIZE)
-    padded = torch.nn.functional.pad(x, (0, groups * NESTED_BLOCKSIZE - n)).view(groups, NESTED_BLOCKSIZE)
-    absmax = padded.abs().amax(dim=1)
-    z = (padded / absmax[:, None]).reshape(-1)[:n]
-    lo = (torch.searchsorted(search, z, right=True) - 1).clamp(0, 255)
-    hi = (lo + 1).clamp(max=255)
-    pick_hi = (hi != lo) & ((z - search[hi]).abs() < (z - search[lo]).abs())
-    q = torch.where(pick_hi, hi, lo)
-    zero_index = int(torch.nonzero(code == 0)[0])
-    q = torch.where(torch.isnan(z), zero_index, q)
-    return q.to(torch.uint8), absmax, code
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32:
+        raise TypeError(f"x must be an fp32 tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    q, absmax = torch.ops.deltakern.nf4_quantize_nested(x.detach().contiguous().reshape(-1))
+    return q, absmax, _codes.dynamic_map(x.device)
 
 
 def dequantize(q: NF4Weight, dtype: Optional[torch.dtype] = None) -> torch.Tensor:

@@ -177,8 +177,9 @@ def forced_impl(var: str) -> Optional[bool]:
 def prefer_fused(family: str, M: int, N: int, K: int, weight_kind: str, r: int = 0) -> bool:
     """The cost model for a CUDA call: one fused Triton op (True) or a torch composition (False).
 
-    `DELTAKERN_<FAMILY>_IMPL=triton|torch` forces it. The defaults are UNTUNED (no GPU has measured
-    them):
+    `DELTAKERN_<FAMILY>_IMPL=triton|torch` forces it. N and K are in the signature for a measured
+    model; the defaults below are UNTUNED (no GPU has measured them) and read only M, the weight kind
+    and r (N and K enter `fused_path`'s int32 check):
     * lora, dora: Triton for M <= 64 with a dense W (fusing saves a launch and an [M, N] pass; above,
       cuBLAS is the stronger GEMM) and M <= 1024 with NF4 (reading 4-bit W bounds small M; above,
       re-decoding a W tile for every M tile costs more than one dequantize + cuBLAS); r > MAX_FUSED_R

@@ -57,6 +57,11 @@ def nf4_quantize(x, blocksize):
     return module("nf4").quantize_nf4(x, blocksize)
 
 
+@_impl("nf4_quantize_nested")
+def nf4_quantize_nested(x):
+    return module("nf4").quantize_nested(x)
+
+
 @_impl("nf4_dequantize")
 def nf4_dequantize(packed, absmax, nested_absmax, nested_code, offset, code, n, blocksize, dtype):
     return module("nf4").dequantize_nf4(packed, absmax, n, blocksize, dtype, code, nested_absmax, nested_code, offset)

@@ -264,8 +264,8 @@ def _deltakern_forward(module, state: _PatchState, x: torch.Tensor) -> torch.Ten
 
     def run(A_, B_, m_, bias_, cache):
         if is_dora:
-            return dora_linear(x, weight, bias_, A_, B_, m_, scaling, p, True, False, cache)
-        return lora_linear(x, weight, bias_, A_, B_, scaling, p, True)
+            return dora_linear(x, weight, bias_, A_, B_, m_, scaling, dropout_p=p, training=True, norm_cache=cache)
+        return lora_linear(x, weight, bias_, A_, B_, scaling, dropout_p=p, training=True)
 
     cache = state.norm_cache(a) if is_dora else None
     if _autocast(x):  # the functions cast every floating input to the autocast dtype themselves

@@ -38,7 +38,7 @@ def _check_number(cls, name, value, positive=True, integer=False, upper=None):
 
 def _dense(module: nn.Module) -> bool:
     """A layer deltakern.quantize converts to NF4: nn.Linear or a transformers Conv1D."""
-    return isinstance(module, nn.Linear) or base.is_conv1d(module)
+    return isinstance(module, nn.Linear) or base.is_dense_conv1d(module)
 
 
 @dataclass
@@ -109,7 +109,7 @@ class _LowRankMethod(Method):
 
     def _quantize(self, model, plan):
         """Quantize the dense targets to NF4 with deltakern.quantize (a base change, kept by remove())."""
-        from deltakern.quantize import quantize
+        from deltakern.quantization import quantize
 
         dense = [n for n in plan.targets if _dense(base.get_module(model, n))]
         if not dense:

@@ -1,14 +1,20 @@
-"""References of `deltakern::nf4_quantize` / `nf4_dequantize` (the maths: triton_kernels/nf4_ref.py)."""
+"""References of `deltakern::nf4_quantize` / `nf4_quantize_nested` / `nf4_dequantize` (the maths, and
+the one statement of the quantization rule: triton_kernels/nf4_ref.py)."""
 
 from deltakern.backends.registry import register
-from deltakern.triton_kernels.nf4_ref import absmax_ref, dequantize_nf4_ref, quantize_nf4_ref
+from deltakern.triton_kernels.nf4_ref import absmax_ref, dequantize_nf4_ref, quantize_nested_ref, quantize_nf4_ref
 
-__all__ = ["absmax_ref", "dequantize_nf4_ref", "quantize_nf4_ref"]
+__all__ = ["absmax_ref", "dequantize_nf4_ref", "quantize_nested_ref", "quantize_nf4_ref"]
 
 
 @register("nf4_quantize", "torch")
 def nf4_quantize(x, blocksize):
     return quantize_nf4_ref(x, blocksize)
+
+
+@register("nf4_quantize_nested", "torch")
+def nf4_quantize_nested(x):
+    return quantize_nested_ref(x)
 
 
 @register("nf4_dequantize", "torch")

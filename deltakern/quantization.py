@@ -3,12 +3,12 @@ in GPT-2) by NF4Linear, in place."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from deltakern._patterns import match
 from deltakern.nn.nf4_linear import NF4Linear
 
 
@@ -24,14 +24,6 @@ class QuantizeSummary:
         return (f"quantized {self.layers} linear layers to NF4: {self.bytes_before / 2**20:.2f} MiB -> "
                 f"{self.bytes_after / 2**20:.2f} MiB ({ratio:.2f}x smaller); skipped {len(self.skipped)}: "
                 f"{', '.join(self.skipped) or '-'}")
-
-
-def _matches(name: str, patterns) -> bool:
-    """A pattern matches a module name exactly, as a dotted suffix, or as a regex (fullmatch)."""
-    for p in patterns:
-        if name == p or name.endswith("." + p) or re.fullmatch(p, name):
-            return True
-    return False
 
 
 def _tensor_bytes(module: nn.Module) -> int:
@@ -58,7 +50,7 @@ def quantize(model: nn.Module, skip=("lm_head",), blocksize: int = 64, double_qu
     targets, skipped = [], []
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) or dense_conv1d_weight(module):
-            (skipped if _matches(name, skip) else targets).append(name)
+            (skipped if match(name, skip) else targets).append(name)
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover
