@@ -327,8 +327,8 @@ def quantize_nf4(x, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     blocksize = _check_blocksize(blocksize)
     flat = _flat_input(x, tuple(_DTYPES))
     n = flat.numel()
-    packed = torch.empty((n + 1) // 2, dtype=torch.uint8)
-    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32)
+    packed = _empty((n + 1) // 2, torch.uint8)
+    absmax = _empty(-(-n // blocksize), torch.float32)
     if n:
         C.quantize_nf4(flat.data_ptr(), _DTYPES[flat.dtype], n, blocksize, _quant_table("thresholds").data_ptr(),
                        packed.data_ptr(), absmax.data_ptr(), _threads(), isa())
