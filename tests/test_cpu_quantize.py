@@ -271,3 +271,26 @@ def test_quantize_rejects_non_finite(ext):
         w[3, 5] = bad
         with pytest.raises(ValueError, match="1 non-finite values"):
             nf4.quantize(w, 64)
+
+
+def test_without_the_extension_quantize_runs_the_references(monkeypatch):
+    """deltakern._cpu absent: the launchers say how to get it, the ops and nf4.quantize run the
+    references, and DELTAKERN_BACKEND=cpu raises the extension's own error."""
+    import deltakern
+
+    monkeypatch.setattr(_cpu_ext, "_module", _cpu_ext._UNSET)
+    monkeypatch.setitem(sys.modules, "deltakern._cpu", None)  # import now raises ImportError
+    monkeypatch.delattr(deltakern, "_cpu", raising=False)
+    monkeypatch.delenv("DELTAKERN_BACKEND", raising=False)
+    msg = r"without its native CPU extension deltakern._cpu.*DELTAKERN_BACKEND=torch"
+    x = torch.randn(3, 100)
+    with pytest.raises(RuntimeError, match=msg):
+        _cpu_ext.quantize_nf4(x, 64)
+    with pytest.raises(RuntimeError, match=msg):
+        _cpu_ext.quantize_nested(x)
+    assert registry.resolve("nf4_quantize", "cpu") == "torch" and registry.resolve("nf4_quantize_nested", "cpu") == "torch"
+    q = nf4.quantize(x, 64, double_quant=False)
+    assert_same((q.packed.reshape(-1), q.absmax), quantize_nf4_ref(x, 64))
+    monkeypatch.setenv("DELTAKERN_BACKEND", "cpu")
+    with pytest.raises(RuntimeError, match=msg):
+        torch.ops.deltakern.nf4_quantize(x.reshape(-1), 64)
