@@ -167,10 +167,11 @@ def test_nf4_non_finite_gives_the_reference_bytes(isa):
 
 
 def test_nf4_strided_input(ext):
-    """Any shape and strides: the row-major flattening of x, as the references read it; x untouched."""
+    """Any shape, strides and offset: the row-major flattening of x, as the references read it; x untouched."""
     base = torch.randn(96, 130, generator=torch.Generator().manual_seed(3))
     for dtype in DTYPES:
-        for x in (base.to(dtype).t(), base.to(dtype)[:, ::2], base.to(dtype).reshape(-1)[1::3]):
+        for x in (base.to(dtype).t(), base.to(dtype)[:, ::2], base.to(dtype).reshape(-1)[1::3],
+                  base.to(dtype).reshape(-1)[1:]):  # contiguous, not vector-aligned: read in place
             before = x.clone()
             got = _cpu_ext.quantize_nf4(x, 64)
             assert_same(got, _cpu_ext.quantize_nf4(x.contiguous(), 64))
