@@ -154,6 +154,22 @@ def test_nf4_pad_nibble(isa):
     assert torch.equal(packed, torch.zeros(32, dtype=torch.uint8)) and float(absmax) == 0.0  # CUDA's 0x00, not 0x77
 
 
+def test_independent_of_the_flush_denormal_mode(isa, threads):
+    """The flushes are explicit: with the CPU's FTZ/DAZ bits set, the bytes do not change."""
+    torch.set_num_threads(1)  # torch.set_flush_denormal sets the calling thread's mode
+    x = nf4_input(64, torch.float32, seed=11)
+    y = torch.cat([cuda.nested_adversarial(seed=2), torch.randn(77)])
+    want = (quantize_nf4_ref(x, 64), quantize_nested_ref(y))
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU has no flush-denormal mode")
+    try:
+        got = (_cpu_ext.quantize_nf4(x, 64), _cpu_ext.quantize_nested(y))
+    finally:
+        torch.set_flush_denormal(False)
+    assert_same(got[0], want[0])
+    assert_same(got[1], want[1])
+
+
 def test_nf4_non_finite_gives_the_reference_bytes(isa):
     """Not rejected by the op (deltakern.nf4.quantize rejects it before): inf / NaN blocks store
     absmax inf / NaN, codes 0 for the non-finite elements (z = NaN) and as the reference elsewhere."""
