@@ -41,6 +41,7 @@ CPU_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-fopenmp", "-
 CPU_ISA_FLAGS = {  # translation unit -> its -m flags (x86-64 only); the rest compile portable
     "cpu_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
     "cpu_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+    "cpu_quantize_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
 }
 DEFAULT_ARCHS = ("80", "86", "89", "90")
 

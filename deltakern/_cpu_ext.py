@@ -294,3 +294,64 @@ def dense_weight_fp32(packed, absmax, code, N: int, K: int, blocksize: int,
 def release_workspace() -> None:
     """Free this thread's dense-weight workspace."""
     _workspace.buf = None
+
+
+# ---- NF4 quantize and the 8-bit quantize of double quantization (csrc/cpu/cpu_quantize*.cpp) --------
+
+_quant_tables: dict = {}
+
+
+def _quant_table(name: str) -> torch.Tensor:
+    """The NF4 thresholds [15] or the dynamic map's midpoints [255] (fp32, sorted), built once."""
+    if name not in _quant_tables:
+        from deltakern import _codes
+
+        _quant_tables[name] = (_codes.nf4_thresholds() if name == "thresholds" else _codes.dynamic_midpoints()).contiguous()
+    return _quant_tables[name]
+
+
+def _flat_input(x, dtypes) -> torch.Tensor:
+    """x (any shape and strides) as a flat contiguous CPU tensor (a copy only when x is strided)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.device.type != "cpu":
+        raise ValueError(f"x is on {x.device}; the deltakern CPU kernels need CPU tensors")
+    if x.dtype not in dtypes:
+        raise TypeError(f"x must be {' or '.join(str(d).removeprefix('torch.') for d in dtypes)}, got {x.dtype}")
+    return x.reshape(-1).contiguous()
+
+
+def quantize_nf4(x, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (fp32 / fp16 / bf16, any shape, flattened row-major) -> (packed uint8 [(n+1)//2], fp32 absmax
+    [ceil(n/blocksize)]), bit-exact with quantize_nf4_ref (bitsandbytes' CUDA rule, correctly rounded
+    reciprocal). Per block: v = ftz(x), absmax = max|v|, z = v * ftz(1/absmax), code = #{t_j < z} over
+    the 15 NF4 thresholds (NaN -> 0); byte i = code(2i) << 4 | code(2i+1), an odd n padding the code
+    of 0 * ftz(1/absmax). Non-finite x is not rejected here (nf4.quantize does); it gives the
+    reference's bytes: a block holding inf or NaN stores absmax inf or NaN and codes 0 or 7.
+    """
+    C = require()
+    blocksize = _check_blocksize(blocksize)
+    flat = _flat_input(x, tuple(_DTYPES))
+    n = flat.numel()
+    packed = _empty((n + 1) // 2, torch.uint8)
+    absmax = _empty(-(-n // blocksize), torch.float32)
+    if n:
+        C.quantize_nf4(flat.data_ptr(), _DTYPES[flat.dtype], n, blocksize, _quant_table("thresholds").data_ptr(),
+                       packed.data_ptr(), absmax.data_ptr(), _threads(), isa())
+    return packed, absmax
+
+
+def quantize_nested(x) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 x (any shape, flattened) -> (uint8 codes [n], fp32 absmax [ceil(n/256)]): the 8-bit
+    dynamic-map step of double quantization, bit-exact with quantize_nested_ref. Per group of 256:
+    z = ftz(x) * ftz(1/absmax), q = #{m_j < z} over the 255 fp32 midpoints of the map, +1 when q is
+    odd and z == m_q (a tie goes to the even index); NaN z (absmax 0) -> 0."""
+    C = require()
+    flat = _flat_input(x, (torch.float32,))
+    n = flat.numel()
+    codes = torch.empty(n, dtype=torch.uint8)
+    absmax = torch.empty(-(-n // 256), dtype=torch.float32)
+    if n:
+        C.quantize_nested(flat.data_ptr(), n, _quant_table("midpoints").data_ptr(), codes.data_ptr(), absmax.data_ptr(),
+                          _threads(), isa())
+    return codes, absmax

@@ -91,3 +91,22 @@ def lora_dx_nf4(dy, packed, absmax, code, N, K, blocksize, dyb, lora_A, scaling,
             lora = torch.where(mask.bool(), lora * mask_scale, 0.0)
         acc.add_(lora, alpha=scaling)
     return acc.to(dy.dtype)
+
+
+# ---- NF4 quantize and the 8-bit quantize of double quantization (bit-exact with the references) ----
+
+from deltakern.backends.reference import nf4 as ref_nf4  # noqa: E402
+
+
+@_cpu("nf4_quantize")
+def nf4_quantize(x, blocksize):
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return ref_nf4.nf4_quantize(x, blocksize)
+    return _cpu_ext.quantize_nf4(x, blocksize)
+
+
+@_cpu("nf4_quantize_nested")
+def nf4_quantize_nested(x):
+    if x.dtype != torch.float32:
+        return ref_nf4.nf4_quantize_nested(x)
+    return _cpu_ext.quantize_nested(x)
