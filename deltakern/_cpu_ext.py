@@ -337,7 +337,7 @@ def quantize_nf4(x, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     absmax = _empty(-(-n // blocksize), torch.float32)
     if n:
         C.quantize_nf4(flat.data_ptr(), _DTYPES[flat.dtype], n, blocksize, _quant_table("thresholds").data_ptr(),
-                       packed.data_ptr(), absmax.data_ptr(), _threads(), isa())
+                       packed.data_ptr(), absmax.data_ptr(), _threads(n), isa())
     return packed, absmax
 
 
@@ -353,5 +353,5 @@ def quantize_nested(x) -> tuple[torch.Tensor, torch.Tensor]:
     absmax = torch.empty(-(-n // 256), dtype=torch.float32)
     if n:
         C.quantize_nested(flat.data_ptr(), n, _quant_table("midpoints").data_ptr(), codes.data_ptr(), absmax.data_ptr(),
-                          _threads(), isa())
+                          _threads(n), isa())
     return codes, absmax
