@@ -253,8 +253,8 @@ def test_convert_transformers_4bit_llama(llama_dir):
     assert sorted(summary.converted) == sorted(refs)
     for name, ref in refs.items():
         _assert_bitwise(model.get_submodule(name).weight.dequantize(), ref)
-    with torch.no_grad():
-        _assert_bitwise(model(ids).logits, before)
+    with torch.no_grad():  # same weights bit for bit; the NF4 kernels sum in another order than F.linear
+        torch.testing.assert_close(model(ids).logits, before, rtol=1e-5, atol=1e-6)
     assert sorted(model.state_dict()) == sorted(keys)
 
 
