@@ -25,7 +25,7 @@ import torch
 import deltakern
 from deltakern import _cpu_ext
 from deltakern._codes import nf4_code
-from deltakern.triton_kernels.nf4_ref import dequantize_nf4_ref, quantize_nf4_ref
+from deltakern.backends.reference.nf4 import dequantize_nf4_ref, quantize_nf4_ref
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)

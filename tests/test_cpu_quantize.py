@@ -3,7 +3,7 @@ fp32 absmax) and the 8-bit dynamic-map quantize of double quantization.
 
 Every unit this CPU runs (scalar; avx2, which also serves avx512) is compared BIT FOR BIT, at 1 and
 2 threads, with
-  * the references quantize_nf4_ref / quantize_nested_ref (triton_kernels/nf4_ref.py), and
+  * the references quantize_nf4_ref / quantize_nested_ref (deltakern/backends/reference/nf4.py), and
   * the NumPy emulation of bitsandbytes' CUDA quantizer with the correctly rounded reciprocal
     (nf4_cuda_oracle), written from bitsandbytes' algorithm independently of deltakern,
 on random data and the oracle's adversarial builders (values on and beside every threshold and
@@ -31,7 +31,7 @@ import torch
 from deltakern import _cpu_ext, nf4
 from deltakern._codes import dynamic_map
 from deltakern.backends import registry
-from deltakern.triton_kernels.nf4_ref import quantize_nested_ref, quantize_nf4_ref
+from deltakern.backends.reference.nf4 import quantize_nested_ref, quantize_nf4_ref
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from _helpers import bnb_dequantize_4bit
 from deltakern import NF4Weight, nf4
 from deltakern._codes import dynamic_map, dynamic_midpoints, fp4_code, nf4_code, nf4_thresholds
-from deltakern.triton_kernels import nf4_ref
+from deltakern.backends.reference import nf4 as nf4_ref
 
 bnb = pytest.importorskip("bitsandbytes")
 F = bnb.functional

@@ -25,7 +25,7 @@ import deltakern.autograd.dora as dora_mod
 from deltakern import nf4
 from deltakern.autograd.dora import _W, check_dora_norms, dora_weight_norm
 from deltakern.nn import DoRALinear, LoRALinear, NF4Linear
-from deltakern.triton_kernels.nf4_ref import absmax_ref
+from deltakern.backends.reference.nf4 import absmax_ref
 
 
 class HostSync(AssertionError):

@@ -16,7 +16,7 @@
 #   per 256 blocks nested).
 #
 # quantize_nf4 / quantize_nested: bitsandbytes' CUDA blockwise quantizer (kQuantizeBlockwise), whose
-# rule nf4_ref.py states once (blockwise_scale, nf4_codes_of, dynamic_codes_of). x is read as fp32;
+# rule deltakern/backends/reference/nf4.py states once (blockwise_scale, nf4_codes_of, dynamic_codes_of). x is read as fp32;
 # per block (the last one padded with zeros), with ftz() flushing subnormals to zero:
 #   absmax = max|ftz(x)|;  inv = ftz(rcp(absmax));  z = ftz(ftz(x) * inv)
 #   NF4 nibble = #{j : z > t_j} over 15 fixed fp32 thresholds (4-step binary search; NaN -> 0)
@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from ._common import launch, pair_table
-from .nf4_ref import dequantize_nf4_ref, quantize_nested_ref, quantize_nf4_ref  # noqa: F401  (the references, beside the kernels)
+from deltakern.backends.reference.nf4 import dequantize_nf4_ref, quantize_nested_ref, quantize_nf4_ref  # noqa: F401,E501  (the references)
 
 NF4_CODE = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -155,7 +155,7 @@ def _rcp(a, HW_RCP: tl.constexpr):
 
 @triton.jit
 def _scale_blocks(x_ptr, row, n, BLOCKSIZE: tl.constexpr, HW_RCP: tl.constexpr):
-    """(z [ROWS, BLOCKSIZE], absmax [ROWS]) of blocks `row`: elements past n load as 0 (nf4_ref.blockwise_scale)."""
+    """(z [ROWS, BLOCKSIZE], absmax [ROWS]) of blocks `row`: elements past n load as 0 (reference.nf4.blockwise_scale)."""
     elem = row[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
     v = _ftz(tl.load(x_ptr + elem, mask=elem < n, other=0.0).to(tl.float32))
     amax = tl.max(tl.abs(v), axis=1)
