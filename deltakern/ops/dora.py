@@ -20,8 +20,12 @@ scales, `code` = 16 fp32 levels, N/K/blocksize describe it); NF4 is dequantized 
 dtype. Every op accumulates in fp32 and rounds its dtype outputs once; `dy * g` and `dy * (g - 1)`
 are rounded to the compute dtype before their matmul (as the kernels do, in registers).
 
-CPU: the pure-torch references below. CUDA: the Triton kernels in deltakern.triton_kernels.linear
-and .dora. Every op has a fake kernel.
+CPU: fp32 BLAS compositions (deltakern.ops.compose; fp16 / bf16 inputs upcast, outputs rounded
+once): g folded into W or into the [M, N] operand, whichever is smaller, the rank-r term first and
+the big GEMM adding into it, the column sums in one cache-resident pass over dy and y, and
+`dora_colsum` with a column mask computing only the masked columns. The dropout (keep-mask) forms
+run the pure-torch references below, which are the oracle for every implementation. CUDA: the
+Triton kernels in deltakern.triton_kernels.linear and .dora. Every op has a fake kernel.
 """
 
 import importlib
@@ -30,7 +34,8 @@ from typing import Optional
 import torch
 
 from deltakern import _backend
-from deltakern.ops.linear import dense_weight, nf4_args, use_kernels
+from deltakern.ops import compose
+from deltakern.ops.linear import cpu_weight, dense_weight, f32, nf4_args, use_kernels
 
 
 def _linear_kernels():
@@ -111,6 +116,56 @@ def dora_ctw_ref(c, weight):
         return torch.mm(_f(c).t(), _f(weight))
 
 
+def dora_norm_parts_cpu(weight, absmax, code, N, K, blocksize, lora_A, compute_sumsq: bool):
+    """`dora_norm_parts` on the CPU: W A^T as (A W^T)^T (the fast BLAS layout), fp32; ||W_j||^2 as the reference."""
+    w, _ = cpu_weight(weight, absmax, code, N, K, blocksize, lora_A.dtype)
+    wa = compose.small_mm_t(w, f32(lora_A)).contiguous().float()
+    sq = w.square().sum(1).float() if compute_sumsq else wa.new_empty((0,))
+    return wa, sq
+
+
+def dora_fwd_cpu(x, weight, absmax, code, N, K, blocksize, bias, xa, lora_B, g, keep, scaling, mask_scale):
+    """`dora_fwd` on the CPU: without a mask, g * (x W^T + s xa B^T) + b with g folded into the GEMM
+    operands (compose.dora_out), fp32; with a mask, the reference."""
+    if keep is not None:
+        return dora_fwd_ref(x, dense_weight(weight, absmax, code, N, K, blocksize, x.dtype), bias, xa, lora_B, g, keep,
+                            scaling, mask_scale)
+    w, scratch = cpu_weight(weight, absmax, code, N, K, blocksize, x.dtype)
+    gf = g if w.dtype == g.dtype else g.to(w.dtype)
+    return compose.dora_out(f32(x), w, f32(bias), f32(xa), f32(lora_B), gf, scaling, scratch).to(x.dtype)
+
+
+def dora_bwd_cpu(dy, weight, absmax, code, N, K, blocksize, dyb, lora_A, g, keep, y, bias, scaling, mask_scale,
+                 compute_dx: bool, compute_db: bool):
+    """`dora_bwd` on the CPU: dx = dY (g W) + s dyb A (compose.dora_dx; the reference with a mask), and
+    db, c from one cache-resident pass over dY and y (compose.col_sums)."""
+    dx = dy.new_empty((0,))
+    if compute_dx and keep is not None:
+        w = dense_weight(weight, absmax, code, N, K, blocksize, dy.dtype)
+        dx = dora_bwd_ref(dy, w, dyb, lora_A, g, keep, None, None, scaling, mask_scale, True, False)[0]
+    elif compute_dx:
+        w, scratch = cpu_weight(weight, absmax, code, N, K, blocksize, dy.dtype)
+        gf = g if w.dtype == g.dtype else g.to(w.dtype)
+        dx = compose.dora_dx(f32(dy), w, f32(dyb), f32(lora_A), gf, scaling, scratch).to(dy.dtype)
+    db, c = compose.col_sums(dy, y, bias, bool(compute_db))
+    empty = lambda: dy.new_empty((0,), dtype=torch.float32)  # noqa: E731  (outputs must not alias)
+    return dx, (db if db is not None else empty()), (c if c is not None else empty())
+
+
+def dora_colsum_cpu(dy, x, weight, absmax, code, N, K, blocksize, keep, xa, lora_B, scaling, mask_scale, cols):
+    """`dora_colsum` on the CPU: the reference over the selected columns only (none selected: no GEMM)."""
+    if cols is None:
+        w = dense_weight(weight, absmax, code, N, K, blocksize, x.dtype)
+        return dora_colsum_ref(dy, x, w, keep, xa, lora_B, scaling, mask_scale).float()
+    idx = cols.bool().nonzero().flatten()
+    out = dy.new_zeros((N,), dtype=torch.float32)
+    if idx.numel() == 0:
+        return out
+    w = dense_weight(weight, absmax, code, N, K, blocksize, x.dtype)[idx]
+    c = dora_colsum_ref(dy[:, idx], x, w, keep, xa, lora_B[idx], scaling, mask_scale)
+    return out.index_put_((idx,), c.float())
+
+
 # ---- ops ------------------------------------------------------------------------------------
 
 
@@ -124,9 +179,7 @@ def dora_norm_parts(
         wa, sq = _dora_kernels().norm_parts(weight, lora_A, N, nf4=nf4_args(absmax, code, blocksize),
                                             want_sumsq=bool(compute_sumsq))
         return wa, (sq if sq is not None else wa.new_empty((0,)))
-    w = dense_weight(weight, absmax, code, N, K, blocksize, lora_A.dtype)
-    wa, sq = dora_norm_parts_ref(w, lora_A, bool(compute_sumsq))
-    return wa.float(), sq.float()
+    return dora_norm_parts_cpu(weight, absmax, code, N, K, blocksize, lora_A, bool(compute_sumsq))
 
 
 @dora_norm_parts.register_fake
@@ -145,8 +198,7 @@ def dora_fwd(
     if use_kernels(x):
         return _linear_kernels().frozen_forward(x, weight, N, nf4=nf4_args(absmax, code, blocksize), bias=bias,
                                                 lora=(xa, lora_B, scaling), g=g, keep=keep, mask_scale=mask_scale)
-    w = dense_weight(weight, absmax, code, N, K, blocksize, x.dtype)
-    return dora_fwd_ref(x, w, bias, xa, lora_B, g, keep, scaling, mask_scale)
+    return dora_fwd_cpu(x, weight, absmax, code, N, K, blocksize, bias, xa, lora_B, g, keep, scaling, mask_scale)
 
 
 @dora_fwd.register_fake
@@ -170,10 +222,8 @@ def dora_bwd(
             want_db=bool(compute_db), y=y, bias=bias if y is not None else None)
         empty = lambda t, dt: t if t is not None else dy.new_empty((0,), dtype=dt)  # noqa: E731
         return empty(dx, dy.dtype), empty(db, torch.float32), empty(c, torch.float32)
-    w = dense_weight(weight, absmax, code, N, K, blocksize, dy.dtype) if compute_dx else weight
-    dx, db, c = dora_bwd_ref(dy, w, dyb, lora_A, g, keep, y, bias, scaling, mask_scale, bool(compute_dx),
-                             bool(compute_db))
-    return dx, db.float(), c.float()
+    return dora_bwd_cpu(dy, weight, absmax, code, N, K, blocksize, dyb, lora_A, g, keep, y, bias, scaling,
+                        mask_scale, bool(compute_dx), bool(compute_db))
 
 
 @dora_bwd.register_fake
@@ -195,8 +245,7 @@ def dora_colsum(
         return _linear_kernels().frozen_forward(x, weight, N, nf4=nf4_args(absmax, code, blocksize),
                                                 lora=(xa, lora_B, scaling), keep=keep, mask_scale=mask_scale,
                                                 colsum=dy, cols=cols)
-    w = dense_weight(weight, absmax, code, N, K, blocksize, x.dtype)
-    return dora_colsum_ref(dy, x, w, keep, xa, lora_B, scaling, mask_scale, cols).float()
+    return dora_colsum_cpu(dy, x, weight, absmax, code, N, K, blocksize, keep, xa, lora_B, scaling, mask_scale, cols)
 
 
 @dora_colsum.register_fake

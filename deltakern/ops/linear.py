@@ -8,7 +8,8 @@ the decoded fp32 block scales (`NF4Weight.absmax_fp32()`), `code` the 16 fp32 le
 blocksize describe the [N, K] weight. Everything accumulates in fp32 and rounds once to the input
 dtype; db is returned in dy's dtype (shape [0] when `compute_db` is 0).
 
-CPU: the pure-torch references below (the oracle for the kernels). CUDA: the Triton kernels in
+CPU: BLAS through deltakern.ops.compose (`linear_fwd_cpu` / `linear_bwd_cpu`); the pure-torch
+references below are the oracle for every implementation. CUDA: the Triton kernels in
 deltakern.triton_kernels.linear (NF4 tiles dequantized in registers; db from the column sums of
 the dy tiles the dx kernel reads anyway). Fake kernels make both traceable by torch.compile.
 """
@@ -45,6 +46,25 @@ def dense_weight(weight, absmax, code, N: int, K: int, blocksize: int, dtype) ->
     return flat.view(N, K)
 
 
+def cpu_weight(weight, absmax, code, N: int, K: int, blocksize: int, dtype):
+    """(W as an fp32 (or float64) [N, K] GEMM operand, whether it is a scratch copy the caller may overwrite).
+
+    The CPU ops compute in fp32 whatever the input dtype (fp16 / bf16 are upcast and rounded once at
+    the end; CPUs without half-precision units run fp32 BLAS far faster). A dense fp32 W is used as
+    is; an NF4 W is dequantized to `dtype` (the values the other backends use: cast(fp32(code *
+    absmax))) by `deltakern::nf4_dequantize`, the one call to swap for a native kernel writing into a
+    reused workspace.
+    """
+    w = dense_weight(weight, absmax, code, N, K, blocksize, dtype)
+    f = f32(w)
+    return f, (absmax is not None or f is not w)
+
+
+def f32(t):
+    """t as an fp32 GEMM operand: itself when fp32 or float64 (the tests' oracle dtype), else upcast; None stays."""
+    return t if t is None or t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 def nf4_args(absmax, code, blocksize):
     """The `nf4=` argument of the Triton launchers (None for a dense weight)."""
     return None if absmax is None else (absmax, code, blocksize)
@@ -76,6 +96,22 @@ def linear_bwd_ref(dy, weight, compute_db: bool = True):
         return dx, db
 
 
+def linear_fwd_cpu(x, weight, absmax, code, N, K, blocksize, bias) -> torch.Tensor:
+    """`linear_fwd` on the CPU: b + x W^T as one BLAS GEMM (the bias broadcast into C, beta = 1), fp32."""
+    w, _ = cpu_weight(weight, absmax, code, N, K, blocksize, x.dtype)
+    xf, bf = f32(x), f32(bias)
+    y = torch.mm(xf, w.t()) if bf is None else torch.addmm(bf, xf, w.t())
+    return y.to(x.dtype)
+
+
+def linear_bwd_cpu(dy, weight, absmax, code, N, K, blocksize, compute_db: bool):
+    """`linear_bwd` on the CPU: (dY W, sum_rows dY), fp32, rounded once to dy.dtype."""
+    w, _ = cpu_weight(weight, absmax, code, N, K, blocksize, dy.dtype)
+    dyf = f32(dy)
+    dx = torch.mm(dyf, w).to(dy.dtype)
+    return dx, (dyf.sum(0).to(dy.dtype) if compute_db else dy.new_empty((0,)))
+
+
 # ---- ops ------------------------------------------------------------------------------------
 
 
@@ -87,7 +123,7 @@ def linear_fwd(
     """x [M, K] -> x W^T (+ bias) [M, N]; W dense [N, K] or NF4 (see the module docstring)."""
     if use_kernels(x):
         return _kernels().linear_forward(x, weight, bias, N, nf4=nf4_args(absmax, code, blocksize))
-    return linear_fwd_ref(x, dense_weight(weight, absmax, code, N, K, blocksize, x.dtype), bias)
+    return linear_fwd_cpu(x, weight, absmax, code, N, K, blocksize, bias)
 
 
 @linear_fwd.register_fake
@@ -105,7 +141,7 @@ def linear_bwd(
         dx, db = _kernels().linear_backward(dy, weight, K, nf4=nf4_args(absmax, code, blocksize),
                                             want_db=bool(compute_db))
         return dx, (db.to(dy.dtype) if db is not None else dy.new_empty((0,)))
-    return linear_bwd_ref(dy, dense_weight(weight, absmax, code, N, K, blocksize, dy.dtype), bool(compute_db))
+    return linear_bwd_cpu(dy, weight, absmax, code, N, K, blocksize, bool(compute_db))
 
 
 @linear_bwd.register_fake

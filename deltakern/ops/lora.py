@@ -7,7 +7,8 @@ The `_nf4` variants take the weight as plain tensors: the packed bytes (flat uin
 fp32 block scales (`NF4Weight.absmax_fp32()`), the 16-entry code book, and N, K, blocksize as ints.
 All ops accumulate in fp32 and round once to the input dtype.
 
-CPU: the pure-torch references below (also the oracle for the Triton kernels).
+CPU: fp32 BLAS compositions (deltakern.ops.compose: the rank-r term first, the big GEMM adding into
+it); fp16 / bf16 inputs are upcast and rounded once. The pure-torch references below are the oracle.
 CUDA: the Triton kernels in deltakern.triton_kernels.lora, which dequantize NF4 tiles in registers.
 Every op has a fake kernel, so `torch.compile(fullgraph=True)` traces through them.
 """
@@ -18,6 +19,8 @@ from typing import Optional
 import torch
 
 from deltakern import _backend
+from deltakern.ops import compose
+from deltakern.ops.linear import cpu_weight, f32
 
 
 def _kernels():
@@ -55,6 +58,17 @@ def lora_dx_ref(dy, weight, dyb, lora_A, scaling: float, mask=None, mask_scale: 
         return acc.to(dy.dtype)
 
 
+def lora_fwd_cpu(x, w, bias, xa, lora_B, scaling: float) -> torch.Tensor:
+    """`lora_fwd` on the CPU with W already an fp32 operand: b + s xa B^T, then += x W^T (one GEMM pass)."""
+    return compose.lora_out(f32(x), w, f32(bias), f32(xa), f32(lora_B), scaling).to(x.dtype)
+
+
+def lora_dx_cpu(dy, w, dyb, lora_A, scaling: float, mask=None, mask_scale: float = 1.0) -> torch.Tensor:
+    """`lora_dx` on the CPU with W already an fp32 operand: s (dyb A) [masked], then += dY W."""
+    keep = None if mask is None else mask.bool()
+    return compose.lora_dx(f32(dy), w, f32(dyb), f32(lora_A), scaling, keep, mask_scale).to(dy.dtype)
+
+
 # ---- ops ------------------------------------------------------------------------------------
 
 
@@ -66,7 +80,7 @@ def lora_fwd(
     """x [M, K], dense weight [N, K], bias [N] or None, xa [M, r], lora_B [N, r] -> [M, N]."""
     if x.device.type == "cuda":
         return _kernels().lora_forward(x, weight, bias, xa, lora_B, scaling)
-    return lora_fwd_ref(x, weight, bias, xa, lora_B, scaling)
+    return lora_fwd_cpu(x, f32(weight), bias, xa, lora_B, scaling)
 
 
 @lora_fwd.register_fake
@@ -83,8 +97,8 @@ def lora_fwd_nf4(
     """As lora_fwd with an NF4 weight: packed uint8 [(N*K+1)//2], fp32 absmax, fp32 code [16]."""
     if x.device.type == "cuda":
         return _kernels().lora_forward(x, packed, bias, xa, lora_B, scaling, nf4=(absmax, code, blocksize))
-    weight = nf4_weight_ref(packed, absmax, code, N, K, blocksize, x.dtype)
-    return lora_fwd_ref(x, weight, bias, xa, lora_B, scaling)
+    w, _ = cpu_weight(packed, absmax, code, N, K, blocksize, x.dtype)
+    return lora_fwd_cpu(x, w, bias, xa, lora_B, scaling)
 
 
 @lora_fwd_nf4.register_fake
@@ -100,7 +114,7 @@ def lora_dx(
     """dy [M, N], dense weight [N, K], dyb = dy . B [M, r], lora_A [r, K], mask bool [M, K] or None."""
     if dy.device.type == "cuda":
         return _kernels().lora_backward_dx(dy, weight, dyb, lora_A, scaling, mask, mask_scale)
-    return lora_dx_ref(dy, weight, dyb, lora_A, scaling, mask, mask_scale)
+    return lora_dx_cpu(dy, f32(weight), dyb, lora_A, scaling, mask, mask_scale)
 
 
 @lora_dx.register_fake
@@ -118,8 +132,8 @@ def lora_dx_nf4(
     if dy.device.type == "cuda":
         return _kernels().lora_backward_dx(dy, packed, dyb, lora_A, scaling, mask, mask_scale,
                                            nf4=(absmax, code, blocksize))
-    weight = nf4_weight_ref(packed, absmax, code, N, K, blocksize, dy.dtype)
-    return lora_dx_ref(dy, weight, dyb, lora_A, scaling, mask, mask_scale)
+    w, _ = cpu_weight(packed, absmax, code, N, K, blocksize, dy.dtype)
+    return lora_dx_cpu(dy, w, dyb, lora_A, scaling, mask, mask_scale)
 
 
 @lora_dx_nf4.register_fake
