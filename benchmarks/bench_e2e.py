@@ -110,9 +110,9 @@ def environment() -> dict:
 
     env = common_environment()
     try:
-        from deltakern import _backend
+        from deltakern.backends import registry
 
-        env["deltakern_backend"] = _backend.backend()
+        env["deltakern_backend"] = registry.resolve("lora_fwd", "cuda")
     except Exception as exc:  # noqa: BLE001
         env["deltakern_backend"] = f"unknown ({exc})"
     return env

@@ -6,7 +6,7 @@ needs them, and a missing piece raises an error that says what to install.
 
 __version__ = "0.1.0"
 
-from deltakern import nf4, nn  # noqa: E402  (nf4 registers the torch.ops.deltakern.nf4_* ops)
+from deltakern import backends, nf4, nn  # noqa: E402  (nf4 registers the torch.ops.deltakern.nf4_* ops)
 from deltakern.autograd import dora_linear, lora_linear  # noqa: E402  (registers the ops)
 from deltakern.autograd.linear import linear  # noqa: E402
 from deltakern.nf4 import NF4Weight  # noqa: E402
@@ -17,8 +17,20 @@ from deltakern.methods import (  # noqa: E402
     load_peft_adapter, merge, remove, save_delta, save_peft_adapter, summary, unmerge,
 )
 
+
+
+def __getattr__(name):
+    """`deltakern.integrations` (and through it .peft / .bnb) is imported on first access, so PEFT and
+    bitsandbytes stay optional and `import deltakern` stays light."""
+    if name == "integrations":
+        import importlib
+
+        return importlib.import_module("deltakern.integrations")
+    raise AttributeError(f"module 'deltakern' has no attribute {name!r}")
+
+
 __all__ = [
-    "NF4Weight", "QuantizeSummary", "dora_linear", "linear", "lora_linear", "nf4", "nn", "quantize", "methods",
+    "NF4Weight", "QuantizeSummary", "backends", "integrations", "dora_linear", "linear", "lora_linear", "nf4", "nn", "quantize", "methods",
     "apply", "summary", "activate", "disable", "remove", "merge", "unmerge", "save_delta", "load_delta",
     "save_peft_adapter", "load_peft_adapter",
     "LoRA", "DoRA", "BitFit", "Freeze", "Adapter", "PrefixTuning", "PromptTuning", "__version__",

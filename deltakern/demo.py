@@ -32,6 +32,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from deltakern.backends import registry
+
 SENTENCES = [
     "The cat sits on the warm windowsill.",
     "A kitten is resting by the window in the sun.",
@@ -336,10 +338,7 @@ def finetune(method: str = DEFAULT_METHOD, epochs: int = DEFAULT_EPOCHS, lr: Opt
         saved_to = str(save_finetuned(model, save, names, method, blocksize))
         say(f"saved to {saved_to}")
 
-    if device.type == "cuda":
-        kernels = f"deltakern kernels on CUDA (DELTAKERN_BACKEND={os.environ.get('DELTAKERN_BACKEND', 'triton')})"
-    else:
-        kernels = "pure-torch reference ops (CPU)"
+    kernels = registry.describe("lora_fwd", device.type)
     return FinetuneResult(
         method=method, description=METHODS[method][1], device=str(device), dtype=str(dtype).replace("torch.", ""),
         kernels=kernels, epochs=epochs, steps=step, batch_size=batch_size, lr=lr, seed=seed,

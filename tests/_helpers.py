@@ -14,6 +14,37 @@ if not torch.cuda.is_available():
 
 VOCAB = 96
 
+
+def bnb_dequantize_4bit(packed: torch.Tensor, state) -> torch.Tensor:
+    """bitsandbytes' dequantize_4bit on the CPU through its generic pure-torch path, the format's
+    definition (what its CUDA kernel computes). On AVX-512 CPUs bitsandbytes 0.50.2 routes CPU calls to
+    a native kernel that mis-decodes 4-bit blocks crossing a row boundary (seen: a 64x64 weight with
+    blocksize 128 decodes wrongly from its second block on), so the tests do not use that kernel as
+    the oracle."""
+    import bitsandbytes.functional as F
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    from bitsandbytes.backends.utils import _get_4bit_code
+
+    absmax = state.absmax
+    if state.nested:
+        absmax = F.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    flat = packed.reshape(-1).view(torch.uint8)
+    eager = getattr(_dequantize_4bit_compute, "__wrapped__", _dequantize_4bit_compute)  # not torch.compile'd
+    return eager(flat, absmax.float(), _get_4bit_code(state.quant_type, flat.device), state.blocksize,
+                 state.shape, state.dtype)
+
+
+class Holder(torch.nn.Module):
+    """A one-layer model whose layer is named `proj` (what the PEFT configs in the tests target)."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.proj = layer
+
+    def forward(self, x):
+        return self.proj(x)
+
+
 # ---- the kernel tests' lanes and tolerance rule (test_lora, test_dora, test_bitfit) ---------------
 
 CUDA = torch.cuda.is_available()

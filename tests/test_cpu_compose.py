@@ -1,5 +1,5 @@
-"""The CPU implementations of the LoRA / DoRA / frozen-linear ops (BLAS compositions, deltakern.ops.compose)
-against float64 references, with the rounding bound stated per output.
+"""The BLAS implementations of the LoRA / DoRA / frozen-linear ops on the CPU (deltakern.backends.cpu_blas,
+built from deltakern.backends.compose) against float64 references, with the rounding bound stated per output.
 
 Bound: an fp32 output that sums n products (each term a product of stored values), computed with
 fp32 operands and accumulator in any order, is within
@@ -14,10 +14,8 @@ import pytest
 import torch
 
 from deltakern import nf4
-from deltakern.ops import compose
-from deltakern.ops import dora as dops
-from deltakern.ops import linear as lops
-from deltakern.ops import lora as ops
+from deltakern.backends import compose
+from deltakern.backends import cpu_blas as cb
 
 U32 = 2.0**-24
 U_OUT = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
@@ -70,9 +68,9 @@ def test_lora_fwd_and_dx(M, K, N, r, kind, dtype, bias):
     xa = compose.small_mm_t(x, A)  # a transposed view on the CPU, as the Function passes it
     s = 0.7
     if kind == "dense":
-        out = torch.ops.deltakern.lora_fwd(col_major(x), w, b, xa, B, s)
+        out = cb.lora_fwd(col_major(x), w, b, xa, B, s)
     else:
-        out = torch.ops.deltakern.lora_fwd_nf4(col_major(x), w, absmax, code, N, K, bs, b, xa, B, s)
+        out = cb.lora_fwd_nf4(col_major(x), w, absmax, code, N, K, bs, b, xa, B, s)
     exact = d(x) @ d(W).t() + s * d(xa) @ d(B).t() + (0 if b is None else d(b))
     T = a(x) @ a(W).t() + s * a(xa) @ a(B).t() + (0 if b is None else a(b))
     check(out, exact, T, K + r + 1, 3, dtype, "out")
@@ -81,9 +79,9 @@ def test_lora_fwd_and_dx(M, K, N, r, kind, dtype, bias):
     keep = rnd((M, K), 8) > -0.5
     for mask in (None, keep):
         if kind == "dense":
-            dx = torch.ops.deltakern.lora_dx(dy, w, col_major(dyb), A, s, mask, 1 / 0.7)
+            dx = cb.lora_dx(dy, w, col_major(dyb), A, s, mask, 1 / 0.7)
         else:
-            dx = torch.ops.deltakern.lora_dx_nf4(dy, w, absmax, code, N, K, bs, col_major(dyb), A, s, mask, 1 / 0.7)
+            dx = cb.lora_dx_nf4(dy, w, absmax, code, N, K, bs, col_major(dyb), A, s, mask, 1 / 0.7)
         m = 1.0 if mask is None else mask.double() / 0.7
         exact = d(dy) @ d(W) + s * (d(dyb) @ d(A)) * m
         T = a(dy) @ a(W) + s * (a(dyb) @ a(A)) * m
@@ -96,12 +94,12 @@ def test_lora_fwd_and_dx(M, K, N, r, kind, dtype, bias):
 def test_linear_fwd_bwd(M, K, N, r, kind, dtype):
     (w, absmax, code, bs), W = weight(N, K, kind, dtype)
     x, b, dy = rnd((M, K), 1, dtype=dtype), rnd((N,), 4, dtype=dtype), rnd((M, N), 6, dtype=dtype)
-    y = torch.ops.deltakern.linear_fwd(col_major(x), w, absmax, code, N, K, bs, b)
+    y = cb.linear_fwd(col_major(x), w, absmax, code, N, K, bs, b)
     check(y, d(x) @ d(W).t() + d(b), a(x) @ a(W).t() + a(b), K + 1, 1, dtype, "y")
-    dx, db = torch.ops.deltakern.linear_bwd(dy, w, absmax, code, N, K, bs, 1)
+    dx, db = cb.linear_bwd(dy, w, absmax, code, N, K, bs, 1)
     check(dx, d(dy) @ d(W), a(dy) @ a(W), N, 0, dtype, "dx")
     check(db, d(dy).sum(0), a(dy).sum(0), M, 0, dtype, "db")
-    assert torch.ops.deltakern.linear_bwd(dy, w, absmax, code, N, K, bs, 0)[1].shape == (0,)
+    assert cb.linear_bwd(dy, w, absmax, code, N, K, bs, 0)[1].shape == (0,)
 
 
 def _dora_problem(M, K, N, r, kind, dtype):
@@ -120,7 +118,7 @@ def test_dora_fwd_bwd(M, K, N, r, kind, dtype):
     w_before = w.clone()
     xa = compose.small_mm_t(x, A)
     s = 1.3
-    y = torch.ops.deltakern.dora_fwd(x, w, absmax, code, N, K, bs, b, xa, B, g, None, s, 1.0)
+    y = cb.dora_fwd(x, w, absmax, code, N, K, bs, b, xa, B, g, None, s, 1.0)
     gd = g.double()
     exact = (d(x) @ d(W).t() + s * d(xa) @ d(B).t()) * gd + d(b)
     T = (a(x) @ a(W).t() + s * a(xa) @ a(B).t()) * gd + a(b)
@@ -130,7 +128,7 @@ def test_dora_fwd_bwd(M, K, N, r, kind, dtype):
     dy = rnd((M, N), 6, dtype=dtype)
     dyb = compose.small_mm_t(dy, (B.float() * g[:, None]).to(dtype).t())
     y_before = y.clone()
-    dx, db, c = torch.ops.deltakern.dora_bwd(dy, w, absmax, code, N, K, bs, dyb, A, g, None, y, b, s, 1.0, 1, 1)
+    dx, db, c = cb.dora_bwd(dy, w, absmax, code, N, K, bs, dyb, A, g, None, y, b, s, 1.0, 1, 1)
     exact = (d(dy) * gd) @ d(W) + s * d(dyb) @ d(A)
     T = (a(dy) * gd) @ a(W) + s * a(dyb) @ a(A)
     # bf16: the reference rounds dy * g to bf16 before its GEMM (as the Triton kernel does); this
@@ -141,7 +139,7 @@ def test_dora_fwd_bwd(M, K, N, r, kind, dtype):
     check(c, (d(dy) * yb).sum(0), (a(dy) * (a(y) + a(b))).sum(0), M, 2, torch.float32, "c")
     assert torch.equal(w, w_before) and torch.equal(y, y_before), "the op wrote into an input"
     # column sums only
-    none, db2, c2 = torch.ops.deltakern.dora_bwd(dy, w, absmax, code, N, K, bs, dyb, A, g, None, None, b, s, 1.0, 0, 1)
+    none, db2, c2 = cb.dora_bwd(dy, w, absmax, code, N, K, bs, dyb, A, g, None, None, b, s, 1.0, 0, 1)
     assert none.shape == (0,) and c2.shape == (0,) and torch.equal(db2, db)
 
 
@@ -154,7 +152,7 @@ def test_dora_colsum_masked_columns(kind, select):
     xa = compose.small_mm_t(x, A)
     cols = {"none": torch.zeros(N, dtype=torch.bool), "all": torch.ones(N, dtype=torch.bool),
             "some": torch.arange(N) % 3 == 1}[select]
-    c = torch.ops.deltakern.dora_colsum(dy, x, w, absmax, code, N, K, bs, None, xa, B, 0.9, 1.0, cols)
+    c = cb.dora_colsum(dy, x, w, absmax, code, N, K, bs, None, xa, B, 0.9, 1.0, cols)
     z = d(x) @ d(W).t() + 0.9 * d(xa) @ d(B).t()
     Tz = a(x) @ a(W).t() + 0.9 * a(xa) @ a(B).t()
     exact = torch.where(cols, (d(dy) * z).sum(0), 0.0)
@@ -168,7 +166,7 @@ def test_dora_norm_parts(kind):
     N, K, r = 26, 70, 5
     (w, absmax, code, bs), W = weight(N, K, kind, torch.float32)
     A = rnd((r, K), 2, K**-0.5)
-    wa, sq = torch.ops.deltakern.dora_norm_parts(w, absmax, code, N, K, bs, A, 1)
+    wa, sq = cb.dora_norm_parts(w, absmax, code, N, K, bs, A, 1)
     assert wa.is_contiguous() and wa.dtype == torch.float32
     check(wa, d(W) @ d(A).t(), a(W) @ a(A).t(), K, 0, torch.float32, "W A^T")
     check(sq, d(W).square().sum(1), d(W).square().sum(1), K, 1, torch.float32, "||W_j||^2")
@@ -183,3 +181,18 @@ def test_lora_db_dB_one_pass():
     assert dB.is_contiguous() and db.is_contiguous()
     dB2, none = compose.lora_db_dB(dy, xa, 0.5, False)
     assert none is None and torch.allclose(dB2, dB, rtol=0, atol=8 * M * U32 * float(a(dy).max() * a(xa).max()))
+
+
+def test_registered_as_the_cpu_default(monkeypatch):
+    """CPU calls run these implementations by default; DELTAKERN_BACKEND=torch runs the references."""
+    from deltakern.backends import registry
+
+    for var in ("DELTAKERN_BACKEND", "DELTAKERN_CPU_KERNELS"):
+        monkeypatch.delenv(var, raising=False)
+    ops = ("linear_fwd", "linear_bwd", "lora_fwd", "lora_fwd_nf4", "lora_dx", "lora_dx_nf4", "dora_norm_parts",
+           "dora_fwd", "dora_bwd", "dora_colsum")
+    for op in ops:
+        assert registry.resolve(op, "cpu") == "cpu", op
+    monkeypatch.setenv("DELTAKERN_BACKEND", "torch")
+    for op in ops:
+        assert registry.resolve(op, "cpu") == "torch", op

@@ -15,9 +15,8 @@ import torch
 from torch import nn
 
 # _helpers first: it sets TRITON_INTERPRET=1 without a GPU, before deltakern's kernels are imported
-from _helpers import (CUDA, DEV, INTERPRET, assert_rule, check_impl_override, gen, grads_of, opcheck_sample, rand,
+from _helpers import (CUDA, DEV, INTERPRET, Holder, assert_rule, check_impl_override, gen, grads_of, opcheck_sample, rand,
                       triton_kernels)
-from benchmarks.common import Holder
 from deltakern import nf4
 from deltakern.autograd import dora as adora
 from deltakern.autograd.dora import DoRANormCache, dora_linear, dora_linear_ref

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import deltakern
+from _helpers import bnb_dequantize_4bit
 from deltakern import _ext
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -222,7 +223,7 @@ def test_reference_matches_bitsandbytes(nested, dtype):
     g = torch.Generator().manual_seed(1)
     w = (torch.randn(5, 123, generator=g) * 0.02).to(dtype)  # K not a multiple of the blocksize
     packed, qs = F.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type="nf4")
-    want = F.dequantize_4bit(packed, qs).reshape(-1)
+    want = bnb_dequantize_4bit(packed, qs).reshape(-1)
     state2 = qs.state2 if nested else None
     got = nf4_dequant_ref(
         packed, qs.absmax, state2.absmax if nested else None, state2.code if nested else None,

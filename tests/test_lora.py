@@ -16,9 +16,8 @@ from torch import nn
 
 # _helpers first: it sets TRITON_INTERPRET=1 without a GPU, before deltakern's kernels are imported
 import _helpers
-from _helpers import (CUDA, DEV, DTYPES, assert_rule, check_impl_override, gen, max_err, opcheck_sample, rand,
+from _helpers import (CUDA, DEV, DTYPES, Holder, assert_rule, check_impl_override, gen, max_err, opcheck_sample, rand,
                       triton_kernels)
-from benchmarks.common import Holder
 from deltakern import nf4
 from deltakern.autograd import lora as alora
 from deltakern.autograd.lora import lora_linear, lora_linear_backward_ref, lora_linear_ref

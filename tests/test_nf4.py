@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import deltakern
+from _helpers import bnb_dequantize_4bit
 from deltakern import NF4Weight, nf4
 from deltakern._codes import dynamic_map, fp4_code, nf4_code
 
@@ -105,7 +106,7 @@ def test_dequantize_bnb_checkpoint_bit_exact(nested, blocksize):
         q = NF4Weight.from_bnb_state_dict(bnb_state_dict(packed, state))
         for dtype in DTYPES:
             state.dtype = dtype
-            assert torch.equal(bits(nf4.dequantize(q, dtype)), bits(F.dequantize_4bit(packed, state))), (shape, dtype)
+            assert torch.equal(bits(nf4.dequantize(q, dtype)), bits(bnb_dequantize_4bit(packed, state))), (shape, dtype)
 
 
 @pytest.mark.parametrize("nested", (False, True))
@@ -117,7 +118,7 @@ def test_bnb_reads_our_checkpoint_bit_exact(nested):
             sd = q.to_bnb_state_dict("weight")
             state = F.QuantState.from_dict({k[len("weight."):]: v for k, v in sd.items() if k != "weight"}, device="cpu")
             assert state.shape == w.shape and state.dtype == dtype and state.nested == nested
-            assert torch.equal(bits(F.dequantize_4bit(sd["weight"], state)), bits(nf4.dequantize(q)))
+            assert torch.equal(bits(bnb_dequantize_4bit(sd["weight"], state)), bits(nf4.dequantize(q)))
 
 
 def test_state_dict_byte_identical_to_bnb():
@@ -155,7 +156,7 @@ def test_fp4_checkpoint_loads_and_dequantizes():
         packed, state = bnb_quantize(w, 64, nested, quant_type="fp4")
         q = NF4Weight.from_bnb_state_dict(bnb_state_dict(packed, state))
         assert q.quant_type == "fp4"
-        assert torch.equal(bits(nf4.dequantize(q)), bits(F.dequantize_4bit(packed, state)))
+        assert torch.equal(bits(nf4.dequantize(q)), bits(bnb_dequantize_4bit(packed, state)))
         assert ".quant_state.bitsandbytes__fp4" in next(k for k in q.to_bnb_state_dict() if "quant_state" in k)
 
 
@@ -182,7 +183,7 @@ def test_fuzz_against_bnb(rows, cols, bs, nested, dtype, seed):
     packed, state = bnb_quantize(w, bs, nested)
     assert torch.equal(q.packed, packed)
     q_theirs = NF4Weight.from_bnb_state_dict(bnb_state_dict(packed, state))
-    assert torch.equal(bits(nf4.dequantize(q_theirs)), bits(F.dequantize_4bit(packed, state)))
+    assert torch.equal(bits(nf4.dequantize(q_theirs)), bits(bnb_dequantize_4bit(packed, state)))
 
 
 def test_opcheck_cpu():

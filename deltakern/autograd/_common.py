@@ -3,15 +3,13 @@ user-facing entry points, the fused-or-composition path choice, and PEFT's dropo
 
 from __future__ import annotations
 
-import os
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
-from deltakern import _backend
+from deltakern.backends import registry
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_FUSED_R = 128  # the Triton kernels pad r to a power of two >= 16 held in registers
 
 
 def nf4_type():
@@ -20,49 +18,20 @@ def nf4_type():
     return NF4Weight
 
 
-# ---- path choice --------------------------------------------------------------------------------
+# ---- path choice (owned by deltakern.backends.registry) --------------------------------------------
+
+MAX_FUSED_R = registry.MAX_FUSED_R
+forced_impl = registry.forced_impl
 
 
-def _impl_env(var: str) -> str:
-    return os.environ.get(var, "").strip().lower()
-
-
-def forced_impl(var: str) -> Optional[bool]:
-    """`var`=triton|torch (e.g. DELTAKERN_LORA_IMPL): True / False; unset: None; anything else raises."""
-    forced = _impl_env(var)
-    if forced == "triton":
-        return True
-    if forced == "torch":
-        return False
-    if forced:
-        raise ValueError(f"{var}={forced!r} is not one of ('triton', 'torch')")
-    return None
-
-
-def small_m_choice(var: str, M: int, weight_kind: str, r: int) -> bool:
-    """The LoRA / DoRA default, UNTUNED (made without a GPU to measure on): `var` forces the choice;
-    otherwise Triton for M <= 64 with a dense W (cuBLAS is the stronger matmul at training shapes)
-    and M <= 1024 with NF4 (reading 4-bit W bounds small M; above, re-decoding a W tile for every M
-    tile costs more than one dequantize + cuBLAS). r > MAX_FUSED_R always takes the composition."""
-    forced = forced_impl(var)
-    if forced is not None:
-        return forced
-    if r > MAX_FUSED_R:
-        return False
-    return M <= (1024 if weight_kind == "nf4" else 64)
-
-
-def fused_path(x: torch.Tensor, var: str, off_backends: tuple, M: int, N: int, K: int, r: int,
-               use_triton: Callable[[], bool]) -> bool:
-    """Whether a call runs the fused op. CPU tensors: yes (its CPU kernel is the pure-torch
-    reference) unless `var`=torch forces the composition. CUDA: `use_triton()`, except under a
-    DELTAKERN_BACKEND in `off_backends`, for r > MAX_FUSED_R, or where the Triton kernels' int32
-    indexing would overflow."""
-    if x.device.type != "cuda":
-        return _impl_env(var) != "torch"
-    if _backend.backend() in off_backends or r > MAX_FUSED_R or M * max(N, K) >= 2**31 or N * K >= 2**31:
-        return False
-    return use_triton()
+def dense_weight(weight, absmax, code, N: int, K: int, blocksize: int, dtype) -> torch.Tensor:
+    """The [N, K] weight in `dtype` for a composition: `weight` itself when dense (absmax None), else
+    the packed bytes decoded by `deltakern::nf4_dequantize` (whichever backend the registry picks)."""
+    if absmax is None:
+        return weight
+    flat = torch.ops.deltakern.nf4_dequantize(weight.reshape(-1).view(torch.uint8), absmax, None, None, 0.0, code,
+                                              N * K, blocksize, dtype)
+    return flat.view(N, K)
 
 
 def dropped(x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:

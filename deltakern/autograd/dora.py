@@ -8,14 +8,13 @@ from typing import Optional
 
 import torch
 
-from deltakern import _backend
 from deltakern.autograd._common import (
     autocast_dtype, check_dropout_p, check_features, check_float_dtype, check_input, check_param, check_weight,
-    dropped, frozen_weight_kind, fused_path, nf4_type, small_m_choice,
+    dense_weight, dropped, frozen_weight_kind, nf4_type,
 )
-from deltakern.ops import compose
-from deltakern.ops import dora as _dora_ops  # noqa: F401  (registers torch.ops.deltakern.dora_*)
-from deltakern.ops import linear as _ops
+import deltakern.ops.dora  # noqa: F401,E402  (defines torch.ops.deltakern.dora_*)
+from deltakern.backends import compose, registry
+import deltakern.ops.linear  # noqa: F401,E402  (defines torch.ops.deltakern.linear_*)
 
 # Columns whose scale g = m / ||.|| is below this (or whose magnitude is exactly 0) get their
 # magnitude gradient from a recomputed unscaled output instead of (y - b) / m (see the Function).
@@ -163,29 +162,26 @@ class DoRANormCache:
 
 
 def _use_triton(M: int, N: int, K: int, weight_kind: str, r: int = 16) -> bool:
-    """Whether a CUDA call runs the fused Triton kernels (True) or the torch composition (False).
+    """The registry's cost model for a CUDA DoRA call (`registry.prefer_fused`): the fused Triton ops
+    (True) or the composition (False).
 
     Fused: the output kernel applies g, the LoRA term and the bias in the GEMM's epilogue; the dX
     kernel scales dY tiles by g in registers and sums dY and dY * (y - b) per column in the same
     pass (db and the magnitude gradient), so no [M, N] temporary exists. Composition: cuBLAS GEMMs
     (an NF4 W is dequantized to a transient dense copy), the column scale as an elementwise pass,
     dY * g as an [M, N] temporary, and the column sums by the fused column-sum kernel.
-
-    `DELTAKERN_DORA_IMPL=triton|torch` forces the choice. The defaults are the LoRA path's UNTUNED
-    thresholds (`small_m_choice`): dense -> Triton for M <= 64 only; NF4 -> Triton for M <= 1024,
-    dequantize + cuBLAS above. r > 128 always takes the composition.
+    `DELTAKERN_DORA_IMPL=triton|torch` forces it.
     """
-    return small_m_choice("DELTAKERN_DORA_IMPL", M, weight_kind, r)
+    return registry.prefer_fused("dora", M, N, K, weight_kind, r)
 
 
 def _fused(x: torch.Tensor, M: int, N: int, K: int, weight_kind: str, r: int) -> bool:
-    """`fused_path`: DELTAKERN_BACKEND=cuda (no CUDA C++ DoRA kernel) means the composition on CUDA."""
-    return fused_path(x, "DELTAKERN_DORA_IMPL", ("cuda",), M, N, K, r, lambda: _use_triton(M, N, K, weight_kind, r))
+    return registry.fused_path("dora", x, M, N, K, weight_kind, r)
 
 
 def _triton_usable(t: torch.Tensor) -> bool:
-    """Whether the column-sum kernels can run for the composition path (CUDA with Triton)."""
-    return _ops.use_kernels(t) and _backend.backend() == "triton" and _backend.triton_available()
+    """Whether the composition can use the Triton column-sum kernels (they resolve to Triton here)."""
+    return registry.resolve("dora_colsum", t.device.type) == "triton"
 
 
 _CHUNK = 2**25  # elements of an [rows, N] temporary in the composition path (64 MiB of bf16)
@@ -264,7 +260,7 @@ class DoRALinearFunction(torch.autograd.Function):
                 y = torch.ops.deltakern.dora_fwd(x, weight, absmax, code, N, K, blocksize, bias, xa, lora_B, g, keep,
                                                  scaling, ms)
             else:
-                y = _compose_forward(x, xd, _ops.dense_weight(weight, absmax, code, N, K, blocksize, x.dtype),
+                y = _compose_forward(x, xd, dense_weight(weight, absmax, code, N, K, blocksize, x.dtype),
                                      bias, xa, lora_B, g, keep is not None, scaling, is_nf4)
             need_A, need_B, need_m = ctx.needs_input_grad[5:8]
             exact = bool(exact_norm_grad) and (need_A or need_B)
@@ -306,7 +302,7 @@ class DoRALinearFunction(torch.autograd.Function):
                 db = db_ if need_b else None
                 c = c_ if want_cy else None
         else:
-            w = _ops.dense_weight(weight, absmax, code, N, K, blocksize, dtype) if need_x else None
+            w = dense_weight(weight, absmax, code, N, K, blocksize, dtype) if need_x else None
             if need_x:
                 dx = _compose_dx(dy, w, dyb, A, g, keep, s, ms, absmax is not None)
                 del w
@@ -362,8 +358,8 @@ def _compose_forward(x, xd, w, bias, xa, lora_B, g, dropout, scaling, w_scratch=
 
 
 def _compose_dx(dy, w, dyb, A, g, keep, s, ms, w_scratch=False):
-    """dX by cuBLAS. Without dropout, when g fits better into W (compose.dora_dx: W scratch or
-    K <= M) dX = s dyb A, then += dY (g W), with no [M, N] temporary; otherwise dY * g (and
+    """dX by cuBLAS. Without dropout, when g fits better into W (compose.scale_w: W is a scratch copy,
+    or K <= M) dX = s dyb A, then += dY (g W), with no [M, N] temporary; otherwise dY * g (and
     dY * (g - 1)) are formed per row chunk, never as a whole [M, N]."""
     M, N = dy.shape
     gc = g.to(dy.dtype)
@@ -415,7 +411,7 @@ def _colsum_z_torch(dy, x, W, keep, xa, B, s, ms, cols):
     out = dy.new_zeros(N, dtype=torch.float32)
     if idx.numel() == 0:
         return out
-    w = _ops.dense_weight(W[0], W[1], W[2], W[3], W[4], W[5], x.dtype)[idx]
+    w = dense_weight(W[0], W[1], W[2], W[3], W[4], W[5], x.dtype)[idx]
     xd = x if keep is None else dropped(x, keep, ms)
     acc = out[idx]
     for lo, hi in _row_chunks(x.shape[0], idx.numel(), _CHUNK // 4):

@@ -7,34 +7,28 @@ from typing import Optional
 import torch
 
 from deltakern.autograd._common import (
-    FLOAT_DTYPES, autocast_dtype, check_features, check_float_dtype, check_input, forced_impl, frozen_weight_kind,
-    fused_path, nf4_type, weight_shape,
+    FLOAT_DTYPES, autocast_dtype, check_features, check_float_dtype, check_input, dense_weight, frozen_weight_kind,
+    nf4_type, weight_shape,
 )
-from deltakern.ops import linear as _ops
+from deltakern.backends import registry
+import deltakern.ops.linear  # noqa: F401,E402  (defines torch.ops.deltakern.linear_*)
 
 
 def _use_triton(M: int, N: int, K: int, weight_kind: str) -> bool:
-    """Whether a CUDA call runs the fused Triton kernels (True) or the torch composition (False).
+    """The registry's cost model for a CUDA BitFit call (`registry.prefer_fused`): the fused Triton
+    ops (True) or the composition (False).
 
     Composition: cuBLAS for dense W (addmm forward; dX = dY.W, then db = dY.sum(0), a second read
     of dY), dequantize-to-dense + cuBLAS for NF4 (a transient dense W per call, never saved).
     Fused: one Triton GEMM per direction; the backward kernel dequantizes NF4 tiles in registers
     and its first column of programs also sums the dY tiles it reads into db, so dY is read once
-    and no dense copy of W exists.
-
-    `DELTAKERN_LINEAR_IMPL=triton|torch` forces the choice. The defaults are UNTUNED (no GPU was
-    available to measure on): dense -> composition (cuBLAS is the stronger GEMM and the extra db
-    read of dY is ~1/K of the GEMM's traffic); NF4 -> Triton (the fused path, and the only one
-    without a transient dense W). A GPU measurement may well move NF4 at large M to the
-    composition, as the LoRA path does.
+    and no dense copy of W exists. `DELTAKERN_LINEAR_IMPL=triton|torch` forces it.
     """
-    forced = forced_impl("DELTAKERN_LINEAR_IMPL")
-    return weight_kind == "nf4" if forced is None else forced
+    return registry.prefer_fused("linear", M, N, K, weight_kind)
 
 
 def _fused(x: torch.Tensor, M: int, N: int, K: int, weight_kind: str) -> bool:
-    """`fused_path` (no rank): DELTAKERN_BACKEND=cuda (no CUDA C++ kernel here) means the composition."""
-    return fused_path(x, "DELTAKERN_LINEAR_IMPL", ("cuda",), M, N, K, 0, lambda: _use_triton(M, N, K, weight_kind))
+    return registry.fused_path("linear", x, M, N, K, weight_kind)
 
 
 class FrozenLinearFunction(torch.autograd.Function):
@@ -61,7 +55,7 @@ class FrozenLinearFunction(torch.autograd.Function):
             if fused:
                 y = torch.ops.deltakern.linear_fwd(x, weight, absmax, code, N, K, blocksize, bias)
             else:
-                w = _ops.dense_weight(weight, absmax, code, N, K, blocksize, x.dtype)
+                w = dense_weight(weight, absmax, code, N, K, blocksize, x.dtype)
                 y = torch.mm(x, w.t()) if bias is None else torch.addmm(bias, x, w.t())
             ctx.save_for_backward(weight, absmax, code)
             ctx.meta = (M, N, K, int(blocksize), fused)
@@ -79,7 +73,7 @@ class FrozenLinearFunction(torch.autograd.Function):
                 dx, db = torch.ops.deltakern.linear_bwd(dy, weight, absmax, code, N, K, blocksize, int(need_b))
                 db = db if need_b else None
             elif need_x:
-                w = _ops.dense_weight(weight, absmax, code, N, K, blocksize, dy.dtype)
+                w = dense_weight(weight, absmax, code, N, K, blocksize, dy.dtype)
                 dx = torch.mm(dy, w)
             if need_b and db is None:
                 db = dy.sum(0)

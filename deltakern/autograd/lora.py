@@ -8,32 +8,23 @@ import torch
 
 from deltakern.autograd._common import (
     autocast_dtype, check_dropout_p, check_features, check_float_dtype, check_input, check_param, check_weight,
-    dropped, frozen_weight_kind, fused_path, nf4_type, small_m_choice,
+    dense_weight, dropped, frozen_weight_kind, nf4_type,
 )
-from deltakern.ops import compose
-from deltakern.ops import lora as _ops
+from deltakern.backends import compose, registry
+import deltakern.ops.lora  # noqa: F401,E402  (defines torch.ops.deltakern.lora_*)
 
 
 def _use_triton(M: int, N: int, K: int, weight_kind: str, r: int = 16) -> bool:
-    """Whether a CUDA call runs the fused Triton kernels (True) or the torch composition (False).
-
-    The composition is cuBLAS for a dense W (the rank-r term b + s xa B^T first, then the base GEMM
-    adds into it with beta = 1; dX = s dyb A, then += dY W likewise: see deltakern.ops.compose) and
-    dequantize-to-dense-then-cuBLAS for NF4 (a transient dense W per call, freed before the next
-    layer; never saved for backward).
-
-    `DELTAKERN_LORA_IMPL=triton|torch` forces the choice; the defaults are UNTUNED (see
-    `small_m_choice`): dense -> Triton only for M <= 64, where fusing saves a launch and an [M, N]
-    pass; NF4 -> Triton for M <= 1024; r > 128 always takes the composition.
-    """
-    return small_m_choice("DELTAKERN_LORA_IMPL", M, weight_kind, r)
+    """The registry's cost model for a CUDA LoRA call (`registry.prefer_fused`): the fused Triton ops
+    (True) or the composition (False) - cuBLAS for a dense W (the rank-r term b + s xa B^T first, then
+    the base GEMM adds into it with beta = 1; dX = s dyb A, then += dY W likewise: see
+    deltakern.backends.compose) and dequantize-then-cuBLAS for NF4 (a transient dense W per call,
+    never saved for backward). `DELTAKERN_LORA_IMPL=triton|torch` forces it."""
+    return registry.prefer_fused("lora", M, N, K, weight_kind, r)
 
 
 def _fused(x: torch.Tensor, M: int, N: int, K: int, weight_kind: str, r: int) -> bool:
-    """`fused_path`: DELTAKERN_BACKEND=cuda (no CUDA C++ LoRA kernel exists) or =torch means the
-    cuBLAS composition on CUDA."""
-    return fused_path(x, "DELTAKERN_LORA_IMPL", ("cuda", "torch"), M, N, K, r,
-                      lambda: _use_triton(M, N, K, weight_kind, r))
+    return registry.fused_path("lora", x, M, N, K, weight_kind, r)
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -94,7 +85,7 @@ class LoRALinearFunction(torch.autograd.Function):
         elif fused:
             out = torch.ops.deltakern.lora_fwd(x2, weight, bias, xa, lora_B, scaling)
         else:
-            w = _ops.nf4_weight_ref(weight, absmax, code, N, K, blocksize, x.dtype) if is_nf4 else weight
+            w = dense_weight(weight, absmax, code, N, K, blocksize, x.dtype)
             out = compose.lora_out(x2, w, bias, xa, lora_B, scaling)
 
         need_A, need_B = ctx.needs_input_grad[5], ctx.needs_input_grad[6]
@@ -121,7 +112,7 @@ class LoRALinearFunction(torch.autograd.Function):
             elif fused:
                 dx = torch.ops.deltakern.lora_dx(dy2, weight, dyb, lora_A, s, keep, keep_scale)
             else:
-                w = _ops.nf4_weight_ref(weight, absmax, code, N, K, blocksize, dy.dtype) if is_nf4 else weight
+                w = dense_weight(weight, absmax, code, N, K, blocksize, dy.dtype)
                 dx = compose.lora_dx(dy2, w, dyb, lora_A, s, keep, keep_scale)
             dx = dx.view(x_shape)
         if need_A:

@@ -1,5 +1,7 @@
 """Interop with the libraries a fine-tuning stack already uses. Each submodule imports its peer
-library only when one of its functions runs, so importing them never needs the peer installed.
+library only when one of its functions runs, so importing them never needs the peer installed, and
+the submodules themselves are imported on first attribute access (`deltakern.integrations.peft`
+works after a plain `import deltakern`).
 
 * `deltakern.integrations.bnb`:  bitsandbytes `Linear4bit` <-> `NF4Linear` (no requantization),
   `nf4_weight(param)` for a zero-copy NF4Weight view of a `Params4bit`.
@@ -8,6 +10,12 @@ library only when one of its functions runs, so importing them never needs the p
   `unpatch(peft_model)` restores PEFT's own forwards.
 """
 
-from deltakern.integrations import bnb, peft
+import importlib
 
 __all__ = ["bnb", "peft"]
+
+
+def __getattr__(name):
+    if name in __all__:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,29 +1,21 @@
-"""`deltakern::nf4_quantize` and `deltakern::nf4_dequantize`.
+"""Schemas of `deltakern::nf4_quantize` and `deltakern::nf4_dequantize`.
 
-CPU: the pure-torch references in deltakern.triton_kernels.nf4 (importable without Triton).
-CUDA: the Triton kernels, or with DELTAKERN_BACKEND=cuda the CUDA C++ dequantize kernel.
-Both give the same bits as the reference (bitsandbytes' format and rounding).
+Implementations are registered per backend and device in `deltakern.backends` (the references in
+`deltakern.backends.reference.nf4`; Triton and the CUDA C++ dequantize on CUDA); the registry picks
+one per call. All give the same bits as the reference (bitsandbytes' format and rounding).
 """
 
 from typing import Optional
 
 import torch
 
-from deltakern import _backend
-
-
-def _refs():
-    from deltakern.triton_kernels import nf4_ref
-
-    return nf4_ref
+from deltakern.backends import registry
 
 
 @torch.library.custom_op("deltakern::nf4_quantize", mutates_args=())
 def nf4_quantize(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat fp16/bf16/fp32 x -> (packed uint8 [(n+1)//2], fp32 absmax [ceil(n/blocksize)])."""
-    if x.device.type == "cuda" and _backend.backend() != "torch":
-        return _backend.triton_module("nf4").quantize_nf4(x, blocksize)
-    return _refs().quantize_nf4_ref(x, blocksize)
+    return registry.call("nf4_quantize", x, blocksize)
 
 
 @nf4_quantize.register_fake
@@ -45,14 +37,8 @@ def nf4_dequantize(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """Flat packed uint8 + scales -> flat [n] tensor of `dtype`; absmax is uint8 when nested."""
-    args = (packed, absmax, n, blocksize, dtype, code, nested_absmax, nested_code, offset)
-    if packed.device.type == "cuda" and _backend.backend() != "torch":
-        if _backend.backend() == "cuda":
-            from deltakern import _ext
-
-            return _ext.dequantize_nf4_cuda(packed, absmax, nested_absmax, nested_code, offset, code, n, blocksize, dtype)
-        return _backend.triton_module("nf4").dequantize_nf4(*args)
-    return _refs().dequantize_nf4_ref(*args)
+    return registry.call("nf4_dequantize", packed, absmax, nested_absmax, nested_code, offset, code, n, blocksize,
+                         dtype)
 
 
 @nf4_dequantize.register_fake

@@ -1,4 +1,4 @@
-"""Kernel-review tests: what the pinned-config interpreter lane does not exercise by itself.
+"""Triton autotuning and launcher tests: what the pinned-config interpreter lane does not exercise by itself.
 
 - Autotuning over several configs (the interpreter and DELTAKERN_TRITON_PIN pin one config, so the
   autotuner's prune functions, pre_hooks and config switching never ran before). A fake `do_bench`

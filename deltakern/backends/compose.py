@@ -1,5 +1,6 @@
-"""GEMM compositions of the LoRA / DoRA / frozen-linear products: the CPU implementation of the
-`deltakern::lora_*`, `linear_*` and `dora_*` ops (BLAS), and the composition path on CUDA (cuBLAS).
+"""GEMM compositions of the LoRA / DoRA / frozen-linear products, shared by the CPU implementation of
+the `deltakern::lora_*`, `linear_*` and `dora_*` ops (deltakern.backends.cpu_blas, BLAS) and the
+layers' composition path (deltakern.autograd, cuBLAS on CUDA).
 
 Each output is written by as few passes as the GEMMs allow:
 

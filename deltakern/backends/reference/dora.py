@@ -1,0 +1,120 @@
+"""References of the DoRA / QDoRA ops: `deltakern::dora_norm_parts`, `dora_fwd`, `dora_bwd`, `dora_colsum`, `dora_ctw`.
+
+Notation: x [M, K], W [N, K] frozen, A [r, K], B [N, r], s = scaling, g [N] fp32 = m / ||W + s B A||
+(the column scale), keep [M, K] bool dropout keep-mask or None, x_d = keep * x / (1 - p) rounded
+to x's dtype (x itself without a mask), xa = x_d A^T.
+
+    dora_norm_parts  (W A^T fp32 [N, r], ||W_j||^2 fp32 [N] or [0])               one pass over W
+    dora_fwd         y = g * (x W^T + s xa B^T) + b                                  (no mask)
+                     y = x W^T + (g - 1) * (x_d W^T) + g * s xa B^T + b              (mask: PEFT's form)
+    dora_bwd         dx = (dy * g) W + s dyb A                                       (no mask)
+                     dx = dy W + keep/(1-p) * ((dy * (g - 1)) W + s dyb A)           (mask)
+                     db = sum_rows dy (fp32),  c = sum_rows dy * (y - b) (fp32, when y is given)
+                     with dyb = (dy * g) B; compute_dx = 0 gives only the column sums
+    dora_colsum      c_j = sum_i dy_ij z_ij,  z = x_d W^T + s xa B^T  (fp32 [N]; only the columns
+                     where `cols` is set, 0 elsewhere, when `cols` is given)
+    dora_ctw         C^T W (fp32 [r, K]) for C [N, r]
+
+W is dense (`absmax`, `code` None) or NF4 (`weight` = packed bytes, `absmax` = decoded fp32 block
+scales, `code` = 16 fp32 levels, N/K/blocksize describe it); NF4 is dequantized to the compute
+dtype. Every op accumulates in fp32 and rounds its dtype outputs once; `dy * g` and `dy * (g - 1)`
+are rounded to the compute dtype before their matmul (as the kernels do, in registers).
+"""
+
+import torch
+
+from deltakern.backends.reference._util import dense_weight_ref, f32
+from deltakern.backends.registry import register
+
+
+def _mask_scale(keep, x, mask_scale):
+    return x if keep is None else torch.where(keep.bool(), x * mask_scale, 0.0).to(x.dtype)
+
+
+def dora_norm_parts_ref(weight, lora_A, compute_sumsq: bool = True):
+    with torch.autocast(weight.device.type, enabled=False):
+        wf = f32(weight)
+        wa = torch.mm(wf, f32(lora_A).t())
+        return wa, (wf.square().sum(1) if compute_sumsq else wf.new_empty((0,)))
+
+
+def dora_fwd_ref(x, weight, bias, xa, lora_B, g, keep, scaling: float, mask_scale: float):
+    with torch.autocast(x.device.type, enabled=False):
+        wt = f32(weight).t()
+        acc = torch.mm(f32(_mask_scale(keep, x, mask_scale)), wt)
+        z = acc + scaling * torch.mm(f32(xa), f32(lora_B).t())
+        out = z * g
+        if keep is not None:
+            out += torch.mm(f32(x), wt) - acc
+        if bias is not None:
+            out += f32(bias)
+        return out.to(x.dtype)
+
+
+def dora_bwd_ref(dy, weight, dyb, lora_A, g, keep, y, bias, scaling: float, mask_scale: float,
+                 compute_dx: bool = True, compute_db: bool = True):
+    with torch.autocast(dy.device.type, enabled=False):
+        dyf = f32(dy)
+        dx = dy.new_empty((0,))
+        if compute_dx:
+            wf = f32(weight)
+            lora = scaling * torch.mm(f32(dyb), f32(lora_A))
+            if keep is None:
+                dx = torch.mm(f32((dyf * g).to(dy.dtype)), wf) + lora
+            else:
+                inner = torch.mm(f32((dyf * (g - 1.0)).to(dy.dtype)), wf) + lora
+                dx = torch.mm(dyf, wf) + torch.where(keep.bool(), inner * mask_scale, 0.0)
+            dx = dx.to(dy.dtype)
+        db = dyf.sum(0) if compute_db else dyf.new_empty((0,))
+        if y is None:
+            c = dyf.new_empty((0,))
+        else:
+            yb = f32(y) if bias is None else f32(y) - f32(bias)
+            c = (dyf * yb).sum(0)
+        return dx, db, c
+
+
+def dora_colsum_ref(dy, x, weight, keep, xa, lora_B, scaling: float, mask_scale: float, cols=None):
+    with torch.autocast(dy.device.type, enabled=False):
+        z = torch.mm(f32(_mask_scale(keep, x, mask_scale)), f32(weight).t())
+        z += scaling * torch.mm(f32(xa), f32(lora_B).t())
+        c = (f32(dy) * z).sum(0)
+        return c if cols is None else torch.where(cols.bool(), c, 0.0)
+
+
+def dora_ctw_ref(c, weight):
+    with torch.autocast(c.device.type, enabled=False):
+        return torch.mm(f32(c).t(), f32(weight))
+
+
+@register("dora_norm_parts", "torch")
+def dora_norm_parts(weight, absmax, code, N, K, blocksize, lora_A, compute_sumsq):
+    w = dense_weight_ref(weight, absmax, code, N, K, blocksize, lora_A.dtype)
+    wa, sq = dora_norm_parts_ref(w, lora_A, bool(compute_sumsq))
+    return wa.float(), sq.float()
+
+
+@register("dora_fwd", "torch")
+def dora_fwd(x, weight, absmax, code, N, K, blocksize, bias, xa, lora_B, g, keep, scaling, mask_scale):
+    w = dense_weight_ref(weight, absmax, code, N, K, blocksize, x.dtype)
+    return dora_fwd_ref(x, w, bias, xa, lora_B, g, keep, scaling, mask_scale)
+
+
+@register("dora_bwd", "torch")
+def dora_bwd(dy, weight, absmax, code, N, K, blocksize, dyb, lora_A, g, keep, y, bias, scaling, mask_scale,
+             compute_dx, compute_db):
+    w = dense_weight_ref(weight, absmax, code, N, K, blocksize, dy.dtype) if compute_dx else weight
+    dx, db, c = dora_bwd_ref(dy, w, dyb, lora_A, g, keep, y, bias, scaling, mask_scale, bool(compute_dx),
+                             bool(compute_db))
+    return dx, db.float(), c.float()
+
+
+@register("dora_colsum", "torch")
+def dora_colsum(dy, x, weight, absmax, code, N, K, blocksize, keep, xa, lora_B, scaling, mask_scale, cols):
+    w = dense_weight_ref(weight, absmax, code, N, K, blocksize, x.dtype)
+    return dora_colsum_ref(dy, x, w, keep, xa, lora_B, scaling, mask_scale, cols).float()
+
+
+@register("dora_ctw", "torch")
+def dora_ctw(c, weight, absmax, code, N, K, blocksize):
+    return dora_ctw_ref(c, dense_weight_ref(weight, absmax, code, N, K, blocksize, c.dtype)).float()

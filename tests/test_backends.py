@@ -1,0 +1,134 @@
+"""The backend seam (deltakern.backends.registry): which implementation runs each op, per device, and
+which path each layer function takes - one rule for every method."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import deltakern
+from deltakern.backends import registry
+from deltakern.backends import triton as triton_backend
+
+CUDA_X = SimpleNamespace(device=SimpleNamespace(type="cuda"))  # what fused_path reads of x
+FAMILIES = ("lora", "dora", "linear")
+OPS = ("nf4_quantize", "nf4_dequantize", "lora_fwd", "lora_fwd_nf4", "lora_dx", "lora_dx_nf4", "linear_fwd",
+       "linear_bwd", "dora_norm_parts", "dora_fwd", "dora_bwd", "dora_colsum", "dora_ctw")
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for var in ("DELTAKERN_BACKEND", "DELTAKERN_CPU_KERNELS", *registry.IMPL_VARS.values()):
+        monkeypatch.delenv(var, raising=False)
+    for op in OPS:
+        monkeypatch.delenv(f"DELTAKERN_BACKEND_{op.upper()}", raising=False)
+    return monkeypatch
+
+
+def test_every_op_has_a_reference_and_a_schema():
+    assert set(OPS) <= set(registry.ops())
+    for op in registry.ops():
+        assert "torch" in registry.implementations(op), op
+        assert hasattr(torch.ops.deltakern, op), op
+
+
+def test_default_order(clean_env):
+    for op in OPS:
+        assert registry.resolve(op, "cuda") == ("triton" if triton_backend.available() else "torch"), op
+        assert registry.resolve(op, "cpu") in ("cpu", "torch"), op
+        assert registry.resolve(op, "meta") == "torch", op
+
+
+@pytest.mark.parametrize("name", ["torch", "cuda"])
+def test_no_triton_under_torch_or_cuda_backend(clean_env, name):
+    """DELTAKERN_BACKEND=torch runs no Triton and no C++ kernel; =cuda runs no Triton: every op and every
+    layer family, dense and NF4 (BitFit and DoRA used to keep their Triton path under =torch)."""
+    clean_env.setenv("DELTAKERN_BACKEND", name)
+    for op in OPS:
+        want = "cuda" if (name == "cuda" and op == "nf4_dequantize") else "torch"
+        assert registry.resolve(op, "cuda") == want, op
+    for family in FAMILIES:
+        for kind in ("dense", "nf4"):
+            clean_env.setenv(registry.IMPL_VARS[family], "triton")  # even when the layer asks for it
+            assert registry.fused_path(family, CUDA_X, 8, 64, 64, kind, 16) is False, (family, kind)
+            clean_env.delenv(registry.IMPL_VARS[family])
+            assert registry.fused_path(family, CUDA_X, 8, 64, 64, kind, 16) is False, (family, kind)
+
+
+def test_default_path_choice_is_one_rule(clean_env):
+    if not triton_backend.available():
+        pytest.skip("needs Triton importable")
+    for family in FAMILIES:
+        assert registry.fused_path(family, CUDA_X, 8, 64, 64, "nf4", 16) is True
+        clean_env.setenv(registry.IMPL_VARS[family], "torch")
+        assert registry.fused_path(family, CUDA_X, 8, 64, 64, "nf4", 16) is False
+        clean_env.delenv(registry.IMPL_VARS[family])
+    # r too large for the registers, or int32 indexing overflow: always the composition
+    assert registry.fused_path("lora", CUDA_X, 8, 64, 64, "nf4", 256) is False
+    assert registry.fused_path("lora", CUDA_X, 2**20, 2**12, 2**12, "nf4", 16) is False
+
+
+def test_per_op_override_and_bad_names(clean_env):
+    clean_env.setenv("DELTAKERN_BACKEND", "torch")
+    clean_env.setenv("DELTAKERN_BACKEND_NF4_DEQUANTIZE", "cuda")
+    assert registry.resolve("nf4_dequantize", "cuda") == "cuda"
+    assert registry.resolve("nf4_quantize", "cuda") == "torch"
+    assert registry.resolve("nf4_quantize", "cpu") == "torch"
+    # the per-op name replaces DELTAKERN_BACKEND for that op; "cuda" does not serve CPU tensors, so
+    # they take the CPU default order
+    assert registry.resolve("nf4_dequantize", "cpu") in ("cpu", "torch")
+    clean_env.setenv("DELTAKERN_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="DELTAKERN_BACKEND='bogus'"):
+        registry.resolve("lora_fwd", "cpu")
+    clean_env.setenv("DELTAKERN_BACKEND", "torch")
+    clean_env.setenv("DELTAKERN_LORA_IMPL", "cublas")
+    with pytest.raises(ValueError, match="DELTAKERN_LORA_IMPL='cublas'"):
+        registry.fused_path("lora", CUDA_X, 8, 64, 64, "nf4", 16)
+
+
+def test_interpreter_lane_runs_triton_and_torch_backend_stops_it(clean_env):
+    """In the interpreter lane CPU tensors run the Triton kernels; DELTAKERN_BACKEND=torch stops them
+    for every method: with the Triton modules made unloadable, LoRA, DoRA and BitFit over dense and
+    NF4 weights still run forward and backward."""
+    clean_env.setenv("TRITON_INTERPRET", "1")
+    clean_env.setenv("DELTAKERN_CPU_KERNELS", "1")
+    assert registry.resolve("lora_fwd", "cpu") == "triton"
+    clean_env.setenv("DELTAKERN_BACKEND", "torch")
+
+    def no_triton(name):
+        raise AssertionError(f"Triton module {name} loaded under DELTAKERN_BACKEND=torch")
+
+    clean_env.setattr(triton_backend, "module", no_triton)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 64, generator=g, requires_grad=True)
+    W = torch.randn(24, 64, generator=g) * 0.1
+    Wq = deltakern.nf4.quantize(W, blocksize=64)
+    b = torch.zeros(24, requires_grad=True)
+    A = (torch.randn(4, 64, generator=g) * 0.1).requires_grad_()
+    B = (torch.randn(24, 4, generator=g) * 0.1).requires_grad_()
+    m = (torch.rand(24, generator=g) + 0.5).requires_grad_()
+    for w in (W, Wq):
+        deltakern.lora_linear(x, w, b, A, B, 0.5).sum().backward()
+        deltakern.dora_linear(x, w, b, A, B, m, 0.5).sum().backward()
+        deltakern.linear(x, w, b).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_register_rejects_unknown_backend():
+    with pytest.raises(ValueError, match="unknown backend"):
+        registry.register("lora_fwd", "opencl")
+
+
+def test_describe_names_the_backend(clean_env):
+    clean_env.setenv("DELTAKERN_BACKEND", "torch")
+    assert registry.describe("lora_fwd", "cpu") == "pure-torch reference ops (backend torch) on CPU"
+
+
+def test_integrations_reachable_after_plain_import():
+    """A newcomer's first call: `import deltakern; deltakern.integrations.peft.patch` (fresh process)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, deltakern; assert 'peft' not in sys.modules; "
+            "assert callable(deltakern.integrations.peft.patch); assert callable(deltakern.integrations.bnb.convert)")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
