@@ -2,6 +2,9 @@
 #              all-MiniLM-L6-v2 (DEMO_ARGS="--method dora" etc. picks another method, see `deltakern demo -h`)
 # make test  - set up the same environment and run the tests (CPU, Triton interpreter, extension build)
 # make gpu-test / make bench - on a machine with a CUDA GPU (benchmarks/gpu_run.sh: all GPU checks in stages)
+# make bench-cpu - the CPU lane, no GPU (a few minutes on 2 cores): deltakern vs copy, dense torch, bitsandbytes
+#              and PEFT, round-robin in one run; writes the CPU section of benchmarks/RESULTS.md
+#              (BENCH_CPU_ARGS="--threads 2 --sections layer" etc.)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,8 +12,9 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.deltakern-installed
 DEMO_ARGS ?=
+BENCH_CPU_ARGS ?=
 
-.PHONY: setup demo test gpu-test bench clean
+.PHONY: setup demo test gpu-test bench bench-cpu clean
 
 setup: $(STAMP)
 
@@ -33,6 +37,9 @@ gpu-test: setup
 
 bench: setup
 	$(PY) benchmarks/run.py --out benchmarks/results.json --results-md benchmarks/RESULTS.md
+
+bench-cpu: setup
+	$(PY) benchmarks/bench_cpu.py --out benchmarks/results-cpu.json --results-md benchmarks/RESULTS.md $(BENCH_CPU_ARGS)
 
 clean:
 	rm -rf build *.egg-info deltakern/_C*.so $(VENV)
