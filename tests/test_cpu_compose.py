@@ -196,3 +196,36 @@ def test_registered_as_the_cpu_default(monkeypatch):
     monkeypatch.setenv("DELTAKERN_BACKEND", "torch")
     for op in ops:
         assert registry.resolve(op, "cpu") == "torch", op
+
+
+@pytest.mark.parametrize("impl", ["fused", "torch"])
+@pytest.mark.parametrize("kind", ["dense", "nf4"])
+def test_dora_layer_tall_input_vs_float64(impl, kind, monkeypatch):
+    """M > K: g is folded into W (a copy for a dense W, never W itself) on both the CPU op and the
+    composition path. Normwise bound for the output and every gradient (each chains up to three
+    products of lengths K, N, M): max |got - exact| <= 64 (K + N + M) u32 max |exact|; W untouched."""
+    from deltakern.autograd.dora import dora_linear, dora_linear_ref
+
+    monkeypatch.setenv("DELTAKERN_DORA_IMPL", "triton" if impl == "fused" else "torch")
+    M, K, N, r = 48, 20, 28, 4
+    W = weight(N, K, "dense", torch.float32)[1]
+    base = nf4.quantize(W, blocksize=32) if kind == "nf4" else W
+    W = base.dequantize(torch.float32) if kind == "nf4" else W
+    w_before = W.clone()
+    leaves = [rnd((M, K), 1), rnd((N,), 4), rnd((r, K), 2, 0.3), rnd((N, r), 3, 0.3), 0.5 + torch.rand(N)]
+    dy = rnd((M, N), 6)
+
+    def run(fn, ts, w_):
+        ts = [t.detach().clone().requires_grad_(True) for t in ts]
+        y = fn(ts[0], w_, ts[1], ts[2], ts[3], ts[4], 0.8)
+        y.backward(dy.to(y.dtype))
+        return [y.detach()] + [t.grad for t in ts]
+
+    got = run(dora_linear, leaves, base)
+    ref = run(dora_linear_ref, [t.double() for t in leaves], W.double())
+    for name, g_, r_ in zip(("y", "dx", "db", "dA", "dB", "dm"), got, ref):
+        assert g_.dtype == torch.float32, name
+        scale = float(r_.abs().max())
+        assert float((g_.double() - r_).abs().max()) <= 64 * (K + N + M) * U32 * scale, name
+    if kind == "dense":
+        assert torch.equal(base, w_before)
