@@ -229,3 +229,11 @@ def test_dora_layer_tall_input_vs_float64(impl, kind, monkeypatch):
         assert float((g_.double() - r_).abs().max()) <= 64 * (K + N + M) * U32 * scale, name
     if kind == "dense":
         assert torch.equal(base, w_before)
+
+
+def test_describe_names_the_blas_compositions(monkeypatch):
+    from deltakern.backends import registry
+
+    for var in ("DELTAKERN_BACKEND", "DELTAKERN_CPU_KERNELS"):
+        monkeypatch.delenv(var, raising=False)
+    assert registry.describe("lora_fwd", "cpu") == f"{cb.KIND} (backend cpu) on CPU"

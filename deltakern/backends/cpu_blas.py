@@ -30,8 +30,11 @@ from deltakern.backends.registry import register
 DEVICES = ("cpu",)
 
 
+KIND = "fp32 BLAS compositions"
+
+
 def _cpu(op):
-    return register(op, "cpu", DEVICES)
+    return register(op, "cpu", DEVICES, kind=KIND)
 
 
 def f32(t):
