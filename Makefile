@@ -18,7 +18,7 @@ BENCH_CPU_ARGS ?=
 
 setup: $(STAMP)
 
-$(STAMP): setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*)
+$(STAMP): setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*) $(wildcard csrc/cpu/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"

@@ -1,22 +1,28 @@
 """Build script for deltakern.
 
-The Python packages install as usual. When nvcc is found (PATH, then $CUDA_HOME/bin, $CUDA_PATH/bin),
+The Python packages install as usual. The native CPU kernels (csrc/cpu/*.cpp) compile with the host
+C++ compiler into a second pybind11 module, deltakern._cpu: OpenMP, -O3, -ffp-contract=off, one
+translation unit per instruction set (scalar; AVX2+FMA+F16C and AVX-512 on x86-64) chosen at run
+time. If that compile fails the install goes on without it (pure-Python CPU path) after one notice.
+When nvcc is found (PATH, then $CUDA_HOME/bin, $CUDA_PATH/bin),
 every csrc/*.cu and csrc/*.cpp is compiled into ONE extension module, deltakern._C, by a build.ninja
 written into the build temp dir: nvcc for .cu, the host C++ compiler for .cpp, one `nvcc -shared`
 link with the CUDA runtime linked statically. The binding uses pybind11 and passes device pointers
 as integers (no torch C++ API), so one build serves every torch version.
 
 Environment:
-  DELTAKERN_BUILD_CUDA=0       skip the extension (pure-Python install)
+  DELTAKERN_BUILD_CUDA=0       skip the CUDA extension deltakern._C
+  DELTAKERN_BUILD_CPU=0        skip the CPU extension deltakern._cpu
   DELTAKERN_CUDA_ARCHS="80;90" target architectures ("9.0", "90", "sm_90", "90a" accepted; separators
                                ';', ',' or spaces); default 80;86;89;90. PTX of the highest is added.
   MAX_JOBS=N                   parallel compile jobs (ninja -j)
-  CXX                          host compiler for .cpp files (default c++)
+  CXX                          host compiler for .cpp files and deltakern._cpu (default c++)
 """
 
 from __future__ import annotations
 
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -30,6 +36,12 @@ from setuptools.command.build_ext import build_ext
 VERSION = "0.1.0"
 ROOT = Path(__file__).resolve().parent
 EXT_NAME = "deltakern._C"
+CPU_EXT_NAME = "deltakern._cpu"
+CPU_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-fopenmp", "-ffp-contract=off"]
+CPU_ISA_FLAGS = {  # translation unit -> its -m flags (x86-64 only); the rest compile portable
+    "cpu_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
+    "cpu_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+}
 DEFAULT_ARCHS = ("80", "86", "89", "90")
 
 
@@ -144,12 +156,62 @@ def write_build_ninja(build_dir: Path, nvcc: str, archs: list[str]) -> Path:
     return build_dir / "_C.so"
 
 
+def _off(var: str) -> bool:
+    return os.environ.get(var, "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def cpu_sources() -> list[Path]:
+    """csrc/cpu/*.cpp for this machine: the ISA units only on x86-64."""
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
+    return [p for p in sorted((ROOT / "csrc" / "cpu").glob("*.cpp")) if x86 or p.name not in CPU_ISA_FLAGS]
+
+
+def build_cpu_module(target: Path, build_dir: Path) -> None:
+    """Compile csrc/cpu into the shared object `target` with the host compiler (two jobs at a time,
+    objects rebuilt only when older than their source or a header). Raises on any failure."""
+    import pybind11
+
+    cxx = os.environ.get("CXX", "c++")
+    srcs = cpu_sources()
+    includes = [pybind11.get_include(), sysconfig.get_paths()["include"], sysconfig.get_paths().get("platinclude")]
+    inc = [f"-I{i}" for i in dict.fromkeys(i for i in includes if i)]
+    defs = [f"-DDK_HAVE_{n[4:-4].upper()}" for n in CPU_ISA_FLAGS if any(p.name == n for p in srcs)]
+    headers = list((ROOT / "csrc" / "cpu").glob("*.h"))
+    newest_dep = max((h.stat().st_mtime for h in headers), default=0.0)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    jobs, objs = [], []
+    for src in srcs:
+        obj = build_dir / (src.name + ".o")
+        objs.append(str(obj))
+        if obj.is_file() and obj.stat().st_mtime > max(src.stat().st_mtime, newest_dep):
+            continue
+        cmd = [cxx, *CPU_FLAGS, *CPU_ISA_FLAGS.get(src.name, []), *inc, *defs, "-c", str(src), "-o", str(obj)]
+        jobs.append((cmd, obj))
+    width = max(1, int(os.environ.get("MAX_JOBS", "2")))
+    for i in range(0, len(jobs), width):
+        procs = [(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), obj)
+                 for cmd, obj in jobs[i:i + width]]
+        for proc, obj in procs:
+            out, _ = proc.communicate()
+            if proc.returncode != 0:
+                obj.unlink(missing_ok=True)
+                raise RuntimeError(f"{cxx} failed on {obj.name[:-2]}: {out.strip().splitlines()[-1] if out.strip() else ''}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    link = subprocess.run([cxx, "-shared", "-fopenmp", *objs, "-o", str(target)], capture_output=True, text=True)
+    if link.returncode != 0:
+        raise RuntimeError(f"linking {target.name} failed: {(link.stdout + link.stderr).strip()[-300:]}")
+
+
 class NinjaBuildExt(build_ext):
-    """build_ext that builds deltakern._C with nvcc + ninja, or skips it without nvcc."""
+    """build_ext that builds deltakern._C with nvcc + ninja (or skips it without nvcc) and
+    deltakern._cpu with the host compiler (or, if that fails, goes on without it)."""
 
     def run(self):
+        if _off("DELTAKERN_BUILD_CPU"):
+            print("deltakern: DELTAKERN_BUILD_CPU=0: installing without the CPU extension deltakern._cpu", file=sys.stderr)
+            self.extensions = [e for e in self.extensions if e.name != CPU_EXT_NAME]
         skip = None
-        if os.environ.get("DELTAKERN_BUILD_CUDA", "1").strip().lower() in ("0", "false", "no", "off"):
+        if _off("DELTAKERN_BUILD_CUDA"):
             skip = "DELTAKERN_BUILD_CUDA=0"
         elif find_nvcc() is None:
             skip = "nvcc not found on PATH or in $CUDA_HOME/bin"
@@ -165,6 +227,15 @@ class NinjaBuildExt(build_ext):
         super().run()
 
     def build_extension(self, ext):
+        if ext.name == CPU_EXT_NAME:
+            target = Path(self.get_ext_fullpath(ext.name))
+            try:
+                build_cpu_module(target, Path(self.build_temp).resolve() / "deltakern_cpu")
+            except Exception as exc:  # no compiler, no OpenMP, no pybind11...: stay pure Python
+                target.unlink(missing_ok=True)
+                print(f"deltakern: the CPU extension {CPU_EXT_NAME} was not built ({exc}); "
+                      "CPU ops use the pure-torch references", file=sys.stderr)
+            return
         if ext.name != EXT_NAME:
             return super().build_extension(ext)
         archs = parse_archs(os.environ.get("DELTAKERN_CUDA_ARCHS"))
@@ -204,7 +275,12 @@ if __name__ == "__main__":
                 EXT_NAME,
                 sources=sorted(str(p.relative_to(ROOT)) for ext in ("cu", "cpp") for p in (ROOT / "csrc").glob(f"*.{ext}")),
                 depends=sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.h")),
-            )
+            ),
+            Extension(
+                CPU_EXT_NAME,
+                sources=sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp")),
+                depends=sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.h")),
+            ),
         ],
         cmdclass={"build_ext": NinjaBuildExt},
         install_requires=[

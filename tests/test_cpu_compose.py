@@ -20,8 +20,9 @@ from deltakern.backends import cpu_blas as cb
 U32 = 2.0**-24
 U_OUT = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
-# (M, K, N, r): K > M, K <= M (DoRA then scales W, not the [M, N] operand), a single row, odd sizes
-SHAPES = [(7, 33, 20, 16), (40, 24, 30, 4), (1, 17, 9, 3)]
+# (M, K, N, r): K > M, K <= M (DoRA then scales W, not the [M, N] operand), a single row, odd sizes, and a
+# decode shape (M <= 16, K a multiple of the blocksize: the native NF4 matmuls run it when built)
+SHAPES = [(7, 33, 20, 16), (40, 24, 30, 4), (1, 17, 9, 3), (5, 64, 24, 4)]
 
 
 def rnd(shape, seed, scale=1.0, dtype=torch.float32):

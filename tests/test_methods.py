@@ -269,7 +269,9 @@ def test_qlora_plus_bitfit_compose_on_nf4_llama(cls):
     for layer in wrapped:
         assert type(layer) is (LoRALinear if cls is dk.LoRA else DoRALinear) and layer.is_nf4
         assert isinstance(layer.base, NF4Linear) and layer.base.bias is not None
-    assert torch.equal(run(model, ids), y_base)  # B = 0 and zero biases: the quantized base exactly
+    # B = 0 and zero biases: the quantized base, up to fp32 summation order (the fused LoRA op may run
+    # a native CPU kernel where NF4Linear runs dequantize + F.linear)
+    torch.testing.assert_close(run(model, ids), y_base, rtol=1e-5, atol=1e-6)
 
     proj = [n for n, _ in dense.named_modules() if n.endswith(tuple(LLAMA_PROJ))]
     n_lora = _lora_numel(dense, proj, 4) + (sum(dense.get_submodule(n).weight.shape[0] for n in proj)

@@ -255,7 +255,7 @@ class DoRALinearFunction(torch.autograd.Function):
                 xd = dropped(x, keep, ms)
             else:
                 keep, xd = None, x
-            xa = compose.small_mm_t(xd, lora_A)
+            xa = torch.mm(xd, lora_A.t())
             if fused:
                 y = torch.ops.deltakern.dora_fwd(x, weight, absmax, code, N, K, blocksize, bias, xa, lora_B, g, keep,
                                                  scaling, ms)

@@ -36,7 +36,7 @@ class LoRALinearFunction(torch.autograd.Function):
     gives PEFT's mask); with p = 0 or outside training x_d = x and no mask exists.
 
     Forward:
-        xa  = x_d A^T                                   [M, r]  (torch matmul; on the CPU as (A x_d^T)^T)
+        xa  = x_d A^T                                   [M, r]  (torch matmul, as PEFT's lora_A(x))
         y   = x W^T + s xa B^T + b                      [M, N]  (one fused op, fp32 accumulator; the
                                                                  composition: b + s xa B^T, then += x W^T)
     Backward, with dY = dL/dy [M, N]:
@@ -78,7 +78,7 @@ class LoRALinearFunction(torch.autograd.Function):
         else:
             keep = None
             xd = x2
-        xa = compose.small_mm_t(xd, lora_A)
+        xa = torch.mm(xd, lora_A.t())
 
         if is_nf4 and fused:
             out = torch.ops.deltakern.lora_fwd_nf4(x2, weight, absmax, code, N, K, blocksize, bias, xa, lora_B, scaling)

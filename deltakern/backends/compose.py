@@ -12,10 +12,11 @@ and likewise dX = s dyb A [masked], then dX += dY W. DoRA's column scale g goes 
 is smaller, the [N, K] weight (g * W, when K <= M, or in place on a weight that is already a
 scratch copy, e.g. a dequantized NF4 W) or the [M, N] operand (y *= g, dY * g otherwise).
 
-The rank-r GEMMs on the CPU are computed with r as the leading (row) dimension of the result
-(xa^T = A x^T, dyb^T = B^T dY^T, (dY^T [xa | 1])^T = [xa | 1]^T dY): BLAS runs those layouts
-2-4x faster than the tall-skinny ones. Callers get xa and dyb as transposed views ([M, r], strides
-(1, M)), which BLAS reads without a copy.
+The backward's rank-r GEMMs on the CPU are computed with r as the leading (row) dimension of the
+result (dyb^T = B^T dY^T, (dY^T [xa | 1])^T = [xa | 1]^T dY): BLAS runs those layouts 2-4x faster
+than the tall-skinny ones; callers get dyb as a transposed view ([M, r], strides (1, M)), which BLAS
+reads without a copy. (The forward's xa = x A^T stays the plain product, PEFT's own, so that the
+outputs equal PEFT's bit for bit.)
 
 Rounding: everything is in the operands' dtype with the BLAS's own accumulator; the CPU ops call
 these with fp32 operands (fp16 / bf16 inputs upcast, one rounding at the end). The sums are those

@@ -13,8 +13,10 @@ so a CPU call runs them by default (`DELTAKERN_BACKEND=torch` still runs the ref
 * Everything is computed in fp32: fp16 / bf16 inputs are upcast and the outputs rounded once (what
   the references do; a CPU without half-precision units runs fp32 BLAS far faster). float64 inputs
   (tests) stay float64.
-* An NF4 W is dequantized (to the input dtype, the values every backend uses) by `_weight` below: the
-  one call to point at a native dequantize into a reused workspace.
+* With the native extension loaded (deltakern._cpu_ext, fp32 / fp16 / bf16 inputs): an NF4 W is
+  decoded into its reused per-thread fp32 workspace (`_weight`; values rounded to the input dtype, as
+  every backend decodes W), and for M <= 16 rows (decode) linear_* and lora_*_nf4 run its NF4 matmuls,
+  which read W as 4-bit and never build it. Without it, the reference decode builds W per call.
 * The dropout (keep-mask) forms of dora_fwd / dora_bwd run the references.
 """
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from deltakern import _cpu_ext
 from deltakern.backends import compose
 from deltakern.backends.reference import dora as ref_dora
 from deltakern.backends.reference._util import dense_weight_ref
@@ -30,7 +33,7 @@ from deltakern.backends.registry import register
 DEVICES = ("cpu",)
 
 
-KIND = "fp32 BLAS compositions"
+KIND = "fp32 BLAS compositions (native NF4 kernels where built)"
 
 
 def _cpu(op):
@@ -46,16 +49,27 @@ def _round(t: torch.Tensor, dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def _native(dtype) -> bool:
+    """Whether the native NF4 kernels take inputs of this dtype here (extension loaded; not float64)."""
+    return dtype in (torch.float32, torch.float16, torch.bfloat16) and _cpu_ext.available()
+
+
+def _decode(M: int, K: int, blocksize: int, dtype) -> bool:
+    """Whether the native NF4 matmuls (W read as 4-bit, M <= 16) run this call."""
+    return _native(dtype) and _cpu_ext.decode_supported(M, K, blocksize)
+
+
 def _weight(weight, absmax, code, N: int, K: int, blocksize: int, dtype):
     """(W [N, K] as an fp32 (float64) GEMM operand, whether it is a scratch copy the caller may overwrite).
-    Dense: W itself (upcast when half). NF4: decoded to `dtype` by `deltakern::nf4_dequantize`
-    (whichever backend the registry picks for it), then upcast."""
+    Dense: W itself (upcast when half). NF4: the native extension's per-thread workspace (valid until
+    the next decode on this thread: used for one op, never returned or saved), or else the reference
+    decode to `dtype`, upcast (float64 too); both hold cast_dtype(fp32(code * absmax))."""
     if absmax is None:
         w = f32(weight)
         return w, w is not weight
-    flat = torch.ops.deltakern.nf4_dequantize(weight.reshape(-1).view(torch.uint8), absmax, None, None, 0.0, code,
-                                              N * K, blocksize, dtype)
-    return f32(flat.view(N, K)), True
+    if _native(dtype):
+        return _cpu_ext.dense_weight_fp32(weight, absmax, code, N, K, blocksize, round_to=dtype), True
+    return f32(dense_weight_ref(weight, absmax, code, N, K, blocksize, dtype)), True
 
 
 # ---- frozen linear (BitFit) -------------------------------------------------------------------
@@ -63,7 +77,9 @@ def _weight(weight, absmax, code, N: int, K: int, blocksize: int, dtype):
 
 @_cpu("linear_fwd")
 def linear_fwd(x, weight, absmax, code, N, K, blocksize, bias):
-    """b + x W^T as one GEMM (the bias broadcast into C, beta = 1)."""
+    """b + x W^T as one GEMM (the bias broadcast into C, beta = 1); NF4 decode: the native matmul."""
+    if absmax is not None and _decode(x.shape[0], K, blocksize, x.dtype):
+        return _cpu_ext.nf4_matmul(x, weight, absmax, code, N, K, blocksize, bias)
     w, _ = _weight(weight, absmax, code, N, K, blocksize, x.dtype)
     xf, bf = f32(x), f32(bias)
     with torch.autocast("cpu", enabled=False):
@@ -73,10 +89,12 @@ def linear_fwd(x, weight, absmax, code, N, K, blocksize, bias):
 
 @_cpu("linear_bwd")
 def linear_bwd(dy, weight, absmax, code, N, K, blocksize, compute_db):
-    w, _ = _weight(weight, absmax, code, N, K, blocksize, dy.dtype)
     dyf = f32(dy)
     with torch.autocast("cpu", enabled=False):
-        dx = _round(torch.mm(dyf, w), dy.dtype)
+        if absmax is not None and _decode(dy.shape[0], K, blocksize, dy.dtype):
+            dx = _cpu_ext.nf4_matmul_dx(dy, weight, absmax, code, N, K, blocksize)
+        else:
+            dx = _round(torch.mm(dyf, _weight(weight, absmax, code, N, K, blocksize, dy.dtype)[0]), dy.dtype)
         return dx, (_round(dyf.sum(0), dy.dtype) if compute_db else dy.new_empty((0,)))
 
 
@@ -101,6 +119,10 @@ def lora_fwd(x, weight, bias, xa, lora_B, scaling):
 
 @_cpu("lora_fwd_nf4")
 def lora_fwd_nf4(x, packed, absmax, code, N, K, blocksize, bias, xa, lora_B, scaling):
+    if _decode(x.shape[0], K, blocksize, x.dtype):  # fp32 x W^T + b by the native matmul, then + s xa B^T
+        acc = _cpu_ext.nf4_matmul(x, packed, absmax, code, N, K, blocksize, bias, out_dtype=torch.float32)
+        with torch.autocast("cpu", enabled=False):
+            return _round(acc.addmm_(f32(xa), f32(lora_B).t(), alpha=scaling), x.dtype)
     return _lora_fwd(x, _weight(packed, absmax, code, N, K, blocksize, x.dtype)[0], bias, xa, lora_B, scaling)
 
 
@@ -111,6 +133,13 @@ def lora_dx(dy, weight, dyb, lora_A, scaling, mask, mask_scale):
 
 @_cpu("lora_dx_nf4")
 def lora_dx_nf4(dy, packed, absmax, code, N, K, blocksize, dyb, lora_A, scaling, mask, mask_scale):
+    if _decode(dy.shape[0], K, blocksize, dy.dtype):  # fp32 dY W by the native matmul, then + the LoRA term
+        acc = _cpu_ext.nf4_matmul_dx(dy, packed, absmax, code, N, K, blocksize, out_dtype=torch.float32)
+        with torch.autocast("cpu", enabled=False):
+            lora = torch.mm(f32(dyb), f32(lora_A))
+            if mask is not None:
+                lora = torch.where(mask.bool(), lora * mask_scale, 0.0)
+            return _round(acc.add_(lora, alpha=scaling), dy.dtype)
     w, _ = _weight(packed, absmax, code, N, K, blocksize, dy.dtype)
     return _lora_dx(dy, w, dyb, lora_A, scaling, mask, mask_scale)
 

@@ -1,0 +1,118 @@
+// pybind11 module deltakern._cpu: raw pointers (uintptr_t) and sizes in, no torch C++ API.
+// The Python launchers in deltakern/_cpu_ext.py validate every tensor before calling these.
+// DK_HAVE_AVX2 / DK_HAVE_AVX512 are defined by setup.py when those units were compiled (x86-64).
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
+#include "cpu_kernels.h"
+
+namespace py = pybind11;
+
+namespace {
+
+bool supports(const std::string& isa) {
+    if (isa == "scalar") return true;
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+#ifdef DK_HAVE_AVX2
+    if (isa == "avx2")
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#endif
+#ifdef DK_HAVE_AVX512
+    if (isa == "avx512")
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#endif
+#endif
+    return false;
+}
+
+std::string best() {
+    for (const char* isa : {"avx512", "avx2"})
+        if (supports(isa)) return isa;
+    return "scalar";
+}
+
+// The kernels for `isa` ("" = the best this CPU runs); ValueError if this CPU or build lacks it.
+const dk::Kernels& pick(const std::string& isa) {
+    const std::string name = isa.empty() ? best() : isa;
+    if (name != "scalar" && name != "avx2" && name != "avx512")
+        throw py::value_error("unknown ISA '" + name + "' (expected scalar, avx2 or avx512)");
+    if (!supports(name)) throw py::value_error("this CPU or build does not support ISA '" + name + "'");
+#ifdef DK_HAVE_AVX512
+    if (name == "avx512") return dk::kernels_avx512;
+#endif
+#ifdef DK_HAVE_AVX2
+    if (name == "avx2") return dk::kernels_avx2;
+#endif
+    return dk::kernels_scalar;
+}
+
+// Ask for transparent huge pages on the 2 MiB-aligned part of [p, p + nbytes): a fresh large output
+// then takes one page fault per 2 MiB instead of per 4 KiB (the faults, not the writes, dominate a
+// first touch). Returns whether the advice was given and accepted.
+bool advise_hugepages(uintptr_t p, int64_t nbytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    const uintptr_t huge = uintptr_t(2) << 20, lo = (p + huge - 1) & ~(huge - 1), hi = (p + nbytes) & ~(huge - 1);
+    return hi > lo && madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE) == 0;
+#else
+    (void)p; (void)nbytes;
+    return false;
+#endif
+}
+
+template <class T>
+T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+
+}  // namespace
+
+PYBIND11_MODULE(_cpu, m) {
+    m.doc() = "deltakern native CPU kernels (NF4 dequantize, small-M NF4 matmuls)";
+    m.def("best_isa", &best, "The ISA the kernels use by default on this CPU.");
+    m.def("advise_hugepages", &advise_hugepages, py::arg("ptr"), py::arg("nbytes"),
+          "madvise(MADV_HUGEPAGE) on the 2 MiB-aligned part of a buffer (Linux); whether it was applied.");
+    m.def("supports", &supports, py::arg("isa"), "Whether this build and CPU can run `isa`.");
+    m.def(
+        "dequantize_nf4",
+        [](uintptr_t packed, uintptr_t absmax, int nested, uintptr_t nested_absmax, uintptr_t nested_code,
+           float offset, uintptr_t code, uintptr_t out, int64_t n, int64_t blocksize, int out_dtype, int streaming,
+           int round_dtype, int nthreads, const std::string& isa) {
+            const dk::Kernels& k = pick(isa);
+            dk::DequantArgs a{ptr<const uint8_t>(packed), ptr<const void>(absmax), nested, ptr<const float>(nested_absmax),
+                              ptr<const float>(nested_code), offset, ptr<const float>(code), ptr<void>(out),
+                              n, blocksize, out_dtype, streaming, round_dtype};
+            py::gil_scoped_release nogil;
+            k.dequantize(a, nthreads);
+        },
+        "out[n] = cast(fp32(code[nibble] * scale[block])) (see cpu_kernels.h); with an fp32 out, round_dtype "
+        "(fp16 / bf16) rounds the values to that dtype first");
+    m.def(
+        "gemv_nf4",
+        [](uintptr_t x, uintptr_t packed, uintptr_t absmax, uintptr_t code, uintptr_t bias, uintptr_t out, int64_t M,
+           int64_t N, int64_t K, int64_t blocksize, int wdtype, int nthreads, const std::string& isa) {
+            const dk::Kernels& k = pick(isa);
+            dk::MatArgs a{ptr<const float>(x), ptr<const uint8_t>(packed), ptr<const float>(absmax), ptr<const float>(code),
+                          ptr<const float>(bias), ptr<float>(out), M, N, K, blocksize, wdtype};
+            py::gil_scoped_release nogil;
+            k.gemv(a, nthreads);
+        },
+        "y[M, N] (fp32) = x[M, K] (fp32) . W^T (+ bias), M <= 16, K % blocksize == 0");
+    m.def(
+        "dx_nf4",
+        [](uintptr_t dy, uintptr_t packed, uintptr_t absmax, uintptr_t code, uintptr_t out, int64_t M, int64_t N,
+           int64_t K, int64_t blocksize, int wdtype, int nthreads, const std::string& isa) {
+            const dk::Kernels& k = pick(isa);
+            dk::MatArgs a{ptr<const float>(dy), ptr<const uint8_t>(packed), ptr<const float>(absmax), ptr<const float>(code),
+                          nullptr, ptr<float>(out), M, N, K, blocksize, wdtype};
+            py::gil_scoped_release nogil;
+            k.dx(a, nthreads);
+        },
+        "dx[M, K] (fp32) = dy[M, N] (fp32) . W, M <= 16, K % blocksize == 0");
+}

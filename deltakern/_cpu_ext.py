@@ -1,0 +1,290 @@
+"""The one loader of the native CPU extension `deltakern._cpu`, and its Python launchers.
+
+`import deltakern._cpu_ext` never imports `_cpu`: `load()` tries once (on first use) and caches the
+module or the reason it failed; `available()` / `load_error()` report it and `require()` raises a
+RuntimeError saying how to get it. The launchers check every tensor (device, dtype, contiguity,
+sizes, blocksize) before anything is allocated or written, then pass raw pointers, sizes and
+`torch.get_num_threads()` (the OpenMP team size, so the kernels never use more threads than torch)
+to the kernels in csrc/cpu/.
+
+Kernels (fp32 arithmetic throughout; NF4 layout and rounding as in deltakern/ops/nf4.py):
+
+    dequantize_nf4   out[i] = cast(fp32(code[nib(i)] * scale[i // blocksize]))        bit-exact
+                     scale = absmax, or fp32(fp32(nested_code[q] * nested_absmax[b // 256]) + offset)
+    nf4_matmul       y[M, N] = x[M, K] . W[N, K]^T (+ bias),   M <= 16 (decode): W is read as 4-bit,
+                     never built; w = round_{x.dtype}(fp32(code[nib] * absmax)), fp32 accumulators
+    nf4_matmul_dx    dx[M, K] = dy[M, N] . W[N, K],            M <= 16, same w
+    dense_weight_fp32  W [N, K] fp32 in a reused per-thread workspace (for M > 16: BLAS on it)
+
+The matmuls need K % blocksize == 0 (no block crosses a row); `decode_supported` says when they run.
+DELTAKERN_CPU_ISA=scalar|avx2|avx512 forces an instruction set (tests); unset, the best this CPU runs.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+import threading
+
+import torch
+
+_UNSET = object()
+_module = _UNSET  # the imported _cpu module, or None after a failed import
+_error: str | None = None
+
+_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+MAX_DECODE_M = 16  # rows of x the decode kernels take in one pass over W
+STREAM_BYTES = 4 << 20  # outputs at least this large use non-temporal stores (when 64-byte aligned)
+HUGE_BYTES = 4 << 20  # fresh outputs at least this large are backed by transparent huge pages
+
+
+def load():
+    """The `deltakern._cpu` module, or None if it cannot be imported (tried once, then cached)."""
+    global _module, _error
+    if _module is _UNSET:
+        try:
+            from deltakern import _cpu
+
+            _module, _error = _cpu, None
+        except Exception as exc:  # ImportError, or a module built for another Python / broken .so
+            _module, _error = None, f"{type(exc).__name__}: {exc}"
+    return _module
+
+
+def available() -> bool:
+    """Whether `deltakern._cpu` imports."""
+    return load() is not None
+
+
+def load_error() -> str | None:
+    """Why `deltakern._cpu` could not be imported, or None."""
+    load()
+    return _error
+
+
+def require():
+    """The `deltakern._cpu` module; RuntimeError saying how to get it if it is missing."""
+    mod = load()
+    if mod is None:
+        raise RuntimeError(
+            "deltakern was installed without its native CPU extension deltakern._cpu: reinstall with a "
+            "C++ compiler with OpenMP on PATH (pip install -e . --no-build-isolation; "
+            "DELTAKERN_BUILD_CPU must not be 0), or set DELTAKERN_BACKEND=torch "
+            f"[import deltakern._cpu failed: {_error}]"
+        )
+    return mod
+
+
+def isa() -> str:
+    """The instruction set the kernels run with: DELTAKERN_CPU_ISA if set, else the CPU's best."""
+    forced = os.environ.get("DELTAKERN_CPU_ISA", "").strip().lower()
+    return forced or require().best_isa()
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def _empty(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """torch.empty(n), asking the kernel for huge pages when large: a fresh allocation page-faults on
+    first touch, and 4 KiB faults cost more than writing the data (about 40 ms vs 8 ms for 64 MiB)."""
+    out = torch.empty(n, dtype=dtype)
+    if out.numel() * out.element_size() >= HUGE_BYTES:
+        require().advise_hugepages(out.data_ptr(), out.numel() * out.element_size())
+    return out
+
+
+# ---- validation ---------------------------------------------------------------------------------
+
+
+def _check(name: str, t, dtype: torch.dtype, numel: int | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise ValueError(f"{name} is on {t.device}; the deltakern CPU kernels need CPU tensors")
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (got strides {tuple(t.stride())} for shape {tuple(t.shape)})")
+    if numel is not None and t.numel() != numel:
+        raise ValueError(f"{name} has {t.numel()} elements, expected {numel}")
+
+
+def _check_blocksize(blocksize: int) -> int:
+    blocksize = int(blocksize)
+    if blocksize < 32 or blocksize > 4096 or blocksize & (blocksize - 1):
+        raise ValueError(f"blocksize must be a power of two in [32, 4096], got {blocksize}")
+    return blocksize
+
+
+def _bytes(packed: torch.Tensor) -> torch.Tensor:
+    """packed as flat uint8 (bitsandbytes' quant_storage may hold the bytes in another dtype)."""
+    if not isinstance(packed, torch.Tensor):
+        raise TypeError(f"packed must be a torch.Tensor, got {type(packed).__name__}")
+    if packed.dtype != torch.uint8:
+        if not packed.is_contiguous():
+            raise ValueError("packed must be contiguous")
+        packed = packed.reshape(-1).view(torch.uint8)
+    return packed.reshape(-1) if packed.is_contiguous() else packed
+
+
+def _check_weight(packed, absmax, code, N: int, K: int, blocksize: int):
+    N, K, blocksize = int(N), int(K), _check_blocksize(blocksize)
+    if N < 0 or K < 0:
+        raise ValueError(f"N and K must be >= 0, got N={N}, K={K}")
+    packed = _bytes(packed)
+    _check("packed", packed, torch.uint8, (N * K + 1) // 2)
+    _check("absmax", absmax, torch.float32, -(-N * K // blocksize))
+    _check("code", code, torch.float32, 16)
+    return packed, N, K, blocksize
+
+
+def decode_supported(M: int, K: int, blocksize: int) -> bool:
+    """Whether nf4_matmul / nf4_matmul_dx take this shape: M <= 16 and K % blocksize == 0."""
+    return 0 < M <= MAX_DECODE_M and K % blocksize == 0
+
+
+# ---- launchers ----------------------------------------------------------------------------------
+
+
+def dequantize_nf4(packed, absmax, nested_absmax, nested_code, offset, code, n: int, blocksize: int,
+                   out_dtype: torch.dtype, out: torch.Tensor | None = None,
+                   round_to: torch.dtype | None = None) -> torch.Tensor:
+    """n NF4 elements -> [n] of out_dtype (fp32 / fp16 / bf16), bit-exact with dequantize_nf4_ref.
+
+    packed: (n+1)//2 bytes, element 2i in the high nibble of byte i. absmax: fp32 [ceil(n/blocksize)],
+    or uint8 of that length with nested_absmax (fp32 [ceil(nblocks/256)]), nested_code (fp32 [256])
+    and offset. code: fp32 [16]. `out`: a contiguous [n] tensor of out_dtype to write into (reuse a
+    workspace: a fresh large allocation page-faults on first touch); returned. `round_to` (fp16 /
+    bf16, fp32 out only): each value is rounded to that dtype and stored as fp32, i.e.
+    out == dequantize(..., round_to).float() without the second pass.
+    """
+    C = require()
+    if out_dtype not in _DTYPES:
+        raise TypeError(f"out_dtype must be one of {list(_DTYPES)}, got {out_dtype}")
+    n, blocksize = int(n), _check_blocksize(blocksize)
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    nblocks = -(-n // blocksize)
+    packed = _bytes(packed)
+    _check("packed", packed, torch.uint8, (n + 1) // 2)
+    _check("code", code, torch.float32, 16)
+    nested = nested_absmax is not None
+    if nested:
+        if nested_code is None or offset is None:
+            raise ValueError("nested absmax needs nested_absmax, nested_code and offset together")
+        _check("absmax", absmax, torch.uint8, nblocks)
+        _check("nested_absmax", nested_absmax, torch.float32, -(-nblocks // 256))
+        _check("nested_code", nested_code, torch.float32, 256)
+        offset = float(offset.item() if isinstance(offset, torch.Tensor) else offset)
+    else:
+        _check("absmax", absmax, torch.float32, nblocks)
+        if offset is not None and not isinstance(offset, (numbers.Real, torch.Tensor)):
+            raise TypeError(f"offset must be a float, got {type(offset).__name__}")
+        offset = 0.0
+    if round_to is not None and (round_to not in _DTYPES or (round_to != torch.float32 and out_dtype != torch.float32)):
+        raise ValueError(f"round_to must be float16 / bfloat16 with an fp32 out_dtype, got {round_to} -> {out_dtype}")
+    if out is None:
+        out = _empty(n, out_dtype)
+    else:
+        _check("out", out, out_dtype, n)
+    if n == 0:
+        return out
+    streaming = int(out.numel() * out.element_size() >= STREAM_BYTES and out.data_ptr() % 64 == 0)
+    C.dequantize_nf4(packed.data_ptr(), absmax.data_ptr(), int(nested),
+                     nested_absmax.data_ptr() if nested else 0, nested_code.data_ptr() if nested else 0,
+                     offset, code.data_ptr(), out.data_ptr(), n, blocksize, _DTYPES[out_dtype], streaming,
+                     _DTYPES[round_to or torch.float32], _threads(), isa())
+    return out
+
+
+def _as_f32_2d(name: str, t, cols: int) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise ValueError(f"{name} is on {t.device}; the deltakern CPU kernels need CPU tensors")
+    if t.dtype not in _DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if t.dim() != 2 or t.shape[1] != cols:
+        raise ValueError(f"{name} must be [M, {cols}], got {tuple(t.shape)}")
+    if not 0 < t.shape[0] <= MAX_DECODE_M:
+        raise ValueError(f"{name} has {t.shape[0]} rows; the decode kernels take 1..{MAX_DECODE_M}")
+    return t.float().contiguous()  # any strides: a small copy (or none for contiguous fp32)
+
+
+def nf4_matmul(x, packed, absmax, code, N: int, K: int, blocksize: int, bias=None,
+               out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """y[M, N] = x[M, K] . W^T (+ bias) for an NF4 W [N, K], M <= 16, K % blocksize == 0.
+
+    Each w = round_{x.dtype}(fp32(code[nibble] * absmax[block])) is decoded in registers; sums are fp32
+    (error within fp32 rounding of the exact sum over those w); the result is rounded once to
+    out_dtype (default x.dtype). x any strides; bias [N] of any float dtype, added in fp32.
+    """
+    C = require()
+    packed, N, K, blocksize = _check_weight(packed, absmax, code, N, K, blocksize)
+    if K % blocksize:
+        raise ValueError(f"nf4_matmul needs K % blocksize == 0 (K={K}, blocksize={blocksize}); "
+                         "use dense_weight_fp32 for other shapes")
+    xf = _as_f32_2d("x", x, K)
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.device.type != "cpu" or bias.shape != (N,):
+            raise ValueError(f"bias must be a CPU tensor of shape ({N},)")
+        bias = bias.float().contiguous()
+    y = torch.empty(xf.shape[0], N, dtype=torch.float32)
+    if N and K:
+        C.gemv_nf4(xf.data_ptr(), packed.data_ptr(), absmax.data_ptr(), code.data_ptr(),
+                   bias.data_ptr() if bias is not None else 0, y.data_ptr(), xf.shape[0], N, K, blocksize,
+                   _DTYPES[x.dtype], _threads(), isa())
+    else:
+        y.zero_()
+        if bias is not None:
+            y += bias
+    return y.to(out_dtype or x.dtype)
+
+
+def nf4_matmul_dx(dy, packed, absmax, code, N: int, K: int, blocksize: int,
+                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """dx[M, K] = dy[M, N] . W for an NF4 W [N, K], M <= 16, K % blocksize == 0 (W decoded as in
+    nf4_matmul with dy's dtype; fp32 sums; rounded once to out_dtype, default dy.dtype)."""
+    C = require()
+    packed, N, K, blocksize = _check_weight(packed, absmax, code, N, K, blocksize)
+    if K % blocksize:
+        raise ValueError(f"nf4_matmul_dx needs K % blocksize == 0 (K={K}, blocksize={blocksize}); "
+                         "use dense_weight_fp32 for other shapes")
+    dyf = _as_f32_2d("dy", dy, N)
+    dx = torch.empty(dyf.shape[0], K, dtype=torch.float32)
+    if N and K:
+        C.dx_nf4(dyf.data_ptr(), packed.data_ptr(), absmax.data_ptr(), code.data_ptr(), dx.data_ptr(),
+                 dyf.shape[0], N, K, blocksize, _DTYPES[dy.dtype], _threads(), isa())
+    else:
+        dx.zero_()
+    return dx.to(out_dtype or dy.dtype)
+
+
+_workspace = threading.local()
+
+
+def dense_weight_fp32(packed, absmax, code, N: int, K: int, blocksize: int,
+                      round_to: torch.dtype | None = None) -> torch.Tensor:
+    """The NF4 weight as a dense fp32 [N, K] VIEW of this thread's reused workspace.
+
+    Values fp32(code[nibble] * absmax), rounded to `round_to` (fp16 / bf16: the input dtype of the
+    matmul, as the other backends decode W) and held as fp32, so BLAS runs in fp32.
+
+    Valid only until the next call on this thread (which overwrites it): use it for one matmul and
+    never return it to a caller or save it for backward. Reusing the buffer avoids the page faults of
+    a fresh large allocation. Any K, blocksize (blocks may cross rows).
+    """
+    packed, N, K, blocksize = _check_weight(packed, absmax, code, N, K, blocksize)
+    buf = getattr(_workspace, "buf", None)
+    if buf is None or buf.numel() < N * K:
+        _workspace.buf = buf = None  # free the old one first
+        _workspace.buf = buf = _empty(N * K, torch.float32)
+    out = buf[: N * K]
+    dequantize_nf4(packed, absmax, None, None, 0.0, code, N * K, blocksize, torch.float32, out=out, round_to=round_to)
+    return out.view(N, K)
+
+
+def release_workspace() -> None:
+    """Free this thread's dense-weight workspace."""
+    _workspace.buf = None
