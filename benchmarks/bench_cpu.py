@@ -93,8 +93,17 @@ def machine() -> dict:
         cpu = platform.processor()
     env = environment()
     env.update(cpu=cpu, logical_cores=os.cpu_count(), torch_threads=torch.get_num_threads(), isa=" ".join(flags),
-               torch_cpu_capability=torch.backends.cpu.get_cpu_capability())
+               torch_cpu_capability=torch.backends.cpu.get_cpu_capability(), deltakern_cpu_ext=_cpu_ext_state())
     return env
+
+
+def _cpu_ext_state() -> str:
+    """Whether deltakern's native CPU extension is loaded here, and with which instruction set."""
+    try:
+        from deltakern import _cpu_ext
+    except ImportError:
+        return "absent"
+    return f"loaded ({_cpu_ext.isa()})" if _cpu_ext.available() else "not built"
 
 
 def _have(name: str) -> bool:
@@ -331,7 +340,7 @@ def markdown(result: dict) -> str:
              f"Measured {result['date']} on {env['cpu']}: {env['logical_cores']} logical cores, "
              f"{env['torch_threads']} torch threads, ISA {env['isa'] or 'n/a'} (torch uses {env['torch_cpu_capability']}); "
              f"torch {env['torch']}, bitsandbytes {env.get('bitsandbytes')}, peft {env.get('peft')}, "
-             f"transformers {env.get('transformers')}. Contenders of one case timed round-robin in one run, "
+             f"transformers {env.get('transformers')}; deltakern's native CPU extension {env.get('deltakern_cpu_ext')}. Contenders of one case timed round-robin in one run, "
              f"median of {result['reps']} rounds (main job: {result['mainjob_reps']}). {result.get('note', '')}", ""]
     titles = {"dequant": ("NF4 dequantize (vs: ÷ clone of the same output)", ["case", "dtype", "contender", "ms", "vs", "vs_bnb"]),
               "decode": ("NF4 decode forward (vs: ÷ dense fp32 nn.Linear)", ["case", "contender", "ms", "vs", "vs_bf16", "vs_bnb"]),
