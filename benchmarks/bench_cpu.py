@@ -22,7 +22,7 @@ Timing: the contenders of one case run ROUND-ROBIN (one rep of each in turn, the
 rotating every round) after a warmup, and each reports its median over the rounds: load that comes
 and goes hits every contender alike. Every row also gives its ratio to the case's reference
 (`vs`: copy for dequantize, dense fp32 for decode, the frozen layer for layer steps, the matching
-PEFT run for the main job).
+PEFT run for the main job), as the median over rounds of the two times measured in the same round.
 
     python benchmarks/bench_cpu.py                                 # everything (a few minutes on 2 cores)
     python benchmarks/bench_cpu.py --sections layer --threads 2
@@ -63,8 +63,21 @@ CPU_BEGIN, CPU_END = "<!-- cpu-lane: begin (benchmarks/bench_cpu.py writes this 
 # ---- timing -------------------------------------------------------------------------------------
 
 
-def round_robin(fns: dict, reps: int, warmup: int = 2) -> dict:
-    """Median milliseconds of each fn, timed one rep of each in turn (the first one rotating)."""
+class Timings(dict):
+    """name -> median milliseconds; `rounds[name]` holds every round's time, and `ratio(a, b)` is the
+    median over rounds of a's time / b's time in the same round (robust to load that drifts during a
+    run, which a ratio of medians is not)."""
+
+    def __init__(self, rounds: dict):
+        super().__init__({name: statistics.median(ts) for name, ts in rounds.items()})
+        self.rounds = rounds
+
+    def ratio(self, a: str, b: str) -> float:
+        return statistics.median(x / y for x, y in zip(self.rounds[a], self.rounds[b]))
+
+
+def round_robin(fns: dict, reps: int, warmup: int = 2) -> Timings:
+    """Each fn timed one rep of each in turn (the first one rotating every round), after a warmup."""
     names = list(fns)
     for name in names:
         for _ in range(warmup):
@@ -75,7 +88,7 @@ def round_robin(fns: dict, reps: int, warmup: int = 2) -> dict:
             t = time.perf_counter()
             fns[name]()
             times[name].append((time.perf_counter() - t) * 1e3)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return Timings(times)
 
 
 def machine() -> dict:
@@ -217,7 +230,8 @@ def run_dequant(reps: int, with_bnb: bool) -> list:
         ms = round_robin(fns, reps)
         for name, t in ms.items():
             rows.append({"case": f"dequantize {N}x{K} nested", "dtype": str(dtype)[6:], "contender": name, "ms": t,
-                         "vs": t / ms["copy (clone)"], "vs_bnb": t / ms["bitsandbytes"] if with_bnb else None})
+                         "vs": ms.ratio(name, "copy (clone)"),
+                         "vs_bnb": ms.ratio(name, "bitsandbytes") if with_bnb else None})
     return rows
 
 
@@ -242,8 +256,8 @@ def run_decode(reps: int, with_bnb: bool) -> list:
                 ms = round_robin(fns, reps)
             for name, t in ms.items():
                 rows.append({"case": f"decode M={M} K={K} N={N}", "contender": name, "ms": t,
-                             "vs": t / ms["dense fp32"], "vs_bf16": t / ms["dense bf16"],
-                             "vs_bnb": t / ms["bnb Linear4bit fp32"] if bq is not None else None})
+                             "vs": ms.ratio(name, "dense fp32"), "vs_bf16": ms.ratio(name, "dense bf16"),
+                             "vs_bnb": ms.ratio(name, "bnb Linear4bit fp32") if bq is not None else None})
     return rows
 
 
@@ -257,10 +271,10 @@ def run_layer(reps: int, with_peft: bool, with_bnb: bool, shapes=LAYER_SHAPES) -
         ms = round_robin({name: train_step(m, x, dy) for name, m in mods.items()}, reps)
         for name, t in ms.items():
             row = {"case": f"layer fwd+bwd M={M} K={K} N={N} r={R} fp32", "contender": name, "ms": t,
-                   "vs": t / ms["frozen dense"]}
+                   "vs": ms.ratio(name, "frozen dense")}
             if "DoRA" in name:  # DoRA's target is relative to LoRA's
                 lora = name.replace("DoRA", "LoRA")
-                row["vs_lora"] = t / ms[lora] if lora in ms else None
+                row["vs_lora"] = ms.ratio(name, lora) if lora in ms else None
             rows.append(row)
     return rows
 
@@ -327,7 +341,7 @@ def run_mainjob(reps: int, with_peft: bool, with_bnb: bool, kinds=None) -> list:
     for name, t in ms.items():
         ref = base.get(name)
         rows.append({"case": f"main job step (MiniLM-L6, r={MAIN_R}, {MAIN_BATCH}x{MAIN_TOKENS}, AdamW)",
-                     "contender": name, "ms": t, "vs": t / ms[ref] if ref in ms else None})
+                     "contender": name, "ms": t, "vs": ms.ratio(name, ref) if ref in ms else None})
     return rows
 
 
@@ -341,7 +355,7 @@ def markdown(result: dict) -> str:
              f"{env['torch_threads']} torch threads, ISA {env['isa'] or 'n/a'} (torch uses {env['torch_cpu_capability']}); "
              f"torch {env['torch']}, bitsandbytes {env.get('bitsandbytes')}, peft {env.get('peft')}, "
              f"transformers {env.get('transformers')}; deltakern's native CPU extension {env.get('deltakern_cpu_ext')}. Contenders of one case timed round-robin in one run, "
-             f"median of {result['reps']} rounds (main job: {result['mainjob_reps']}). {result.get('note', '')}", ""]
+             f"median of {result['reps']} rounds (main job: {result['mainjob_reps']}; ratios: median of per-round ratios). {result.get('note', '')}", ""]
     titles = {"dequant": ("NF4 dequantize (vs: ÷ clone of the same output)", ["case", "dtype", "contender", "ms", "vs", "vs_bnb"]),
               "decode": ("NF4 decode forward (vs: ÷ dense fp32 nn.Linear)", ["case", "contender", "ms", "vs", "vs_bf16", "vs_bnb"]),
               "layer": ("Layer fwd+bwd (vs: ÷ frozen dense layer; vs_lora: DoRA ÷ the same library's LoRA)",
