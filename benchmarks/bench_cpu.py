@@ -5,8 +5,10 @@ Sections (`--sections`, default all):
            clone() of a dense tensor of that size and dtype (the copy floor), bitsandbytes'
            dequantize_4bit, deltakern (`torch.ops.deltakern.nf4_dequantize`, whatever runs on the CPU).
   decode   NF4 layer forward at M = 1, 4, 16 for (K, N) = (2048, 8192) and (4096, 4096), no grad:
-           dense nn.Linear fp32 and bf16, bitsandbytes Linear4bit (fp32 compute), deltakern NF4Linear
-           fp32 and bf16.
+           dense nn.Linear fp32 and bf16, bitsandbytes Linear4bit (fp32 compute), deltakern's frozen
+           linear (`deltakern.autograd.linear.linear`, the op the LoRA / BitFit layers run: decode
+           kernels where built; it decodes the nested block scales on every call) fp32 and bf16, and
+           deltakern's NF4Linear module (defined as dequantize + F.linear) fp32.
   layer    one training step of one layer (fwd + bwd, x requires grad), fp32, r = 16, alpha = 32,
            bias, at (M, K, N) = (512, 1024, 1024) and (1024, 2048, 2048): the frozen nn.Linear (the
            floor), torch nn.Linear with only its bias trainable, and for each method deltakern vs PEFT
@@ -236,6 +238,7 @@ def run_dequant(reps: int, with_bnb: bool) -> list:
 
 
 def run_decode(reps: int, with_bnb: bool) -> list:
+    from deltakern.autograd.linear import linear
     from deltakern.nn import NF4Linear
 
     rows = []
@@ -244,12 +247,15 @@ def run_decode(reps: int, with_bnb: bool) -> list:
         lin = nn.Linear(K, N, bias=False).requires_grad_(False)
         lin_bf16 = copy.deepcopy(lin).to(torch.bfloat16)
         q = NF4Linear.from_linear(lin)
+        w = q.weight
         bq = bnb_linear(lin) if with_bnb else None
         for M in DECODE_MS:
             x = torch.randn(M, K)
             xb = x.to(torch.bfloat16)
             fns = {"dense fp32": lambda: lin(x), "dense bf16": lambda: lin_bf16(xb),  # noqa: B023
-                   "deltakern NF4 fp32": lambda: q(x), "deltakern NF4 bf16": lambda: q(xb)}  # noqa: B023
+                   "deltakern linear() NF4 fp32": lambda: linear(x, w),  # noqa: B023
+                   "deltakern linear() NF4 bf16": lambda: linear(xb, w),  # noqa: B023
+                   "deltakern NF4Linear fp32": lambda: q(x)}  # noqa: B023
             if bq is not None:
                 fns["bnb Linear4bit fp32"] = lambda: bq(x)  # noqa: B023
             with torch.no_grad():
