@@ -5,6 +5,9 @@
 # make kernel-report - no GPU needed: every Triton kernel x mode x autotune config compiled for sm_90 and
 #              sm_80, registers / spills / shared memory / SASS instructions per element
 #              (benchmarks/kernel_report.json; the RESULTS.md "static" section comes from it)
+# make bench-cpu - the CPU lane, no GPU (a few minutes on 2 cores): deltakern vs copy, dense torch, bitsandbytes
+#              and PEFT, round-robin in one run; writes the CPU section of benchmarks/RESULTS.md
+#              (BENCH_CPU_ARGS="--threads 2 --sections layer" etc.)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -12,8 +15,9 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.deltakern-installed
 DEMO_ARGS ?=
+BENCH_CPU_ARGS ?=
 
-.PHONY: setup demo test gpu-test bench kernel-report clean
+.PHONY: setup demo test gpu-test bench bench-cpu kernel-report clean
 
 setup: $(STAMP)
 
@@ -39,6 +43,9 @@ bench: setup
 
 kernel-report: setup
 	$(PY) benchmarks/kernel_report.py --json benchmarks/kernel_report.json --summary
+
+bench-cpu: setup
+	$(PY) benchmarks/bench_cpu.py --out benchmarks/results-cpu.json --results-md benchmarks/RESULTS.md $(BENCH_CPU_ARGS)
 
 clean:
 	rm -rf build *.egg-info deltakern/_C*.so $(VENV)

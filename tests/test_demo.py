@@ -103,7 +103,7 @@ def test_finetune_other_methods_short(method):
     assert r.total_params > 22_000_000
     assert 0.0 <= r.test_acc_before <= 1.0 and 0.0 <= r.test_acc_after <= 1.0
     assert r.train_acc_before is None and "train n/a -> n/a" in demo.report(r)
-    assert r.kernels == registry.describe("lora_fwd", "cpu")  # what runs, in words
+    assert r.kernels == registry.describe("lora_fwd", "cpu") and "(backend " in r.kernels
     assert r.quantize_summary == ""  # not a Q-method: the encoder stays dense
 
 

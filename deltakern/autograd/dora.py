@@ -13,7 +13,7 @@ from deltakern.autograd._common import (
     dense_weight, dropped, frozen_weight_kind, nf4_type,
 )
 import deltakern.ops.dora  # noqa: F401,E402  (defines torch.ops.deltakern.dora_*)
-from deltakern.backends import registry
+from deltakern.backends import compose, registry
 import deltakern.ops.linear  # noqa: F401,E402  (defines torch.ops.deltakern.linear_*)
 
 # Columns whose scale g = m / ||.|| is below this (or whose magnitude is exactly 0) get their
@@ -331,7 +331,7 @@ class DoRALinearFunction(torch.autograd.Function):
                                                  scaling, ms)
             else:
                 y = _compose_forward(x, xd, dense_weight(weight, absmax, code, N, K, blocksize, x.dtype),
-                                     bias, xa, lora_B, g, keep is not None, scaling)
+                                     bias, xa, lora_B, g, keep is not None, scaling, is_nf4)
             need_A, need_B, need_m = ctx.needs_input_grad[5:8]
             exact = bool(exact_norm_grad) and (need_A or need_B)
             need_c = need_m or exact
@@ -360,7 +360,7 @@ class DoRALinearFunction(torch.autograd.Function):
         W = (weight, absmax, code, N, K, blocksize)
         dx = db = dA = dB = dm = None
 
-        dyb = torch.mm(dy, (B.float() * g[:, None]).to(dtype)) if (need_x or need_A) else None
+        dyb = compose.small_mm_t(dy, (B.float() * g[:, None]).to(dtype).t()) if (need_x or need_A) else None
         want_cy = need_c and keep is None
         c = None
         if fused:
@@ -374,7 +374,7 @@ class DoRALinearFunction(torch.autograd.Function):
         else:
             w = dense_weight(weight, absmax, code, N, K, blocksize, dtype) if need_x else None
             if need_x:
-                dx = _compose_dx(dy, w, dyb, A, g, keep, s, ms)
+                dx = _compose_dx(dy, w, dyb, A, g, keep, s, ms, absmax is not None)
                 del w
             if need_b or want_cy:
                 db, c = _colsums(dy, W, g, y if want_cy else None, bias, need_b)
@@ -394,7 +394,7 @@ class DoRALinearFunction(torch.autograd.Function):
             xd = x if keep is None else dropped(x, keep, ms)
             dA = torch.mm(dyb.t(), xd).mul_(s)
         if need_B:
-            dB = (torch.mm(dy.t(), xa).float() * (g * s)[:, None]).to(dtype)
+            dB = (compose.lora_db_dB(dy, xa, 1.0, False)[0].float() * (g * s)[:, None]).to(dtype)
         if exact:
             u = -g * dmf / norm  # dL/dn_j / n_j
             Bf, Af = B.float(), A.float()
@@ -410,15 +410,14 @@ class DoRALinearFunction(torch.autograd.Function):
         return dx, None, None, None, db, dA, dB, dm, None, None, None, None, None, None, None
 
 
-def _compose_forward(x, xd, w, bias, xa, lora_B, g, dropout, scaling):
-    """The torch composition of DoRA's forward: cuBLAS GEMMs + in-place elementwise passes; the
-    dropout form's x_d W^T is formed in row chunks (temporaries bounded by _CHUNK elements)."""
+def _compose_forward(x, xd, w, bias, xa, lora_B, g, dropout, scaling, w_scratch=False):
+    """The torch composition of DoRA's forward. Without dropout: compose.dora_out (g folded into the
+    GEMM operands, the rank-r term and the bias first, the base GEMM adding into them; a scratch W,
+    i.e. a dequantized NF4 copy, is scaled in place). The dropout form's x_d W^T is formed in row
+    chunks (temporaries bounded by _CHUNK elements)."""
     gc = g.to(x.dtype)
     if not dropout:
-        y = torch.mm(x, w.t())
-        y.addmm_(xa, lora_B.t(), alpha=scaling)
-        y.mul_(gc)
-        return y if bias is None else y.add_(bias)
+        return compose.dora_out(x, w, bias, xa, lora_B, gc, scaling, w_scratch)
     y = torch.mm(x, w.t()) if bias is None else torch.addmm(bias, x, w.t())
     for lo, hi in _row_chunks(x.shape[0], w.shape[0]):
         z = torch.mm(xd[lo:hi], w.t())
@@ -428,10 +427,14 @@ def _compose_forward(x, xd, w, bias, xa, lora_B, g, dropout, scaling):
     return y
 
 
-def _compose_dx(dy, w, dyb, A, g, keep, s, ms):
-    """dX by cuBLAS; dY * g (and dY * (g - 1)) are formed per row chunk, never as a whole [M, N]."""
+def _compose_dx(dy, w, dyb, A, g, keep, s, ms, w_scratch=False):
+    """dX by cuBLAS. Without dropout, when g fits better into W (compose.scale_w: W is a scratch copy,
+    or K <= M) dX = s dyb A, then += dY (g W), with no [M, N] temporary; otherwise dY * g (and
+    dY * (g - 1)) are formed per row chunk, never as a whole [M, N]."""
     M, N = dy.shape
     gc = g.to(dy.dtype)
+    if keep is None and compose.scale_w(M, w.shape[1], w_scratch):
+        return compose.dora_dx(dy, w, dyb, A, gc, s, w_scratch)
     dx = torch.empty((M, w.shape[1]), dtype=dy.dtype, device=dy.device) if keep is None else torch.mm(dy, w)
     for lo, hi in _row_chunks(M, N):
         if keep is None:

@@ -10,25 +10,21 @@ from deltakern.autograd._common import (
     autocast_dtype, check_dropout_p, check_features, check_float_dtype, check_input, check_param, check_weight,
     dense_weight, dropped, frozen_weight_kind, nf4_type,
 )
-from deltakern.backends import registry
+from deltakern.backends import compose, registry
 import deltakern.ops.lora  # noqa: F401,E402  (defines torch.ops.deltakern.lora_*)
 
 
 def _use_triton(M: int, N: int, K: int, weight_kind: str, r: int = 16) -> bool:
     """The registry's cost model for a CUDA LoRA call (`registry.prefer_fused`): the fused Triton ops
-    (True) or the composition (False) - cuBLAS for a dense W (addmm for the base, addmm_ for the LoRA
-    term; dX = dY.W, then addmm_ of dyb.A) and dequantize-then-cuBLAS for NF4 (a transient dense W
-    per call, never saved for backward). `DELTAKERN_LORA_IMPL=triton|torch` forces it."""
+    (True) or the composition (False) - cuBLAS for a dense W (the rank-r term b + s xa B^T first, then
+    the base GEMM adds into it with beta = 1; dX = s dyb A, then += dY W likewise: see
+    deltakern.backends.compose) and dequantize-then-cuBLAS for NF4 (a transient dense W per call,
+    never saved for backward). `DELTAKERN_LORA_IMPL=triton|torch` forces it."""
     return registry.prefer_fused("lora", M, N, K, weight_kind, r)
 
 
 def _fused(x: torch.Tensor, M: int, N: int, K: int, weight_kind: str, r: int) -> bool:
     return registry.fused_path("lora", x, M, N, K, weight_kind, r)
-
-
-def _compose_out(x2, w, bias, xa, lora_B, scaling):
-    out = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias, x2, w.t())
-    return out.addmm_(xa, lora_B.t(), alpha=scaling)
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -40,15 +36,15 @@ class LoRALinearFunction(torch.autograd.Function):
     gives PEFT's mask); with p = 0 or outside training x_d = x and no mask exists.
 
     Forward:
-        xa  = x_d A^T                                   [M, r]  (torch matmul)
-        y   = x W^T + s xa B^T + b                      [M, N]  (one fused op, fp32 accumulator)
+        xa  = x_d A^T                                   [M, r]  (torch matmul, as PEFT's lora_A(x))
+        y   = x W^T + s xa B^T + b                      [M, N]  (one fused op, fp32 accumulator; the
+                                                                 composition: b + s xa B^T, then += x W^T)
     Backward, with dY = dL/dy [M, N]:
-        dyb = dY B                                      [M, r]  (torch matmul)
+        dyb = dY B                                      [M, r]  (torch matmul; on the CPU as (B^T dY^T)^T)
         dX  = dY W + s (dyb A) * m / (1 - p)            [M, K]  (one fused op; mask term only if p > 0)
         dA  = s dyb^T x_d                               [r, K]
-        dB  = s dY^T xa                                 [N, r]
-        db  = sum over tokens of dY                     [N]     (folded into dB's matmul as a
-                                                                 column of ones when both are needed)
+        dB  = s dY^T xa                                 [N, r]  (as ([xa | 1]^T dY)^T: one matmul
+        db  = sum over tokens of dY                     [N]      gives dB and db, dY read once)
         dW  : never computed; a W that requires grad is rejected (PEFT freezes the base weight).
     Saved for backward: x (only if dA is needed), the bool keep-mask (only if p > 0), xa (only if
     dB is needed), and the parameters themselves (W as given: dense, or the packed NF4 bytes with
@@ -90,7 +86,7 @@ class LoRALinearFunction(torch.autograd.Function):
             out = torch.ops.deltakern.lora_fwd(x2, weight, bias, xa, lora_B, scaling)
         else:
             w = dense_weight(weight, absmax, code, N, K, blocksize, x.dtype)
-            out = _compose_out(x2, w, bias, xa, lora_B, scaling)
+            out = compose.lora_out(x2, w, bias, xa, lora_B, scaling)
 
         need_A, need_B = ctx.needs_input_grad[5], ctx.needs_input_grad[6]
         ctx.save_for_backward(
@@ -108,7 +104,7 @@ class LoRALinearFunction(torch.autograd.Function):
         keep_scale = 1.0 / (1.0 - p)
         dx = db = dA = dB = None
 
-        dyb = torch.mm(dy2, lora_B) if (need_x or need_A) else None
+        dyb = compose.small_mm_t(dy2, lora_B.t()) if (need_x or need_A) else None
         if need_x:
             if is_nf4 and fused:
                 dx = torch.ops.deltakern.lora_dx_nf4(dy2, weight, absmax, code, N, K, blocksize, dyb, lora_A, s,
@@ -117,21 +113,13 @@ class LoRALinearFunction(torch.autograd.Function):
                 dx = torch.ops.deltakern.lora_dx(dy2, weight, dyb, lora_A, s, keep, keep_scale)
             else:
                 w = dense_weight(weight, absmax, code, N, K, blocksize, dy.dtype)
-                dx = torch.mm(dy2, w)
-                if keep is None:
-                    dx.addmm_(dyb, lora_A, alpha=s)
-                else:
-                    dx.add_(dropped(torch.mm(dyb, lora_A), keep, keep_scale), alpha=s)
+                dx = compose.lora_dx(dy2, w, dyb, lora_A, s, keep, keep_scale)
             dx = dx.view(x_shape)
         if need_A:
             xd = x2 if keep is None else dropped(x2, keep, keep_scale)
             dA = torch.mm(dyb.t(), xd).mul_(s)
-        if need_B and need_bias:
-            cols = torch.cat([xa * s, xa.new_ones(M, 1)], dim=1)
-            both = torch.mm(dy2.t(), cols)  # [N, r + 1]: s dY^T xa | dY^T 1
-            dB, db = both[:, :r].contiguous(), both[:, r].contiguous()
-        elif need_B:
-            dB = torch.mm(dy2.t(), xa * s)
+        if need_B:
+            dB, db = compose.lora_db_dB(dy2, xa, s, need_bias)
         elif need_bias:
             db = dy2.sum(0)
         return dx, None, None, None, db, dA, dB, None, None, None

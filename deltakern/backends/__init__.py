@@ -4,7 +4,7 @@ Importing this package registers every backend; none imports Triton, the extensi
 `torch.cuda` at import time.
 """
 
-from deltakern.backends import cpu, cuda, reference, registry, triton  # noqa: F401  (registers them)
+from deltakern.backends import cpu, cpu_blas, cuda, reference, registry, triton  # noqa: F401  (registers them)
 from deltakern.backends.registry import backend, fused_path, implementations, register, resolve
 
 __all__ = ["backend", "fused_path", "implementations", "register", "registry", "resolve"]

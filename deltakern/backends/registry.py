@@ -42,23 +42,24 @@ class Impl:
     fn: Callable
     devices: Optional[tuple]  # None: every device type
     available: Callable[[], bool]
+    kind: Optional[str] = None  # what it is, in words (default: the backend's KINDS entry)
 
 
 _IMPLS: dict[str, dict[str, Impl]] = {}  # op -> backend -> Impl
 
 
 def register(op: str, backend: str, devices: Optional[tuple] = None,
-             available: Optional[Callable[[], bool]] = None):
+             available: Optional[Callable[[], bool]] = None, kind: Optional[str] = None):
     """Decorator: `fn` implements `torch.ops.deltakern.<op>` for `backend` on `devices` (device
     types; None = all). `fn` takes exactly the op's arguments and returns its outputs. `available()`
     says whether the backend can run now (cheap, cached by the backend); the default order skips it
-    when false."""
+    when false. `kind` describes it in words for `describe` (default: the backend's KINDS entry)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; one of {BACKENDS}")
 
     def deco(fn):
         _IMPLS.setdefault(op, {})[backend] = Impl(fn, None if devices is None else tuple(devices),
-                                                 available or (lambda: True))
+                                                 available or (lambda: True), kind)
         return fn
 
     return deco
@@ -143,7 +144,9 @@ KINDS = {"torch": "pure-torch reference ops", "triton": "Triton kernels", "cuda"
 def describe(op: str, device: str) -> str:
     """What runs `op` on `device`, in words (e.g. "native CPU kernels (backend cpu) on CPU")."""
     name = resolve(op, device)
-    return f"{KINDS[name]} (backend {name}) on {device.upper()}"
+    impl = _IMPLS[op].get(name)
+    kind = impl.kind if impl is not None and impl.kind else KINDS[name]
+    return f"{kind} (backend {name}) on {device.upper()}"
 
 
 def implementations(op: str) -> dict:

@@ -1,0 +1,201 @@
+"""CPU implementations of the layer ops by BLAS compositions (torch's fp32 matmul; no extension needed):
+registered as the `cpu` backend of
+
+    linear_fwd, linear_bwd, lora_fwd, lora_fwd_nf4, lora_dx, lora_dx_nf4,
+    dora_norm_parts, dora_fwd, dora_bwd, dora_colsum
+
+so a CPU call runs them by default (`DELTAKERN_BACKEND=torch` still runs the references, the oracle).
+
+* The products are composed as in `deltakern.backends.compose`: the rank-r term (and the bias) first,
+  the big GEMM adding into it (beta = 1); DoRA's column scale g folded into W or into the [M, N]
+  operand, whichever is smaller; db and c = sum dY (y - b) in one cache-resident pass; dora_colsum
+  with a column mask computes only those columns.
+* Everything is computed in fp32: fp16 / bf16 inputs are upcast and the outputs rounded once (what
+  the references do; a CPU without half-precision units runs fp32 BLAS far faster). float64 inputs
+  (tests) stay float64.
+* With the native extension loaded (deltakern._cpu_ext, fp32 / fp16 / bf16 inputs): an NF4 W is
+  decoded into its reused per-thread fp32 workspace (`_weight`; values rounded to the input dtype, as
+  every backend decodes W), and for M <= 16 rows (decode) linear_* and lora_*_nf4 run its NF4 matmuls,
+  which read W as 4-bit and never build it. Without it, the reference decode builds W per call.
+* The dropout (keep-mask) forms of dora_fwd / dora_bwd run the references.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from deltakern import _cpu_ext
+from deltakern.backends import compose
+from deltakern.backends.reference import dora as ref_dora
+from deltakern.backends.reference._util import dense_weight_ref
+from deltakern.backends.registry import register
+
+DEVICES = ("cpu",)
+
+
+KIND = "fp32 BLAS compositions (native NF4 kernels where built)"
+
+
+def _cpu(op):
+    return register(op, "cpu", DEVICES, kind=KIND)
+
+
+def f32(t):
+    """t as an fp32 GEMM operand: itself when fp32 or float64, else upcast; None stays None."""
+    return t if t is None or t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def _round(t: torch.Tensor, dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _native(dtype) -> bool:
+    """Whether the native NF4 kernels take inputs of this dtype here (extension loaded; not float64)."""
+    return dtype in (torch.float32, torch.float16, torch.bfloat16) and _cpu_ext.available()
+
+
+def _decode(M: int, K: int, blocksize: int, dtype) -> bool:
+    """Whether the native NF4 matmuls (W read as 4-bit, M <= 16) run this call."""
+    return _native(dtype) and _cpu_ext.decode_supported(M, K, blocksize)
+
+
+def _weight(weight, absmax, code, N: int, K: int, blocksize: int, dtype):
+    """(W [N, K] as an fp32 (float64) GEMM operand, whether it is a scratch copy the caller may overwrite).
+    Dense: W itself (upcast when half). NF4: the native extension's per-thread workspace (valid until
+    the next decode on this thread: used for one op, never returned or saved), or else the reference
+    decode to `dtype`, upcast (float64 too); both hold cast_dtype(fp32(code * absmax))."""
+    if absmax is None:
+        w = f32(weight)
+        return w, w is not weight
+    if _native(dtype):
+        return _cpu_ext.dense_weight_fp32(weight, absmax, code, N, K, blocksize, round_to=dtype), True
+    return f32(dense_weight_ref(weight, absmax, code, N, K, blocksize, dtype)), True
+
+
+# ---- frozen linear (BitFit) -------------------------------------------------------------------
+
+
+@_cpu("linear_fwd")
+def linear_fwd(x, weight, absmax, code, N, K, blocksize, bias):
+    """b + x W^T as one GEMM (the bias broadcast into C, beta = 1); NF4 decode: the native matmul."""
+    if absmax is not None and _decode(x.shape[0], K, blocksize, x.dtype):
+        return _cpu_ext.nf4_matmul(x, weight, absmax, code, N, K, blocksize, bias)
+    w, _ = _weight(weight, absmax, code, N, K, blocksize, x.dtype)
+    xf, bf = f32(x), f32(bias)
+    with torch.autocast("cpu", enabled=False):
+        y = torch.mm(xf, w.t()) if bf is None else torch.addmm(bf, xf, w.t())
+    return _round(y, x.dtype)
+
+
+@_cpu("linear_bwd")
+def linear_bwd(dy, weight, absmax, code, N, K, blocksize, compute_db):
+    dyf = f32(dy)
+    with torch.autocast("cpu", enabled=False):
+        if absmax is not None and _decode(dy.shape[0], K, blocksize, dy.dtype):
+            dx = _cpu_ext.nf4_matmul_dx(dy, weight, absmax, code, N, K, blocksize)
+        else:
+            dx = _round(torch.mm(dyf, _weight(weight, absmax, code, N, K, blocksize, dy.dtype)[0]), dy.dtype)
+        return dx, (_round(dyf.sum(0), dy.dtype) if compute_db else dy.new_empty((0,)))
+
+
+# ---- LoRA ---------------------------------------------------------------------------------------
+
+
+def _lora_fwd(x, w, bias, xa, lora_B, scaling):
+    with torch.autocast("cpu", enabled=False):
+        return _round(compose.lora_out(f32(x), w, f32(bias), f32(xa), f32(lora_B), scaling), x.dtype)
+
+
+def _lora_dx(dy, w, dyb, lora_A, scaling, mask, mask_scale):
+    keep = None if mask is None else mask.bool()
+    with torch.autocast("cpu", enabled=False):
+        return _round(compose.lora_dx(f32(dy), w, f32(dyb), f32(lora_A), scaling, keep, mask_scale), dy.dtype)
+
+
+@_cpu("lora_fwd")
+def lora_fwd(x, weight, bias, xa, lora_B, scaling):
+    return _lora_fwd(x, f32(weight), bias, xa, lora_B, scaling)
+
+
+@_cpu("lora_fwd_nf4")
+def lora_fwd_nf4(x, packed, absmax, code, N, K, blocksize, bias, xa, lora_B, scaling):
+    if _decode(x.shape[0], K, blocksize, x.dtype):  # fp32 x W^T + b by the native matmul, then + s xa B^T
+        acc = _cpu_ext.nf4_matmul(x, packed, absmax, code, N, K, blocksize, bias, out_dtype=torch.float32)
+        with torch.autocast("cpu", enabled=False):
+            return _round(acc.addmm_(f32(xa), f32(lora_B).t(), alpha=scaling), x.dtype)
+    return _lora_fwd(x, _weight(packed, absmax, code, N, K, blocksize, x.dtype)[0], bias, xa, lora_B, scaling)
+
+
+@_cpu("lora_dx")
+def lora_dx(dy, weight, dyb, lora_A, scaling, mask, mask_scale):
+    return _lora_dx(dy, f32(weight), dyb, lora_A, scaling, mask, mask_scale)
+
+
+@_cpu("lora_dx_nf4")
+def lora_dx_nf4(dy, packed, absmax, code, N, K, blocksize, dyb, lora_A, scaling, mask, mask_scale):
+    if _decode(dy.shape[0], K, blocksize, dy.dtype):  # fp32 dY W by the native matmul, then + the LoRA term
+        acc = _cpu_ext.nf4_matmul_dx(dy, packed, absmax, code, N, K, blocksize, out_dtype=torch.float32)
+        with torch.autocast("cpu", enabled=False):
+            lora = torch.mm(f32(dyb), f32(lora_A))
+            if mask is not None:
+                lora = torch.where(mask.bool(), lora * mask_scale, 0.0)
+            return _round(acc.add_(lora, alpha=scaling), dy.dtype)
+    w, _ = _weight(packed, absmax, code, N, K, blocksize, dy.dtype)
+    return _lora_dx(dy, w, dyb, lora_A, scaling, mask, mask_scale)
+
+
+# ---- DoRA ---------------------------------------------------------------------------------------
+
+
+@_cpu("dora_norm_parts")
+def dora_norm_parts(weight, absmax, code, N, K, blocksize, lora_A, compute_sumsq):
+    """W A^T as (A W^T)^T (the fast BLAS layout), fp32; ||W_j||^2 as the reference."""
+    w, _ = _weight(weight, absmax, code, N, K, blocksize, lora_A.dtype)
+    with torch.autocast("cpu", enabled=False):
+        wa = compose.small_mm_t(w, f32(lora_A)).contiguous().float()
+        sq = w.square().sum(1).float() if compute_sumsq else wa.new_empty((0,))
+    return wa, sq
+
+
+@_cpu("dora_fwd")
+def dora_fwd(x, weight, absmax, code, N, K, blocksize, bias, xa, lora_B, g, keep, scaling, mask_scale):
+    if keep is not None:
+        w = dense_weight_ref(weight, absmax, code, N, K, blocksize, x.dtype)
+        return ref_dora.dora_fwd_ref(x, w, bias, xa, lora_B, g, keep, scaling, mask_scale)
+    w, scratch = _weight(weight, absmax, code, N, K, blocksize, x.dtype)
+    with torch.autocast("cpu", enabled=False):
+        y = compose.dora_out(f32(x), w, f32(bias), f32(xa), f32(lora_B), g.to(w.dtype), scaling, scratch)
+    return _round(y, x.dtype)
+
+
+@_cpu("dora_bwd")
+def dora_bwd(dy, weight, absmax, code, N, K, blocksize, dyb, lora_A, g, keep, y, bias, scaling, mask_scale,
+             compute_dx, compute_db):
+    """dx = dY (g W) + s dyb A (compose.dora_dx; the reference with a mask), and db, c from one
+    cache-resident pass over dY and y (compose.col_sums)."""
+    dx = dy.new_empty((0,))
+    with torch.autocast("cpu", enabled=False):
+        if compute_dx and keep is not None:
+            w = dense_weight_ref(weight, absmax, code, N, K, blocksize, dy.dtype)
+            dx = ref_dora.dora_bwd_ref(dy, w, dyb, lora_A, g, keep, None, None, scaling, mask_scale, True, False)[0]
+        elif compute_dx:
+            w, scratch = _weight(weight, absmax, code, N, K, blocksize, dy.dtype)
+            dx = _round(compose.dora_dx(f32(dy), w, f32(dyb), f32(lora_A), g.to(w.dtype), scaling, scratch), dy.dtype)
+        db, c = compose.col_sums(dy, y, bias, bool(compute_db))
+    empty = lambda: dy.new_empty((0,), dtype=torch.float32)  # noqa: E731  (outputs must not alias)
+    return dx, (db if db is not None else empty()), (c if c is not None else empty())
+
+
+@_cpu("dora_colsum")
+def dora_colsum(dy, x, weight, absmax, code, N, K, blocksize, keep, xa, lora_B, scaling, mask_scale, cols):
+    """The reference over the selected columns only (none selected: no GEMM at all)."""
+    if cols is None:
+        w = dense_weight_ref(weight, absmax, code, N, K, blocksize, x.dtype)
+        return ref_dora.dora_colsum_ref(dy, x, w, keep, xa, lora_B, scaling, mask_scale).float()
+    idx = cols.bool().nonzero().flatten()
+    out = dy.new_zeros((N,), dtype=torch.float32)
+    if idx.numel() == 0:
+        return out
+    w = _weight(weight, absmax, code, N, K, blocksize, x.dtype)[0][idx]
+    c = ref_dora.dora_colsum_ref(dy[:, idx], x, w, keep, xa, lora_B[idx], scaling, mask_scale)
+    return out.index_put_((idx,), c.float())
