@@ -26,7 +26,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from deltakern.autograd.dora import DoRANormCache, _W, dora_linear, dora_weight_norm
+from deltakern.autograd.dora import dora_linear
+from deltakern.autograd.dora_norm import DoRANormCache, FrozenWeight, dora_weight_norm
 from deltakern.nf4 import NF4Weight
 from deltakern.nn.lora import check_adapter_args, check_rank, compute_in_input_dtype, dense_conv1d_weight
 
@@ -81,11 +82,11 @@ class DoRALinear(nn.Module):
         w = self.base.weight
         return w.t() if self.fan_in_fan_out else w
 
-    def _weight_parts(self, dtype=None) -> _W:
+    def _weight_parts(self, dtype=None) -> FrozenWeight:
         w = self.base_weight()
         if self.is_nf4:
-            return _W(w.packed_bytes(), w.absmax_fp32(), w.code, self.out_features, self.in_features, int(w.blocksize))
-        return _W(w.detach() if dtype is None else w.detach().to(dtype), None, None, self.out_features,
+            return FrozenWeight(w.packed_bytes(), w.absmax_fp32(), w.code, self.out_features, self.in_features, int(w.blocksize))
+        return FrozenWeight(w.detach() if dtype is None else w.detach().to(dtype), None, None, self.out_features,
                   self.in_features, 0)
 
     def weight_norm(self) -> torch.Tensor:

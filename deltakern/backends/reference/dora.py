@@ -103,3 +103,12 @@ def dora_colsum(dy, x, weight, absmax, code, N, K, blocksize, keep, xa, lora_B, 
 @register("dora_ctw", "torch")
 def dora_ctw(c, weight, absmax, code, N, K, blocksize):
     return dora_ctw_ref(c, dense_weight_ref(weight, absmax, code, N, K, blocksize, c.dtype)).float()
+
+
+@register("dora_weight_norm", "torch")
+def dora_weight_norm(w, absmax, code, N, K, blocksize, lora_A, lora_B, scaling):
+    """A composite of the other ops (dora_norm_parts, then the expansion and its repair) for every
+    device: deltakern.autograd.dora_norm.dora_weight_norm_op."""
+    from deltakern.autograd.dora_norm import dora_weight_norm_op
+
+    return dora_weight_norm_op(w, absmax, code, N, K, blocksize, lora_A, lora_B, scaling)
