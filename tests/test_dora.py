@@ -94,6 +94,27 @@ def test_composition_in_row_chunks(p, monkeypatch):
         torch.testing.assert_close(a, b_, rtol=1e-6, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("lane", ["cpu", "interpreter"])
+def test_column_sums_split_rows_past_int32(lane, tk, monkeypatch):
+    """The composition's column sums (db, the magnitude gradient, the recomputed-z columns) run the
+    column-sum kernels over row chunks when one call's operands would pass int32 indexing (M N >= 2**31
+    at 131072 tokens x 28672 used to raise): with the limit lowered to a few rows, the same numbers."""
+    if lane == "interpreter":
+        if not INTERPRET:
+            pytest.skip("the GPU lane covers the kernels on CUDA tensors")
+        monkeypatch.setenv("DELTAKERN_CPU_KERNELS", "1")
+    monkeypatch.setenv("DELTAKERN_DORA_IMPL", "torch")
+    x, W, b, A, B, m = make_problem((9,), 24, 20, 3, torch.float32, seed=43)
+    m[2] = 0.0  # a zero magnitude: the recomputed-z column path
+    dy = rand((9, 20), 44)
+    results = []
+    for limit in (adora.INT32_ELEMS, 2 * 24):  # everything in one call, then chunks of 2 rows
+        monkeypatch.setattr(adora, "INT32_ELEMS", limit)
+        results.append(grads_of(lambda *a: dora_linear(a[0], W, *a[1:], 0.9), dy, x, b, A, B, m))
+    for name, a, b_ in zip(NAMES, *results):
+        torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_backward_formulas_match_autograd():
     """The gradients written in DoRALinearFunction's docstring are those of its forward formula."""
     M, K, N, r, s, p = 6, 20, 12, 4, 0.8, 0.3

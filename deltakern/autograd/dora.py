@@ -244,15 +244,35 @@ def _compose_dx(dy, w, dyb, A, g, keep, s, ms, w_scratch=False):
     return dx
 
 
+# The Triton kernels index with int32: the composition's column sums split the rows so that no
+# operand of one call reaches this many elements (column sums add up over rows).
+INT32_ELEMS = 2**31 - 1
+
+
+def _int32_row_chunks(M: int, width: int):
+    """Row ranges of at most INT32_ELEMS // width rows (one range when everything fits)."""
+    if M * width <= INT32_ELEMS:
+        return [(0, M)]
+    return _row_chunks(M, width, INT32_ELEMS)
+
+
 def _colsums(dy, W, g, y, bias, need_b):
     """(db fp32 or None, c = sum_rows dy * (y - b) fp32 or None) for the composition path: the
-    fused column-sum kernel (no dx) where Triton runs, else torch in row chunks (bounded temporaries)."""
-    if _triton_usable(dy):  # dyb / lora_A / g / keep are not read without dx: placeholders
-        _, db, c = torch.ops.deltakern.dora_bwd(dy, *W, dy, dy, g, None, y, bias, 1.0, 1.0, 0, int(need_b))
-        return (db if need_b else None), (c if y is not None else None)
+    fused column-sum kernel (no dx) where Triton runs, over row chunks that int32 indexing can
+    address, else torch in row chunks (bounded temporaries)."""
     M, N = dy.shape
     db = dy.new_zeros(N, dtype=torch.float32) if need_b else None
     c = dy.new_zeros(N, dtype=torch.float32) if y is not None else None
+    if _triton_usable(dy):
+        for lo, hi in _int32_row_chunks(M, N):
+            d = dy[lo:hi]  # dyb / lora_A / g / keep are not read without dx: placeholders
+            _, db_i, c_i = torch.ops.deltakern.dora_bwd(d, *W, d, d, g, None, None if y is None else y[lo:hi], bias,
+                                                        1.0, 1.0, 0, int(need_b))
+            if need_b:
+                db += db_i
+            if y is not None:
+                c += c_i
+        return db, c
     for lo, hi in _row_chunks(M, N, _CHUNK // 4):  # fp32 temporaries
         d = dy[lo:hi].float()
         if need_b:
@@ -264,9 +284,16 @@ def _colsums(dy, W, g, y, bias, need_b):
 
 
 def _colsum_z(dy, x, W, keep, xa, B, s, ms, cols, fused):
-    """c_j = sum_i dy_ij z_ij for the selected columns (all when cols is None), z = x_d W^T + s xa B^T."""
+    """c_j = sum_i dy_ij z_ij for the selected columns (all when cols is None), z = x_d W^T + s xa B^T;
+    the op runs over row chunks that int32 indexing can address."""
     if fused or _triton_usable(dy) or dy.device.type != "cuda":
-        return torch.ops.deltakern.dora_colsum(dy, x, *W, keep, xa, B, s, ms, cols)
+        M, N, K = dy.shape[0], dy.shape[1], x.shape[1]
+        out = None
+        for lo, hi in _int32_row_chunks(M, max(N, K)):
+            c = torch.ops.deltakern.dora_colsum(dy[lo:hi], x[lo:hi], *W, None if keep is None else keep[lo:hi],
+                                                xa[lo:hi], B, s, ms, cols)
+            out = c if out is None else out.add_(c)
+        return out
     return _colsum_z_torch(dy, x, W, keep, xa, B, s, ms, cols)
 
 
