@@ -41,6 +41,7 @@ CPU_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-fopenmp", "-
 CPU_ISA_FLAGS = {  # translation unit -> its -m flags (x86-64 only); the rest compile portable
     "cpu_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
     "cpu_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+    "cpu_quantize_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
 }
 DEFAULT_ARCHS = ("80", "86", "89", "90")
 
@@ -197,9 +198,12 @@ def build_cpu_module(target: Path, build_dir: Path) -> None:
                 obj.unlink(missing_ok=True)
                 raise RuntimeError(f"{cxx} failed on {obj.name[:-2]}: {out.strip().splitlines()[-1] if out.strip() else ''}")
     target.parent.mkdir(parents=True, exist_ok=True)
-    link = subprocess.run([cxx, "-shared", "-fopenmp", *objs, "-o", str(target)], capture_output=True, text=True)
+    tmp = target.with_name(target.name + ".tmp")  # then renamed: a process that has the old module loaded keeps it
+    link = subprocess.run([cxx, "-shared", "-fopenmp", *objs, "-o", str(tmp)], capture_output=True, text=True)
     if link.returncode != 0:
+        tmp.unlink(missing_ok=True)
         raise RuntimeError(f"linking {target.name} failed: {(link.stdout + link.stderr).strip()[-300:]}")
+    os.replace(tmp, target)
 
 
 class NinjaBuildExt(build_ext):

@@ -8,10 +8,11 @@ the same machine load):
   decode y = x W^T, M = 1, 4, 16 at (K=2048, N=8192) and (K=4096, N=4096):
       dense fp32 / bf16 F.linear, bitsandbytes' matmul_4bit (what Linear4bit.forward calls),
       deltakern.nf4_matmul (W read as 4-bit, never built)
+  torch.ops.deltakern.linear_fwd, NF4, M=64: dense fp32, the torch reference, the cpu backend
 Ratios are to the row's first provider. Targets (issue 14): dequantize <= 0.5x bitsandbytes;
 decode M=1 <= 0.3x dense fp32 and <= 0.5x dense bf16, M=4 <= 0.5x, M=16 <= 0.8x dense fp32.
 
-Run:  python benchmarks/bench_cpu_kernels.py [--rounds 15] [--json out.json] [--quick]
+Run:  python benchmarks/bench_cpu_kernels.py [--rounds 15] [--threads N] [--json out.json] [--quick]
 Also: pytest benchmarks/bench_cpu_kernels.py --benchmark-only
 """
 
@@ -80,7 +81,7 @@ def round_robin(providers: dict, rounds: int, warmup: int = 2) -> dict:
 # ---- cases ----------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=4)  # pytest-benchmark: quantize once per case
+@functools.lru_cache(maxsize=1)  # pytest-benchmark: quantize once per case
 def dequant_providers(out_dtype: torch.dtype, shape=DEQUANT_SHAPE) -> dict:
     from deltakern import _cpu_ext, nf4
 
@@ -100,7 +101,7 @@ def dequant_providers(out_dtype: torch.dtype, shape=DEQUANT_SHAPE) -> dict:
     return prov
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=1)
 def decode_providers(M: int, N: int, K: int, dtype: torch.dtype = torch.float32) -> dict:
     from deltakern import _cpu_ext, nf4
 
@@ -120,6 +121,34 @@ def decode_providers(M: int, N: int, K: int, dtype: torch.dtype = torch.float32)
     return prov
 
 
+def _with_backend(name, fn):
+    def call():
+        old = os.environ.get("DELTAKERN_BACKEND")
+        os.environ["DELTAKERN_BACKEND"] = name
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ["DELTAKERN_BACKEND"]
+            else:
+                os.environ["DELTAKERN_BACKEND"] = old
+    return call
+
+
+def op_providers(M: int, N: int, K: int) -> dict:
+    """torch.ops.deltakern.linear_fwd with an NF4 weight: the torch reference vs the cpu backend
+    (decode kernel for M <= 16, else the dequantize workspace + torch's fp32 matmul)."""
+    from deltakern import nf4
+
+    W, x = torch.randn(N, K), torch.randn(M, K)
+    q = nf4.quantize(W, BLOCKSIZE, double_quant=True)
+    Wd = nf4.dequantize(q, torch.float32)
+    args = (x, q.packed_bytes(), q.absmax_fp32(), q.code, N, K, BLOCKSIZE, None)
+    op = torch.ops.deltakern.linear_fwd
+    return {"dense fp32": lambda: F.linear(x, Wd), "torch reference": _with_backend("torch", lambda: op(*args)),
+            "deltakern cpu": _with_backend("cpu", lambda: op(*args))}
+
+
 def run(rounds: int, quick: bool = False) -> list[dict]:
     rows = []
     for dt in (torch.float32, torch.bfloat16):
@@ -131,6 +160,9 @@ def run(rounds: int, quick: bool = False) -> list[dict]:
             for dt in (torch.float32, torch.bfloat16) if M == 1 else (torch.float32,):
                 t = round_robin(decode_providers(M, N, K, dt), rounds)
                 rows.append({"case": f"decode M={M} K={K} N={N}, x {str(dt)[6:]}", "times": t})
+    N, K = (1024, 1024) if quick else (4096, 4096)
+    t = round_robin(op_providers(64, N, K), max(3, rounds // 3))
+    rows.append({"case": f"linear_fwd op, NF4, M=64 K={K} N={N} (workspace + BLAS)", "times": t})
     return rows
 
 
@@ -149,7 +181,10 @@ def main():
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--quick", action="store_true", help="small shapes (a smoke run)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     from deltakern import _cpu_ext
 
     _cpu_ext.require()
@@ -171,8 +206,8 @@ def _need_ext():
         pytest.skip(f"deltakern._cpu not built: {_cpu_ext.load_error()}")
 
 
+@pytest.mark.parametrize("provider", ["clone", "bitsandbytes", "deltakern", "deltakern out="])  # varies fastest
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("provider", ["clone", "bitsandbytes", "deltakern", "deltakern out="])
 def test_dequantize(benchmark, provider, out_dtype):
     _need_ext()
     prov = dequant_providers(out_dtype)
@@ -181,9 +216,9 @@ def test_dequantize(benchmark, provider, out_dtype):
     benchmark(prov[provider])
 
 
+@pytest.mark.parametrize("provider", ["dense fp32", "dense bf16", "bitsandbytes", "deltakern"])
 @pytest.mark.parametrize("M", DECODE_MS)
 @pytest.mark.parametrize("NK", DECODE_SHAPES, ids=lambda s: f"N{s[0]}K{s[1]}")
-@pytest.mark.parametrize("provider", ["dense fp32", "dense bf16", "bitsandbytes", "deltakern"])
 def test_decode(benchmark, provider, NK, M):
     _need_ext()
     prov = decode_providers(M, *NK)

@@ -29,7 +29,7 @@ def providers(q, dtype):
     """name -> zero-arg callable producing the dense bf16 weight."""
     from deltakern import _ext
     from deltakern.triton_kernels import nf4 as tk
-    from deltakern.triton_kernels.nf4_ref import dequantize_nf4_ref
+    from deltakern.backends.reference.nf4 import dequantize_nf4_ref
 
     flat = q.packed_bytes()
     args = (flat, q.absmax, q.numel, q.blocksize, dtype, q.code, q.nested_absmax, q.nested_code, q.offset)

@@ -10,6 +10,8 @@
 # test   pytest -m gpu (bit-exactness with bitsandbytes, parity with PEFT on the GPU) -> $OUT/gpu-tests.xml
 # bench  benchmarks/run.py --only nf4 lora dora  -> $OUT/bench.json, $OUT/RESULTS.md
 # e2e    benchmarks/bench_e2e.py (full size)     -> $OUT/e2e.json; E2E_ARGS adds options
+# fsdp   tests/test_distributed.py's checks on NCCL, one process per GPU (FSDP2, DDP, DCP, deltas from
+#        live shards, the example) -> $OUT/fsdp/report.json (not in the default stages)
 #
 # bench and e2e are skipped when the test stage of the same run failed (FORCE=1 runs them anyway).
 # bitsandbytes wheels placed in .whl/ are installed into /tmp/site first (it is the peer and the
@@ -67,7 +69,12 @@ for stage in $stages; do
       # shellcheck disable=SC2086
       $PY benchmarks/bench_e2e.py --out "$OUT/e2e.json" ${E2E_ARGS:-} > "$OUT/e2e.log" 2>&1 || status=1
       tail -25 "$OUT/e2e.log" ;;
-    *) echo "unknown stage $stage (build test bench e2e)"; status=2 ;;
+    fsdp)
+      mkdir -p "$OUT/fsdp"
+      OUT="$OUT/fsdp" $PY -m torch.distributed.run --nproc-per-node "$($PY -c 'import torch; print(torch.cuda.device_count())')" \
+        tests/test_distributed.py > "$OUT/fsdp.log" 2>&1 || status=1
+      tail -25 "$OUT/fsdp.log" ;;
+    *) echo "unknown stage $stage (build test bench e2e fsdp)"; status=2 ;;
   esac
   echo "=== $stage done in $((SECONDS - start)) s"
 done

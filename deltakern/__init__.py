@@ -10,11 +10,11 @@ from deltakern import backends, nf4, nn  # noqa: E402  (nf4 registers the torch.
 from deltakern.autograd import dora_linear, lora_linear  # noqa: E402  (registers the ops)
 from deltakern.autograd.linear import linear  # noqa: E402
 from deltakern.nf4 import NF4Weight  # noqa: E402
-from deltakern.quantize import QuantizeSummary, quantize  # noqa: E402
+from deltakern.quantization import QuantizeSummary, quantize  # noqa: E402  (module renamed: the function kept the name)
 from deltakern import methods  # noqa: E402
 from deltakern.methods import (  # noqa: E402
-    Adapter, BitFit, DoRA, Freeze, LoRA, PrefixTuning, PromptTuning, activate, apply, disable, load_delta,
-    load_peft_adapter, merge, remove, save_delta, save_peft_adapter, summary, unmerge,
+    Adapter, BitFit, DoRA, Freeze, LoRA, PrefixTuning, PromptTuning, activate, active_delta, apply, delta_state_dict,
+    deltas, disable, load_delta, load_peft_adapter, merge, remove, save_delta, save_peft_adapter, summary, unmerge,
 )
 
 
@@ -32,6 +32,7 @@ def __getattr__(name):
 __all__ = [
     "NF4Weight", "QuantizeSummary", "backends", "integrations", "dora_linear", "linear", "lora_linear", "nf4", "nn", "quantize", "methods",
     "apply", "summary", "activate", "disable", "remove", "merge", "unmerge", "save_delta", "load_delta",
+    "deltas", "active_delta", "delta_state_dict",
     "save_peft_adapter", "load_peft_adapter",
     "LoRA", "DoRA", "BitFit", "Freeze", "Adapter", "PrefixTuning", "PromptTuning", "__version__",
 ]

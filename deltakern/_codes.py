@@ -14,6 +14,17 @@ NF4_CODE_HEX = (
     "0x1.c349700000000p-2", "0x1.200f560000000p-1", "0x1.7227660000000p-1", "0x1.0000000000000p+0",
 )
 
+# The 15 NF4 decision thresholds of bitsandbytes' CUDA quantizer, sorted ascending: code = the
+# number of thresholds strictly below z. They are the fp32 roundings of the decimal literals of its
+# comparison tree (tests/test_nf4.py rounds those literals exactly and compares); indices 0, 8, 12
+# and 14 lie 1 ulp away from the fp32 midpoints fp32(code[j] + code[j+1]) / 2 of the levels.
+NF4_THRESHOLDS_HEX = (
+    "-0x1.b239b20000000p-1", "-0x1.38a4e00000000p-1", "-0x1.d709000000000p-2", "-0x1.5bd4ec0000000p-2",
+    "-0x1.e079d80000000p-3", "-0x1.1a71780000000p-3", "-0x1.74f0e20000000p-5", "0x1.45f5fe0000000p-5",
+    "0x1.ec90c60000000p-4", "0x1.a0cfc00000000p-3", "0x1.2b05a80000000p-2", "0x1.8ea7f20000000p-2",
+    "0x1.00da060000000p-1", "0x1.491b5e0000000p-1", "0x1.b913b20000000p-1",
+)
+
 # FP4 (bitsandbytes' e2m1 variant): index = nibble; bit 3 is the sign.
 FP4_CODE_HEX = (
     "0x0.0p+0", "0x1.5555560000000p-8", "0x1.5555560000000p-1", "0x1.0000000000000p+0",
@@ -98,6 +109,16 @@ def _table(hexes, device=None) -> torch.Tensor:
 
 def nf4_code(device=None) -> torch.Tensor:
     return _table(NF4_CODE_HEX, device)
+
+
+def nf4_thresholds(device=None) -> torch.Tensor:
+    return _table(NF4_THRESHOLDS_HEX, device)
+
+
+def dynamic_midpoints(device=None) -> torch.Tensor:
+    """The 255 fp32 midpoints fp32(fp32(map[j] + map[j+1]) * 0.5) of the signed dynamic map."""
+    code = dynamic_map(device)
+    return (code[:-1] + code[1:]) * 0.5
 
 
 def fp4_code(device=None) -> torch.Tensor:

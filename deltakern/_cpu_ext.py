@@ -5,7 +5,7 @@ module or the reason it failed; `available()` / `load_error()` report it and `re
 RuntimeError saying how to get it. The launchers check every tensor (device, dtype, contiguity,
 sizes, blocksize) before anything is allocated or written, then pass raw pointers, sizes and
 `torch.get_num_threads()` (the OpenMP team size, so the kernels never use more threads than torch)
-to the kernels in csrc/cpu/.
+to the kernels in csrc/cpu/ (fewer threads for calls too small to share).
 
 Kernels (fp32 arithmetic throughout; NF4 layout and rounding as in deltakern/ops/nf4.py):
 
@@ -81,8 +81,14 @@ def isa() -> str:
     return forced or require().best_isa()
 
 
-def _threads() -> int:
-    return max(1, torch.get_num_threads())
+# Work per thread below which one more thread does not pay (about 0.2 ms of one core here): waking a
+# team costs ~10 us on an idle machine and a scheduler slice when the other cores are busy.
+GRAIN = 1 << 20  # dequantized elements (matmuls: GRAIN * 4 multiply-adds)
+
+
+def _threads(work: int) -> int:
+    """torch.get_num_threads(), fewer for small calls (never more than torch)."""
+    return max(1, min(torch.get_num_threads(), work // GRAIN))
 
 
 def _empty(n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -194,7 +200,7 @@ def dequantize_nf4(packed, absmax, nested_absmax, nested_code, offset, code, n: 
     C.dequantize_nf4(packed.data_ptr(), absmax.data_ptr(), int(nested),
                      nested_absmax.data_ptr() if nested else 0, nested_code.data_ptr() if nested else 0,
                      offset, code.data_ptr(), out.data_ptr(), n, blocksize, _DTYPES[out_dtype], streaming,
-                     _DTYPES[round_to or torch.float32], _threads(), isa())
+                     _DTYPES[round_to or torch.float32], _threads(n), isa())
     return out
 
 
@@ -234,7 +240,7 @@ def nf4_matmul(x, packed, absmax, code, N: int, K: int, blocksize: int, bias=Non
     if N and K:
         C.gemv_nf4(xf.data_ptr(), packed.data_ptr(), absmax.data_ptr(), code.data_ptr(),
                    bias.data_ptr() if bias is not None else 0, y.data_ptr(), xf.shape[0], N, K, blocksize,
-                   _DTYPES[x.dtype], _threads(), isa())
+                   _DTYPES[x.dtype], _threads(xf.shape[0] * N * K // 4), isa())
     else:
         y.zero_()
         if bias is not None:
@@ -255,7 +261,7 @@ def nf4_matmul_dx(dy, packed, absmax, code, N: int, K: int, blocksize: int,
     dx = torch.empty(dyf.shape[0], K, dtype=torch.float32)
     if N and K:
         C.dx_nf4(dyf.data_ptr(), packed.data_ptr(), absmax.data_ptr(), code.data_ptr(), dx.data_ptr(),
-                 dyf.shape[0], N, K, blocksize, _DTYPES[dy.dtype], _threads(), isa())
+                 dyf.shape[0], N, K, blocksize, _DTYPES[dy.dtype], _threads(dyf.shape[0] * N * K // 4), isa())
     else:
         dx.zero_()
     return dx.to(out_dtype or dy.dtype)
@@ -288,3 +294,64 @@ def dense_weight_fp32(packed, absmax, code, N: int, K: int, blocksize: int,
 def release_workspace() -> None:
     """Free this thread's dense-weight workspace."""
     _workspace.buf = None
+
+
+# ---- NF4 quantize and the 8-bit quantize of double quantization (csrc/cpu/cpu_quantize*.cpp) --------
+
+_quant_tables: dict = {}
+
+
+def _quant_table(name: str) -> torch.Tensor:
+    """The NF4 thresholds [15] or the dynamic map's midpoints [255] (fp32, sorted), built once."""
+    if name not in _quant_tables:
+        from deltakern import _codes
+
+        _quant_tables[name] = (_codes.nf4_thresholds() if name == "thresholds" else _codes.dynamic_midpoints()).contiguous()
+    return _quant_tables[name]
+
+
+def _flat_input(x, dtypes) -> torch.Tensor:
+    """x (any shape and strides) as a flat contiguous CPU tensor (a copy only when x is strided)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.device.type != "cpu":
+        raise ValueError(f"x is on {x.device}; the deltakern CPU kernels need CPU tensors")
+    if x.dtype not in dtypes:
+        raise TypeError(f"x must be {' or '.join(str(d).removeprefix('torch.') for d in dtypes)}, got {x.dtype}")
+    return x.reshape(-1).contiguous()
+
+
+def quantize_nf4(x, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (fp32 / fp16 / bf16, any shape, flattened row-major) -> (packed uint8 [(n+1)//2], fp32 absmax
+    [ceil(n/blocksize)]), bit-exact with quantize_nf4_ref (bitsandbytes' CUDA rule, correctly rounded
+    reciprocal). Per block: v = ftz(x), absmax = max|v|, z = v * ftz(1/absmax), code = #{t_j < z} over
+    the 15 NF4 thresholds (NaN -> 0); byte i = code(2i) << 4 | code(2i+1), an odd n padding the code
+    of 0 * ftz(1/absmax). Non-finite x is not rejected here (nf4.quantize does); it gives the
+    reference's bytes: a block holding inf or NaN stores absmax inf or NaN and codes 0 or 7.
+    """
+    C = require()
+    blocksize = _check_blocksize(blocksize)
+    flat = _flat_input(x, tuple(_DTYPES))
+    n = flat.numel()
+    packed = _empty((n + 1) // 2, torch.uint8)
+    absmax = _empty(-(-n // blocksize), torch.float32)
+    if n:
+        C.quantize_nf4(flat.data_ptr(), _DTYPES[flat.dtype], n, blocksize, _quant_table("thresholds").data_ptr(),
+                       packed.data_ptr(), absmax.data_ptr(), _threads(n), isa())
+    return packed, absmax
+
+
+def quantize_nested(x) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 x (any shape, flattened) -> (uint8 codes [n], fp32 absmax [ceil(n/256)]): the 8-bit
+    dynamic-map step of double quantization, bit-exact with quantize_nested_ref. Per group of 256:
+    z = ftz(x) * ftz(1/absmax), q = #{m_j < z} over the 255 fp32 midpoints of the map, +1 when q is
+    odd and z == m_q (a tie goes to the even index); NaN z (absmax 0) -> 0."""
+    C = require()
+    flat = _flat_input(x, (torch.float32,))
+    n = flat.numel()
+    codes = torch.empty(n, dtype=torch.uint8)
+    absmax = torch.empty(-(-n // 256), dtype=torch.float32)
+    if n:
+        C.quantize_nested(flat.data_ptr(), n, _quant_table("midpoints").data_ptr(), codes.data_ptr(), absmax.data_ptr(),
+                          _threads(n), isa())
+    return codes, absmax

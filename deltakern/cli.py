@@ -55,6 +55,9 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         help="save the trained delta (deltakern.save_delta) and the head into DIR")
     parser.add_argument("--json", metavar="FILE", default=None, help="also write the metrics as JSON to FILE")
     parser.add_argument("--cpu", action="store_true", help="same as --device cpu")
+    parser.add_argument("--threads", type=_positive_int, default=None,
+                        help="torch intra-op CPU threads (default: torch's, usually one per core); pin it "
+                             "for timings that others can reproduce")
     return parser
 
 

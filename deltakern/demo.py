@@ -166,6 +166,7 @@ class FinetuneResult:
     peak_memory_bytes: int
     peak_memory_kind: str       # what peak_memory_bytes measures
     losses: list = field(default_factory=list)  # mean training loss per epoch
+    threads: int = 0            # torch intra-op threads during training (CPU)
     quantize_summary: str = ""
     delta_summary: str = ""
     saved_to: Optional[str] = None
@@ -346,7 +347,7 @@ def finetune(method: str = DEFAULT_METHOD, epochs: int = DEFAULT_EPOCHS, lr: Opt
         delta_params=delta_params, head_params=head_params, total_params=total_params,
         test_acc_before=test_before, train_acc_before=train_before, test_acc_after=test_after,
         train_acc_after=train_after, test_loss_before=test_loss_before, test_loss_after=test_loss_after,
-        train_seconds=seconds, peak_memory_bytes=peak, peak_memory_kind=peak_kind,
+        train_seconds=seconds, peak_memory_bytes=peak, peak_memory_kind=peak_kind, threads=torch.get_num_threads(),
         losses=losses, quantize_summary=qsummary, delta_summary=str(delta_summary), saved_to=saved_to,
     )
 
@@ -421,7 +422,8 @@ def report(r: FinetuneResult) -> str:
         f"accuracy    test {pct(r.test_acc_before)} -> {pct(r.test_acc_after)}   "
         f"(train {pct(r.train_acc_before)} -> {pct(r.train_acc_after)}; chance {pct(r.chance)})",
         f"test loss   {r.test_loss_before:.4f} -> {r.test_loss_after:.4f} (mean cross-entropy)",
-        f"time        {r.train_seconds:.1f} s of training (wall clock)",
+        f"time        {r.train_seconds:.1f} s of training (wall clock"
+        + (f", {r.threads} CPU thread{'s' * (r.threads != 1)})" if r.device == "cpu" and r.threads else ")"),
         f"memory      {_mib(r.peak_memory_bytes)} peak: {r.peak_memory_kind}",
     ]
     if r.saved_to:
@@ -435,8 +437,10 @@ def run_finetune(args) -> int:
 
     device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype)
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
     print(f"deltakern {deltakern.__version__} | torch {torch.__version__} | device {device} | "
-          f"{MODEL_NAME} + {args.method}", flush=True)
+          f"{torch.get_num_threads()} CPU threads | {MODEL_NAME} + {args.method}", flush=True)
     result = finetune(args.method, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                       device=str(device), dtype=dtype, max_steps=args.max_steps, save=args.save,
                       blocksize=args.blocksize, log=lambda s: print(s, flush=True))

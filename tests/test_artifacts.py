@@ -9,13 +9,13 @@ tampered files, unsupported PEFT adapters) names the problem and leaves the mode
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 pytest.importorskip("transformers")
@@ -418,7 +418,7 @@ def test_peft_format_refusals(tmp_path):
     ids = batch()[0]
     model = llama()
     dk.apply(model, [dk.LoRA(r=2, target="q_proj"), dk.BitFit(add_missing=True, target="q_proj")])
-    with pytest.raises(ValueError, match="holds BitFit.add_missing.: PEFT's LoRA format stores LoRA/DoRA only"):
+    with pytest.raises(ValueError, match="holds BitFit.add_missing.: PEFT's adapter formats store LoRA/DoRA layers"):
         dk.save_peft_adapter(model, tmp_path / "x")
     model = llama()
     dk.apply(model, [dk.LoRA(r=2, target="q_proj"), dk.DoRA(r=2, target="v_proj")])
@@ -466,3 +466,239 @@ def test_peft_format_refusals(tmp_path):
     refused(lambda c: None, "cannot read the tensors")
     w.unlink()
     refused(lambda c: None, "adapter_model.safetensors is missing", exc=FileNotFoundError)
+
+
+# ---- transformers: save_pretrained / from_pretrained / Trainer ---------------------------------------------
+
+
+def _quiet_from_pretrained(path):
+    """AutoModelForCausalLM.from_pretrained (its load report lists the deltakern.delta.* keys as unused)."""
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(str(path)).eval()
+
+
+def _llama_loaded_4bit(tmp_path):
+    """A tiny Llama loaded 4-bit by transformers + bitsandbytes, its Linear4bit layers converted to NF4Linear
+    (it keeps transformers' hf_quantizer and quantization_config)."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    from deltakern.integrations import bnb as dkbnb
+
+    llama().save_pretrained(tmp_path / "dense")
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.float32)
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float32, device_map="cpu",
+                                             quantization_config=q).eval()
+    dkbnb.convert(model)
+    assert model.hf_quantizer is not None
+    return model
+
+
+@pytest.mark.parametrize("arch,nf4", [("llama", False), ("llama", True), ("gpt2", True), ("llama-bnb", True)],
+                         ids=["llama-dense", "llama-nf4", "gpt2-nf4", "llama-loaded-4bit"])
+def test_save_pretrained_writes_the_base_under_its_keys_and_the_delta_beside(tmp_path, arch, nf4):
+    """save_pretrained (what Trainer calls): model.safetensors holds the base under the original keys (NF4: in
+    bitsandbytes' format, with a bitsandbytes quantization_config, so transformers loads it 4-bit; GPT-2's Conv1D
+    layers as Linear4bit), the delta beside it. from_pretrained gives the base exactly; load_delta / PEFT add the
+    delta exactly. Saving again without an active delta removes the delta files."""
+    peft = pytest.importorskip("peft")
+    if arch == "llama-bnb":
+        model = _llama_loaded_4bit(tmp_path)
+        tmp_path = tmp_path / "out"
+    else:
+        model = llama() if arch == "llama" else gpt2(initializer_range=0.2)
+        if nf4:
+            dk.quantize(model, progress=False)
+    target = LLAMA_PROJ if arch.startswith("llama") else None
+    base_state = snapshot(model)
+    ids, mask = batch()
+    base_out = run(model, ids, mask)
+    dk.apply(model, dk.LoRA(r=4, target=target))
+    perturb(model, 0.1)
+    want = run(model, ids, mask)
+    model.save_pretrained(tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} >= {"config.json", "model.safetensors", "delta_config.json",
+                                                     "delta.safetensors", "peft_adapter"}
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    base_keys = {k for k in saved if not k.startswith("deltakern.delta.")}
+    assert base_keys == set(base_state) - {"lm_head.weight"} or base_keys == set(base_state)
+    assert all(torch.equal(saved[k].reshape(-1).view(torch.uint8), base_state[k].reshape(-1).view(torch.uint8))
+               for k in base_keys)
+    assert {k.removeprefix("deltakern.delta.0.") for k in saved if k.startswith("deltakern.delta.")} == \
+        {k.removeprefix("0.") for k in dk.delta_state_dict(model)}
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert ("quantization_config" in cfg) == nf4
+    if arch != "llama-bnb":
+        assert not hasattr(model.config, "quantization_config")  # only the file gets it
+    assert torch.equal(run(model, ids, mask), want)  # the model is as it was
+
+    loaded = _quiet_from_pretrained(tmp_path)
+    if nf4:
+        import bitsandbytes as bnb
+
+        from deltakern.integrations import bnb as dkbnb
+
+        layer = loaded.model.layers[0].self_attn.q_proj if arch != "gpt2" else loaded.transformer.h[0].attn.c_attn
+        assert isinstance(layer, bnb.nn.Linear4bit)
+        assert cfg["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+        dkbnb.convert(loaded)  # the same bytes as NF4Linear layers
+    assert same_state(snapshot(loaded), base_state)
+    assert torch.equal(run(loaded, ids, mask), base_out)
+    assert dk.load_delta(loaded, tmp_path) == "default"
+    assert torch.equal(run(loaded, ids, mask), want)
+    if not nf4:  # PEFT's adapter format beside it
+        pm = peft.PeftModel.from_pretrained(_quiet_from_pretrained(tmp_path), str(tmp_path / "peft_adapter"))
+        torch.testing.assert_close(run(pm, ids, mask), want, rtol=1e-5, atol=1e-6)
+    with dk.disable(model):
+        model.save_pretrained(tmp_path)
+    assert not {"delta_config.json", "delta.safetensors"} & {p.name for p in tmp_path.iterdir()}
+    assert not any((tmp_path / "peft_adapter").iterdir())
+    assert not any(k.startswith("deltakern.") for k in load_file(str(tmp_path / "model.safetensors")))
+
+
+def test_save_pretrained_round_trips_every_method_through_load_state_dict(tmp_path):
+    """A delta of BitFit (swapped biases), Adapter, PromptTuning and LoRA: the checkpoint loads back with
+    load_state_dict into a model with a freshly initialised delta of the same methods (how Trainer resumes),
+    and onto a fresh base with load_delta. A checkpoint without the delta warns; another delta is refused."""
+    def make():
+        m = gpt2(initializer_range=0.2)
+        dk.apply(m, [dk.LoRA(r=2, target="c_attn"), dk.BitFit(), dk.Adapter(bottleneck=4),
+                     dk.PromptTuning(num_virtual_tokens=3)])
+        return m
+
+    model = make()
+    perturb(model, 0.2)
+    ids, mask = batch()
+    want = run(model, ids, mask)
+    with dk.disable(model):
+        base_state = snapshot(model)
+    model.save_pretrained(tmp_path)
+    assert not (tmp_path / "peft_adapter").exists()  # PEFT's LoRA format cannot hold BitFit / Adapter / prompt
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    assert all(torch.equal(saved[k], base_state[k]) for k in base_state if k in saved)  # the base's own biases
+    fresh = make()
+    assert not torch.equal(run(fresh, ids, mask), want)
+    res = fresh.load_state_dict(saved)
+    assert not res.missing_keys and not res.unexpected_keys
+    assert torch.equal(run(fresh, ids, mask), want)
+    with dk.disable(fresh):  # the base under the delta is untouched
+        assert same_state(snapshot(fresh), base_state)
+    other = _quiet_from_pretrained(tmp_path)
+    assert same_state(snapshot(other), base_state)
+    dk.load_delta(other, tmp_path)
+    assert torch.equal(run(other, ids, mask), want)
+
+    fresh2 = make()
+    before = run(fresh2, ids, mask)
+    base_only = {k: v for k, v in saved.items() if not k.startswith("deltakern.")}
+    with pytest.warns(UserWarning, match="without a deltakern delta"):
+        res = fresh2.load_state_dict(base_only, strict=False)
+    assert torch.equal(run(fresh2, ids, mask), before) and res.missing_keys  # the delta's keys are named missing
+    lora_only = gpt2(initializer_range=0.2)
+    dk.apply(lora_only, dk.LoRA(r=2, target="c_attn"))
+    with pytest.raises(RuntimeError, match="does not have"):
+        lora_only.load_state_dict(saved)
+
+
+def test_save_pretrained_refuses_a_merged_delta_and_is_plain_without_deltas(tmp_path):
+    model = llama()
+    dk.apply(model, dk.LoRA(r=2))
+    perturb(model, 0.1)
+    dk.merge(model)
+    with pytest.raises(RuntimeError, match="merged"):
+        model.save_pretrained(tmp_path / "a")
+    assert not (tmp_path / "a" / "model.safetensors").exists()
+    dk.unmerge(model)
+    twin = copy.deepcopy(model)  # the copy saves its own delta
+    assert twin.__dict__["save_pretrained"].model is twin
+    twin.save_pretrained(tmp_path / "c")
+    saved = load_file(str(tmp_path / "c" / "model.safetensors"))
+    assert all(torch.equal(saved["deltakern.delta." + k], v) for k, v in dk.delta_state_dict(twin).items())
+    dk.remove(model)
+    assert "save_pretrained" not in model.__dict__  # the last delta gone: transformers' own method again
+    model.save_pretrained(tmp_path / "b")
+    assert not (tmp_path / "b" / "delta_config.json").exists()
+
+
+@pytest.mark.parametrize("qlora", [False, True], ids=["lora+bitfit", "qlora+bitfit"])
+def test_trainer_resume_from_checkpoint_equals_an_uninterrupted_run(tmp_path, qlora):
+    """transformers.Trainer on a deltakern model (dense or NF4 base): each checkpoint holds the delta; resuming a
+    run from the middle checkpoint on a model with a freshly initialised delta gives the same loss curve and the
+    same final delta as the run that was not interrupted."""
+    transformers = pytest.importorskip("transformers")
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": x, "labels": x} for x in torch.randint(1, 96, (16, 8), generator=g)]
+
+    def make(seed):
+        m = llama()
+        if qlora:
+            dk.quantize(m, progress=False)
+        torch.manual_seed(seed)
+        dk.apply(m, [dk.LoRA(r=4), dk.BitFit(add_missing=True, target="o_proj")])
+        return m.train()
+
+    def trainer(model, out):
+        args = transformers.TrainingArguments(str(out), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-2,
+                                              logging_steps=1, save_steps=3, report_to=[], use_cpu=True, seed=0,
+                                              disable_tqdm=True)
+        return transformers.Trainer(model=model, args=args, train_dataset=data)
+
+    def losses(t):
+        return {h["step"]: h["loss"] for h in t.state.log_history if "loss" in h}
+
+    full = make(1)
+    t1 = trainer(full, tmp_path / "a")
+    t1.train()
+    ckpt = tmp_path / "a" / "checkpoint-3"
+    assert {"model.safetensors", "delta.safetensors", "delta_config.json", "optimizer.pt"} <= {p.name for p in ckpt.iterdir()}
+    resumed = make(2)
+    start = dk.delta_state_dict(resumed)
+    assert any(not torch.equal(start[k], v) for k, v in dk.delta_state_dict(full).items())
+    t2 = trainer(resumed, tmp_path / "b")
+    t2.train(resume_from_checkpoint=str(ckpt))
+    l1, l2 = losses(t1), losses(t2)
+    assert sorted(l1) == list(range(1, 7)) and all(l2[s] == l1[s] for s in (4, 5, 6))
+    a, b = dk.delta_state_dict(full), dk.delta_state_dict(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_prompt_tuning_in_peft_format_both_ways(tmp_path, arch):
+    """A delta that is one PromptTuning is PEFT's PROMPT_TUNING adapter: PEFT loads ours (save_peft_adapter, and
+    save_pretrained's peft_adapter/) with the same logits on the caller's tokens, and ours loads PEFT's."""
+    peft = pytest.importorskip("peft")
+
+    def make():
+        return llama() if arch == "llama" else gpt2(initializer_range=0.2)
+
+    model = make()
+    dk.apply(model, dk.PromptTuning(num_virtual_tokens=3))
+    perturb(model, 0.3)
+    ids, _ = batch(pad=False)
+    want = run(model, ids)
+    dk.save_peft_adapter(model, tmp_path / "a")
+    model.save_pretrained(tmp_path / "full")
+    for path in (tmp_path / "a", tmp_path / "full" / "peft_adapter"):
+        cfg = json.loads((path / "adapter_config.json").read_text())
+        assert cfg["peft_type"] == "PROMPT_TUNING" and cfg["num_virtual_tokens"] == 3 and cfg["task_type"] == "CAUSAL_LM"
+        pm = peft.PeftModel.from_pretrained(make(), str(path))
+        torch.testing.assert_close(run(pm, ids)[:, 3:], want, rtol=1e-5, atol=1e-5)
+    theirs = peft.get_peft_model(make(), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5))
+    with torch.no_grad():
+        theirs.prompt_encoder["default"].embedding.weight.normal_(0, 0.5)
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    ours = make()
+    assert dk.load_peft_adapter(ours, tmp_path / "theirs", name="p") == "p"
+    torch.testing.assert_close(run(ours, ids), run(theirs, ids)[:, 5:], rtol=1e-5, atol=1e-5)
+    with dk.disable(ours):
+        dk.apply(ours, [dk.PromptTuning(num_virtual_tokens=2), dk.BitFit(add_missing=True)], name="mixed")
+    with pytest.raises(ValueError, match="LoRA/DoRA layers or a prompt tuning alone"):
+        dk.save_peft_adapter(ours, tmp_path / "b", name="mixed")
+    cfg_path = tmp_path / "theirs" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "num_transformer_submodules": 2}))
+    m = make()
+    with Untouched(m, ids), pytest.raises(ValueError, match="num_transformer_submodules=2"):
+        dk.load_peft_adapter(m, tmp_path / "theirs")

@@ -12,7 +12,7 @@ from deltakern.backends import triton as triton_backend
 
 CUDA_X = SimpleNamespace(device=SimpleNamespace(type="cuda"))  # what fused_path reads of x
 FAMILIES = ("lora", "dora", "linear")
-OPS = ("nf4_quantize", "nf4_dequantize", "lora_fwd", "lora_fwd_nf4", "lora_dx", "lora_dx_nf4", "linear_fwd",
+OPS = ("nf4_quantize", "nf4_quantize_nested", "nf4_dequantize", "lora_fwd", "lora_fwd_nf4", "lora_dx", "lora_dx_nf4", "linear_fwd",
        "linear_bwd", "dora_norm_parts", "dora_fwd", "dora_bwd", "dora_colsum", "dora_ctw")
 
 
@@ -132,3 +132,21 @@ def test_integrations_reachable_after_plain_import():
     code = ("import sys, deltakern; assert 'peft' not in sys.modules; "
             "assert callable(deltakern.integrations.peft.patch); assert callable(deltakern.integrations.bnb.convert)")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+def test_one_pattern_rule_everywhere():
+    """Delta targets, quantize(skip=...) and bnb.convert(skip=...) share deltakern._patterns: exact, dotted
+    suffix or regex, and an invalid regex is an error naming it (delta targets used to ignore it)."""
+    from deltakern import _patterns
+    from deltakern.methods import base
+
+    assert base.match is _patterns.match
+    assert _patterns.match("model.layers.0.self_attn.q_proj", ["q_proj"])
+    assert _patterns.match("model.layers.0.self_attn.q_proj", [r".*layers\.0\..*_proj"])
+    assert not _patterns.match("model.layers.0.self_attn.q_proj", ["k_proj", "proj"])
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    for call in (lambda: deltakern.apply(model, deltakern.LoRA(target=["q_proj("])),
+                 lambda: deltakern.quantize(model, skip=("lm_head(",), progress=False)):
+        with pytest.raises(ValueError, match=r"pattern 'q_proj\(' |pattern 'lm_head\(' "):
+            call()
+    assert model[0].weight.requires_grad  # the refused apply left the model as it was

@@ -49,11 +49,11 @@ def test_loss_falls(curves):
 
 @pytest.mark.parametrize("method", sorted(e2e.BASELINE))
 def test_loss_curve_follows_peft(curves, method):
-    """Same bytes for patched-* (tight); deltakern.quantize vs bitsandbytes' CPU quantizer differ in a
-    few nested absmax codes (documented in the README), so deltakern-q* are close, not equal."""
+    """Same bytes for patched-*; deltakern.quantize follows bitsandbytes' CUDA rule, its CPU backend
+    differs in about 0.1% of the nested absmax codes (README), so deltakern-q* are close, not equal
+    (measured here: relative differences <= 3.4e-6 for every method)."""
     ours, peft = torch.tensor(curves[method]), torch.tensor(curves[e2e.BASELINE[method]])
-    tol = 1e-4 if method.startswith("patched") else 2e-3
-    assert torch.allclose(ours, peft, rtol=tol, atol=0), (method, ours.tolist(), peft.tolist())
+    assert torch.allclose(ours, peft, rtol=1e-4, atol=0), (method, ours.tolist(), peft.tolist())
 
 
 def test_unknown_method(args):

@@ -214,7 +214,8 @@ def _as_decoded(W, weight, dtype):
 
 KERNEL_CASES = [(5, 33, 48, "dense", torch.float32), (9, 67, 45, "nf4", torch.float32),
                 (17, 100, 40, "dense", torch.float16), (7, 100, 40, "nf4", torch.float16),
-                (9, 40, 33, "nf4", torch.bfloat16), (33, 20, 70, "dense", torch.bfloat16)]
+                (9, 40, 33, "nf4", torch.bfloat16), (33, 20, 70, "dense", torch.bfloat16),
+                (7, 64, 37, "nf4", torch.float32), (5, 96, 40, "nf4", torch.bfloat16)]  # K % 32 == 0: vector loads
 
 
 @pytest.mark.parametrize("M,K,N,kind,dtype", KERNEL_CASES)
@@ -237,14 +238,16 @@ def test_triton_linear(tk, M, K, N, kind, dtype):
     assert none is None and torch.equal(dx2, dx)
 
 
-@pytest.mark.parametrize("kind,dtype", [("dense", torch.float32), ("nf4", torch.float16), ("nf4", torch.bfloat16)])
-def test_function_through_kernels(tk, kind, dtype, monkeypatch):
-    """Autograd Function -> ops -> Triton launchers -> kernels, on CPU tensors in the interpreter."""
+@pytest.mark.parametrize("kind,dtype,K", [("dense", torch.float32, 37), ("nf4", torch.float16, 37),
+                                           ("nf4", torch.bfloat16, 37), ("nf4", torch.float16, 128)])
+def test_function_through_kernels(tk, kind, dtype, K, monkeypatch):
+    """Autograd Function -> ops -> Triton launchers -> kernels, on CPU tensors in the interpreter (NF4 with
+    K % blocksize == 0 and M <= 16: the forward runs the decode kernel)."""
     if not INTERPRET:
         pytest.skip("the GPU lane covers this on CUDA tensors")
     monkeypatch.setenv("DELTAKERN_CPU_KERNELS", "1")
     monkeypatch.setenv("DELTAKERN_LINEAR_IMPL", "triton")
-    x, weight, W, b = problem((2, 5), 37, 29, dtype, seed=4, kind=kind)
+    x, weight, W, b = problem((2, 5), K, 29, dtype, seed=4, kind=kind)
     W = _as_decoded(W, weight, dtype)
     dy = rand((2, 5, 29), 5, dtype=dtype)
     got = grads_of(lambda x_, b_: linear(x_, weight, b_), dy, x, b)

@@ -25,7 +25,7 @@ import torch
 import deltakern
 from deltakern import _cpu_ext
 from deltakern._codes import nf4_code
-from deltakern.triton_kernels.nf4_ref import dequantize_nf4_ref, quantize_nf4_ref
+from deltakern.backends.reference.nf4 import dequantize_nf4_ref, quantize_nf4_ref
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -94,8 +94,10 @@ def isa(request, ext, monkeypatch):
 
 
 @pytest.fixture
-def threads():
-    """Restores torch's thread count after a test that changes it."""
+def threads(monkeypatch):
+    """Restores torch's thread count after a test that changes it; every call, however small, uses
+    all of torch's threads (no grain), so the 2-thread runs really split the work."""
+    monkeypatch.setattr(_cpu_ext, "GRAIN", 1)
     old = torch.get_num_threads()
     yield
     torch.set_num_threads(old)
@@ -217,7 +219,7 @@ def test_dequantize_matches_bitsandbytes(ext, blocksize):
 
 def test_dequantize_16bit_rounding_edges(isa):
     """code values that hit fp16 overflow (65520 rounds to inf, 65519 does not), ties, fp16 subnormals
-    and their ties, bf16 ties, signed zeros and infinities: the kernel's casts equal torch's."""
+    and their ties, bf16 ties, signed zeros, infinities, NaN: the kernel's casts equal torch's."""
     specials = torch.tensor([65504.0, 65519.0, 65520.0, 70000.0, 2.0**-24, 2.0**-25, 3 * 2.0**-26, 2.0**-14,
                              2.0**-14 - 2.0**-25, 1.0 + 2.0**-11, 1.0 + 3 * 2.0**-11, 1.0 + 2.0**-8, 0.0, -0.0,
                              float("inf"), 1e-30])
@@ -228,12 +230,15 @@ def test_dequantize_16bit_rounding_edges(isa):
     n, bs = 64, 32
     packed = torch.tensor([(2 * i) << 4 | (2 * i + 1) for i in range(8)] * 4, dtype=torch.uint8)
     absmax = torch.ones(2)
+    sets.append(torch.tensor([float("nan"), -float("nan")] + [1.0] * 14))
     for code in sets:
-        code = torch.where(code.isnan(), torch.zeros_like(code), code).contiguous()
+        code = code.contiguous()
         for dtype in (torch.float16, torch.bfloat16):
             ref = dequantize_nf4_ref(packed, absmax, n, bs, dtype, code)
             out = _cpu_ext.dequantize_nf4(packed, absmax, None, None, 0.0, code, n, bs, dtype)
-            assert torch.equal(_bits(out), _bits(ref)), (code, dtype)
+            nan = ref.isnan()
+            assert torch.equal(out.isnan(), nan), (code, dtype)  # NaN stays NaN (payload bits may differ)
+            assert torch.equal(_bits(out)[~nan], _bits(ref)[~nan]), (code, dtype)
 
 
 def test_dequantize_out_streaming_and_misaligned(isa, monkeypatch):
@@ -406,6 +411,14 @@ def test_matmul_bad_inputs(ext):
         _cpu_ext.nf4_matmul_dx(torch.randn(1, 5), p2, a2, CODE, 5, 96, 64)
     with pytest.raises(ValueError, match=r"dy must be \[M, 8\]"):
         _cpu_ext.nf4_matmul_dx(torch.randn(2, 9), packed, absmax, CODE, N, K, bs)
+
+
+def test_thread_count_follows_torch_and_work(ext, monkeypatch, threads):
+    torch.set_num_threads(2)
+    monkeypatch.setattr(_cpu_ext, "GRAIN", 1000)
+    assert _cpu_ext._threads(999) == 1 and _cpu_ext._threads(1500) == 1 and _cpu_ext._threads(10**9) == 2
+    torch.set_num_threads(1)
+    assert _cpu_ext._threads(10**9) == 1
 
 
 def test_dense_weight_workspace(ext):

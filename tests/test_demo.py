@@ -31,6 +31,7 @@ def _demo_error(capsys, *argv) -> str:
     (["--lr", "-1"], "expected a positive number"),
     (["--batch-size", "x"], "expected a positive integer"),
     (["--dtype", "int8"], "invalid choice"),
+    (["--threads", "0"], "expected a positive integer"),
 ])
 def test_cli_rejects_bad_arguments(capsys, argv, message):
     err = _demo_error(capsys, *argv)
@@ -58,11 +59,17 @@ def test_qlora_demo_learns_saves_and_reloads(tmp_path, capsys):
     """The default method through the CLI, shortened to one epoch (10 steps) with a larger lr: prints
     every metric, learns well above chance, and the saved delta + head reload to the same predictions."""
     out, js = tmp_path / "delta", tmp_path / "metrics.json"
-    rc = main(["demo", "--epochs", "1", "--lr", "3e-3", "--device", "cpu", "--save", str(out), "--json", str(js)])
+    threads = torch.get_num_threads()
+    try:
+        rc = main(["demo", "--epochs", "1", "--lr", "3e-3", "--device", "cpu", "--save", str(out), "--json", str(js),
+                   "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
     assert rc == 0
     text = capsys.readouterr().out
     for label in ("method      qlora", "device      cpu", "trainable   ", "accuracy    test", "chance 25.0%",
-                  "time        ", "peak RSS of the whole process", "LoRA(r=8, alpha=16)", "quantized 36 linear layers"):
+                  "time        ", "(wall clock, 1 CPU thread)", "| 1 CPU threads |", "peak RSS of the whole process",
+                  "LoRA(r=8, alpha=16)", "quantized 36 linear layers"):
         assert label in text, label
 
     r = json.loads(js.read_text())
@@ -74,7 +81,7 @@ def test_qlora_demo_learns_saves_and_reloads(tmp_path, capsys):
     assert r["chance"] == 0.25
     assert r["test_acc_after"] >= 0.75 > r["test_acc_before"] + 0.25, (r["test_acc_before"], r["test_acc_after"])
     assert r["test_loss_after"] < 0.6 * r["test_loss_before"]
-    assert r["train_seconds"] > 0 and r["peak_memory_bytes"] > 2**20
+    assert r["train_seconds"] > 0 and r["peak_memory_bytes"] > 2**20 and r["threads"] == 1
 
     assert {p.name for p in out.iterdir()} >= {"delta_config.json", "delta.safetensors", "head.safetensors"}
     model, tokenizer, labels = demo.load_finetuned(out)

@@ -287,8 +287,10 @@ def test_functional_norm_cache():
 
 def test_norm_cache_recomputes_only_when_A_or_B_change(monkeypatch):
     calls = []
-    real = adora.dora_weight_norm
-    monkeypatch.setattr(adora, "dora_weight_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    from deltakern.autograd import dora_norm
+
+    real = dora_norm.dora_weight_norm
+    monkeypatch.setattr(dora_norm, "dora_weight_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
     torch.manual_seed(0)
     mod = DoRALinear(nn.Linear(24, 16), r=4, alpha=8)
     nn.init.normal_(mod.lora_B, std=0.1)
@@ -506,6 +508,8 @@ KERNEL_CASES = [  # (M, K, N, r, kind, dtype, dropout)
     (17, 100, 40, 16, "dense", torch.float16, True),
     (7, 100, 40, 5, "nf4", torch.float16, False),
     (9, 40, 33, 4, "nf4", torch.bfloat16, True),
+    (7, 64, 37, 4, "nf4", torch.float32, True),  # K % blocksize == 0: the vector-load NF4 tile path
+    (5, 96, 40, 5, "nf4", torch.bfloat16, False),
 ]
 
 
@@ -601,9 +605,10 @@ def test_triton_colsum(tk, M, K, N, r, kind, dtype, drop):
 
 @pytest.mark.parametrize("kind,dtype", [("dense", torch.float32), ("nf4", torch.float32), ("nf4", torch.float16),
                                         ("dense", torch.bfloat16)])
-def test_triton_norm_parts_and_ctw(tk, kind, dtype):
+@pytest.mark.parametrize("K", [130, 128])
+def test_triton_norm_parts_and_ctw(tk, kind, dtype, K):
     _, dk = tk
-    N, K, r = 45, 130, 3
+    N, r = 45, 3
     x, W, b, A, B, g, keep, (w, nq) = _kernel_problem(2, K, N, r, kind, dtype, False, seed=12)
     wa, sq = dk.norm_parts(w, A, N, nf4=nq)
     assert wa.shape == (N, r) and sq.shape == (N,) and wa.dtype == sq.dtype == torch.float32
@@ -617,11 +622,13 @@ def test_triton_norm_parts_and_ctw(tk, kind, dtype):
     torch.testing.assert_close(got.double(), C.double().t() @ Wd, rtol=1e-5, atol=1e-5)
 
 
-def test_triton_nf4_tile_decode_is_exact(tk):
+@pytest.mark.parametrize("K", [33, 64])
+def test_triton_nf4_tile_decode_is_exact(tk, K):
     """W A^T with A = I gives W^T exactly in fp32: the in-register decode is bit-exact (odd K, rows
-    straddling bytes and blocks), and the plain forward with x = I gives W^T too."""
+    straddling bytes and blocks; K = 64: the aligned vector-load path), and the plain forward with
+    x = I gives W^T too."""
     lin, dk = tk
-    N, K = 20, 33
+    N = 20
     q = nf4.quantize(rand((N, K), 21, 0.3), blocksize=32).to(DEV)
     nq = (q.absmax_fp32(), q.code, q.blocksize)
     dense = q.dequantize(torch.float32)
@@ -836,7 +843,7 @@ for weight in ("dense", "nf4"):
         for mode in ("plain", "dora", "drop", "colsum", "colsum_drop"):
             bm, bn, bk, grp, w, s = L._CONFIGS[("fwd", weight)][0]
             colsum = mode.startswith("colsum")
-            c = dict(IS_NF4=nf4, NF4_BLOCK=64, HAS_LORA=int(mode != "plain"), HAS_SCALE=int(mode in ("dora", "drop")),
+            c = dict(IS_NF4=nf4, NF4_BLOCK=64, NF4_ALIGNED=nf4, HAS_LORA=int(mode != "plain"), HAS_SCALE=int(mode in ("dora", "drop")),
                      HAS_BIAS=int(not colsum), DROP=int(mode.endswith("drop")), COLSUM=int(colsum),
                      COLMASK=int(mode == "colsum"),
                      R_PAD=16, DOT_FP32=0, INPUT_PRECISION="tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=grp)
@@ -844,7 +851,7 @@ for weight in ("dense", "nf4"):
             assert compile_(L._fwd_kernel, ptrs(L._fwd_kernel, dt, nf4, extra), c, w, s, f"fwd {weight} {dt} {mode}")
         for mode in ("bitfit", "dora", "drop", "sums"):
             bm, bn, bk, grp, w, s = L._CONFIGS[("dx", weight)][0]
-            c = dict(IS_NF4=nf4, NF4_BLOCK=64, COMPUTE_DX=int(mode != "sums"), HAS_SCALE=int(mode in ("dora", "drop")),
+            c = dict(IS_NF4=nf4, NF4_BLOCK=64, NF4_ALIGNED=nf4, COMPUTE_DX=int(mode != "sums"), HAS_SCALE=int(mode in ("dora", "drop")),
                      HAS_LORA=int(mode in ("dora", "drop")), DROP=int(mode == "drop"), DB=1, CY=int(mode != "bitfit"),
                      HAS_BIAS=1, R_PAD=16, DOT_FP32=0, INPUT_PRECISION="tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                      GROUP_M=grp)
@@ -852,11 +859,11 @@ for weight in ("dense", "nf4"):
                            f"dx {weight} {dt} {mode}")
             assert mma or mode == "sums"
     bn, bk = D._NORM_TILE
-    c = dict(IS_NF4=nf4, NF4_BLOCK=64, SUMSQ=1, R_PAD=16, DOT_FP32=0, INPUT_PRECISION="tf32", BLOCK_N=bn, BLOCK_K=bk)
+    c = dict(IS_NF4=nf4, NF4_BLOCK=64, NF4_ALIGNED=nf4, SUMSQ=1, R_PAD=16, DOT_FP32=0, INPUT_PRECISION="tf32", BLOCK_N=bn, BLOCK_K=bk)
     compile_(D._norm_parts_kernel, ptrs(D._norm_parts_kernel, "bf16", nf4, {"wa_ptr": "*fp32", "sq_ptr": "*fp32"}), c,
              4, 2 if nf4 else 3, f"norm_parts {weight}")
     bn, bk = D._CTW_TILE
-    c = dict(IS_NF4=nf4, NF4_BLOCK=64, R_PAD=16, DOT_FP32=0, INPUT_PRECISION="tf32", BLOCK_N=bn, BLOCK_K=bk)
+    c = dict(IS_NF4=nf4, NF4_BLOCK=64, NF4_ALIGNED=nf4, R_PAD=16, DOT_FP32=0, INPUT_PRECISION="tf32", BLOCK_N=bn, BLOCK_K=bk)
     compile_(D._ctw_kernel, ptrs(D._ctw_kernel, "bf16", nf4, {"out_ptr": "*fp32"}), c, 4, 2 if nf4 else 3,
              f"ctw {weight}")
 """

@@ -215,7 +215,7 @@ def test_convert_is_zero_copy_and_skips_unquantized():
         summary = dkbnb.convert(model)
     assert summary.converted == ["0", "2"] and list(summary.skipped) == ["late"]
     assert "not quantized" in summary.skipped["late"] and "2 layers" in str(summary)
-    assert model[0]._packed.data_ptr() == packed_ptr and model[0]._absmax.data_ptr() == absmax_ptr
+    assert model[0].weight.packed.data_ptr() == packed_ptr and model[0].weight.absmax.data_ptr() == absmax_ptr
     assert dkbnb.is_linear4bit(model.late)
 
 
@@ -253,8 +253,8 @@ def test_convert_transformers_4bit_llama(llama_dir):
     assert sorted(summary.converted) == sorted(refs)
     for name, ref in refs.items():
         _assert_bitwise(model.get_submodule(name).weight.dequantize(), ref)
-    with torch.no_grad():
-        _assert_bitwise(model(ids).logits, before)
+    with torch.no_grad():  # same weights bit for bit; the NF4 kernels sum in another order than F.linear
+        torch.testing.assert_close(model(ids).logits, before, rtol=1e-5, atol=1e-6)
     assert sorted(model.state_dict()) == sorted(keys)
 
 

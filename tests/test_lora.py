@@ -263,6 +263,8 @@ KERNEL_CASES = [  # (M, K, N, r, kind, dtype, bias/mask)
     (17, 100, 48, 16, "nf4", torch.float16, True),
     (17, 100, 48, 16, "dense", torch.float16, False),
     (9, 100, 40, 4, "nf4", torch.bfloat16, True),
+    (7, 64, 40, 4, "nf4", torch.float32, True),  # K % blocksize == 0: the vector-load NF4 tile path
+    (6, 96, 37, 16, "nf4", torch.float16, False),
 ]
 
 
@@ -308,7 +310,7 @@ def test_triton_backward_dx(tk, M, K, N, r, kind, dtype, flag):
     assert_rule(base, plain, ref, dtype, "dx (reference)")
 
 
-@pytest.mark.parametrize("K,blocksize", [(33, 32), (100, 64)])
+@pytest.mark.parametrize("K,blocksize", [(33, 32), (100, 64), (64, 32), (128, 64)])
 def test_triton_nf4_tile_decode_is_exact(tk, K, blocksize):
     """x = I makes out = W^T exactly in fp32: checks the in-register dequantization bit for bit,
     with rows that straddle bytes (odd K) and blocks."""
@@ -359,7 +361,7 @@ for kernel, weight, dt, prec in [("fwd", "dense", "bf16", "tf32"), ("fwd", "nf4"
     if nf4:
         types["w_ptr"] = "*u8"
     flag = "HAS_BIAS" if kernel == "fwd" else "HAS_MASK"
-    consts = {"IS_NF4": nf4, "NF4_BLOCK": 64, flag: 1, "R_PAD": 16, "DOT_FP32": 0, "INPUT_PRECISION": prec,
+    consts = {"IS_NF4": nf4, "NF4_BLOCK": 64, "NF4_ALIGNED": nf4, flag: 1, "R_PAD": 16, "DOT_FP32": 0, "INPUT_PRECISION": prec,
               "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group}
     consts.update({name: 1 for name in unit if name in fn.arg_names})
     sig = {n: "constexpr" if n in consts else types.get(n, "fp32" if n in ("scaling", "mask_scale") else "i32")

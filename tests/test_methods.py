@@ -481,7 +481,9 @@ def test_model_to_dtype_reaches_detached_deltas_and_swapped_out_base_parameters(
     dk.activate(model, "a")
     y = run(model, ids, mask)
     assert y.dtype == torch.bfloat16 and rel(y, ya) < 0.05
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    fp32 = set(_owned(model)) if name in ("LoRA", "DoRA") else set()  # adapters stay fp32 (autocast_adapter_dtype)
+    assert {p.dtype for p in model.parameters() if id(p) not in fp32} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters() if id(p) in fp32} <= {torch.float32}
     dk.remove(model)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
@@ -966,3 +968,128 @@ def test_model_compiles_fullgraph(kind):
     assert g1.keys() == g0.keys() and g0
     for k in g0:
         torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-6)
+
+
+# ---- habits PEFT users bring ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_all_linear_target_means_the_default(arch):
+    """target="all-linear" (PEFT's name) = the default: every linear layer except the output head."""
+    a, b = MODELS[arch](), MODELS[arch]()
+    dk.apply(a, dk.LoRA(r=2))
+    dk.apply(b, dk.DoRA(r=2, target="all-linear"))
+    ta, tb = dkbase.applications(a)[0].plan.targets, dkbase.applications(b)[0].plan.targets
+    assert list(ta) == list(tb) and ta and not any(n.endswith("lm_head") for n in ta)
+
+
+def test_loading_a_delta_under_a_taken_name_names_the_clash(tmp_path):
+    model = llama()
+    dk.apply(model, dk.LoRA(r=2), name="task")
+    dk.save_delta(model, tmp_path / "lora")
+    dk.remove(model)
+    dk.apply(model, dk.DoRA(r=2), name="task")
+    with pytest.raises(ValueError, match=r"already has a delta named 'task'.*name='\.\.\.'"):
+        dk.load_delta(model, tmp_path / "lora")
+    assert dk.deltas(model) == ["task"]
+    assert dk.load_delta(model, tmp_path / "lora", name="task2") == "task2" and dk.deltas(model) == ["task", "task2"]
+    dk.save_peft_adapter(model, tmp_path / "peft")  # task2's LoRA: loads into 'task2' itself (a resume), not 'task'
+    with pytest.raises(ValueError, match=r"already has a delta named 'task' holding DoRA.*name='\.\.\.'"):
+        dk.load_peft_adapter(model, tmp_path / "peft", name="task")
+    assert dk.load_peft_adapter(model, tmp_path / "peft", name="task2") == "task2"
+
+
+def test_nn_modules_take_the_methods_defaults_and_warn_on_too_high_a_rank():
+    lin = nn.Linear(24, 16)
+    for cls, method in ((LoRALinear, dk.LoRA()), (DoRALinear, dk.DoRA())):
+        m = cls(lin)
+        assert (m.r, m.alpha, m.scaling) == (method.r, method.alpha, method.alpha / method.r) == (8, 16, 2.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            cls(lin, r=16)  # r = min(in, out): no warning
+        with pytest.warns(UserWarning, match=r"r=17 exceeds min\(in_features=24, out_features=16\)"):
+            cls(lin, r=17)
+    model = llama()  # hidden 32, intermediate 64, 2 key/value heads of 8: k_proj/v_proj are 32 -> 16
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        dk.apply(model, dk.LoRA(r=20))
+    msgs = [str(w.message) for w in seen if "exceeds min" in str(w.message)]
+    assert len(msgs) == 1 and "4 target(s)" in msgs[0] and "k_proj (32->16)" in msgs[0], msgs
+
+
+@pytest.mark.parametrize("cls", [dk.LoRA, dk.DoRA])
+def test_adapters_over_a_half_precision_base_are_fp32_by_default(cls):
+    """As PEFT's autocast_adapter_dtype=True: fp32 adapter parameters over a bf16 base, the layer computing in
+    bf16 (bit-equal to bf16 copies of the same adapters) with fp32 gradients; autocast_adapter_dtype=False keeps
+    the base's dtype. Switching deltas keeps them fp32."""
+    ids, mask = batch()
+    a, b = llama().to(torch.bfloat16), llama().to(torch.bfloat16)
+    dk.apply(a, cls(r=4))
+    dk.apply(b, cls(r=4, autocast_adapter_dtype=False))
+    pa, pb = dkbase.applications(a)[0].params, dkbase.applications(b)[0].params
+    assert {p.dtype for p in pa.values()} == {torch.float32} and {p.dtype for p in pb.values()} == {torch.bfloat16}
+    perturb(b, 0.1)
+    with torch.no_grad():
+        for k, p in pa.items():
+            p.copy_(pb[k].float())
+    ya, yb = run(a, ids, mask), run(b, ids, mask)
+    assert ya.dtype == torch.bfloat16 and torch.equal(ya, yb)
+    lm_loss(a, ids, mask).backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in pa.values())
+    dk.apply(a, dk.BitFit(add_missing=True), name="other")
+    dk.activate(a, "default")
+    assert {p.dtype for p in pa.values()} == {torch.float32}
+    fp32_base = llama()
+    dk.apply(fp32_base, cls(r=4))
+    assert {p.dtype for p in dkbase.applications(fp32_base)[0].params.values()} == {torch.float32}
+
+
+def test_nf4_linear_repr_shows_the_compute_dtype_and_helpers_are_top_level():
+    r = repr(NF4Linear.from_linear(nn.Linear(64, 16).to(torch.bfloat16)))
+    assert "weight_dtype=bfloat16" in r and "compute_dtype=x.dtype" in r
+    model = llama()
+    dk.apply(model, dk.LoRA(r=2), name="x")
+    assert dk.deltas(model) == ["x"] and dk.active_delta(model) == "x"
+    assert set(dk.delta_state_dict(model)) == set(dk.methods.delta_state_dict(model))
+
+
+# ---- generate() step by step against an uncached forward ----------------------------------------------------
+
+
+def _generate_vs_uncached(model, ids, mask, steps=6):
+    """Max |score - logit| per step: generate(output_scores=True) with its default KV cache (greedy) against
+    one uncached forward over the generated sequence with the same mask and generate's positions."""
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, pad_token_id=0,
+                         output_scores=True, return_dict_in_generate=True)
+    seq, t = out.sequences, ids.shape[1]
+    full_mask = torch.cat([mask, torch.ones(seq.shape[0], seq.shape[1] - t, dtype=mask.dtype)], 1)
+    pos = (full_mask.cumsum(-1) - 1).masked_fill(full_mask == 0, 0)  # as generate makes position_ids
+    with torch.no_grad():
+        logits = model(input_ids=seq, attention_mask=full_mask, position_ids=pos, use_cache=False).logits
+    assert len(out.scores) == steps
+    return [float((out.scores[i] - logits[:, t - 1 + i]).abs().max()) for i in range(steps)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
+def test_generate_scores_equal_an_uncached_forward_at_every_step(arch, method, padded):
+    """generate() with prompt / prefix tuning and the default KV cache: the scores of every new token equal the
+    logits of an uncached forward over the final sequence (the base model alone gives the same equality, the
+    reference for the tolerance), with and without left padding."""
+    model = llama() if arch == "llama" else gpt2(initializer_range=0.2)
+    ids, _ = batch(pad=False)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :3] = 0
+        ids = ids.masked_fill(mask == 0, 0)
+    base_err = max(_generate_vs_uncached(model, ids, mask))
+    dk.apply(model, dk.PromptTuning(num_virtual_tokens=4) if method == "prompt" else
+             dk.PrefixTuning(num_virtual_tokens=3))
+    perturb(model, 0.3)
+    errs = _generate_vs_uncached(model, ids, mask)
+    assert max(errs) <= max(10 * base_err, 2e-5), (errs, base_err)
+    with dk.disable(model):  # the delta changes what is generated
+        plain = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert not torch.equal(plain, model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                                 pad_token_id=0))

@@ -1,5 +1,6 @@
 """NF4Linear and deltakern.quantize(model) on the CPU."""
 
+import json
 import pytest
 import torch
 from torch import nn
@@ -144,3 +145,67 @@ def test_dtype_cast_keeps_the_format():
     assert m(x).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="this layer is"):
         m.set_weight(nf4.quantize(torch.randn(4, 64)))
+
+
+def test_quantize_on_meta_gives_empty_layers_ready_for_loading():
+    from deltakern.nn.nf4_linear import quant_state_blob
+
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(70, 33), nn.ReLU(), nn.Linear(33, 5, bias=False))
+    ref = __import__("copy").deepcopy(dense)
+    deltakern.quantize(ref, skip=(), progress=False)
+    with torch.device("meta"):
+        empty = nn.Sequential(nn.Linear(70, 33), nn.ReLU(), nn.Linear(33, 5, bias=False))
+    summary = deltakern.quantize(empty, skip=(), progress=False)
+    assert summary.layers == 2 and isinstance(empty[0], NF4Linear) and empty[0].weight.device.type == "meta"
+    empty.load_state_dict(ref.state_dict(), assign=True)
+    x = torch.randn(4, 70)
+    assert torch.equal(empty(x), ref(x))
+    sd = empty.state_dict()
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in sd.items())
+    # the fixed-length quant-state JSON (used by sharded layers) does not depend on the offset, and parses the same
+    a, b = NF4Linear.from_linear(_linear(seed=1)).weight, NF4Linear.from_linear(_linear(seed=2)).weight
+    assert a.offset != b.offset
+    fa, fb = quant_state_blob(a, fixed_length=True), quant_state_blob(b, fixed_length=True)
+    assert fa.numel() == fb.numel() and fa.numel() >= quant_state_blob(a).numel()
+    assert json.loads(bytes(fa.tolist())) == json.loads(bytes(quant_state_blob(a).tolist()))
+    padded = dict(NF4Linear.from_linear(_linear(seed=1)).state_dict())
+    padded["weight.quant_state.bitsandbytes__nf4"] = fa
+    stats = {k[len("weight."):]: v for k, v in padded.items() if k.startswith("weight.")}
+    p = bnb.nn.Params4bit.from_prequantized(padded["weight"], stats, device="cpu")  # bitsandbytes reads it
+    assert torch.equal(bnb.functional.dequantize_4bit(p.data, p.quant_state), nf4.dequantize(a))
+
+
+def test_nf4_parts_are_frozen_integer_parameters_torch_tools_understand():
+    """The 4-bit codes and scales are frozen integer Parameters under their state-dict names: dtype casts,
+    optimizers and summary leave them alone, and torch.distributed.checkpoint's state-dict API (which walks
+    each key attribute by attribute) reads and writes the bitsandbytes keys."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    for dq in (True, False):
+        torch.manual_seed(0)
+        dense = nn.Sequential(nn.Linear(70, 33), nn.Linear(33, 9))
+        n_dense = sum(p.numel() for p in dense.parameters())
+        model = dense
+        deltakern.quantize(model, skip=(), blocksize=64, double_quant=dq, progress=False)
+        deltakern.apply(model, deltakern.LoRA(r=2))
+        nf4_params = [p for m in model.modules() if isinstance(m, NF4Linear) for p in m.nf4_parameters()]
+        assert all(not p.requires_grad and not p.is_floating_point() for p in nf4_params)
+        assert deltakern.summary(model).total == n_dense + sum(p.numel() for n, p in model.named_parameters()
+                                                               if "lora_" in n)
+        x = torch.randn(3, 70)
+        y = model(x)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+        y.square().sum().backward()
+        opt.step()
+        before = {k: v.clone() for k, v in model.state_dict().items() if ".weight" in k}  # the 4-bit base
+        model.to(torch.float16).to(torch.float32)
+        after = model.state_dict()
+        assert all(torch.equal(v, after[k]) and v.dtype == after[k].dtype for k, v in before.items())
+        sd = get_model_state_dict(model)
+        assert set(sd) == set(model.state_dict())
+        fresh = nn.Sequential(nn.Linear(70, 33), nn.Linear(33, 9))
+        deltakern.quantize(fresh, skip=(), double_quant=dq, progress=False)
+        deltakern.apply(fresh, deltakern.LoRA(r=2))
+        set_model_state_dict(fresh, sd)
+        assert torch.equal(fresh(x), model(x))

@@ -12,6 +12,7 @@
 
 import contextlib
 import os
+import weakref
 
 import torch
 import triton
@@ -47,6 +48,35 @@ def w_tile(w_ptr, absmax_ptr, code_ptr, rows, cols, N, K, stride_wn, stride_wk,
     else:
         w = tl.load(w_ptr + rows * stride_wn + cols * stride_wk, mask=ok, other=0.0)
     return w
+
+
+@triton.jit
+def nf4_rows_tile(w_ptr, absmax_ptr, code_ptr, rows, k0, N, K,
+                  ROWS: tl.constexpr, BK: tl.constexpr, NF4_BLOCK: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """W[rows, k0 : k0 + BK] as [ROWS, BK] in OUT_DTYPE (0 outside [N, K]) for an NF4 weight whose rows
+    start on a block (K % NF4_BLOCK == 0, so K is even and no block or byte straddles two rows).
+
+    One vector load of the BK / 2 packed bytes of each row, split into (high, low) nibbles and
+    joined back in element order; one fp32 absmax per (row, block), broadcast over the block's
+    columns (BK / NF4_BLOCK of them per row when BK > NF4_BLOCK, else one); the code value gathered
+    from the 64-byte table (L1-resident). w = cast(fp32(code[nibble] * absmax)), the dequantize rule.
+    k0 is a multiple of BK, and BK and NF4_BLOCK are powers of two, so a tile never straddles a block
+    unless it covers whole blocks.
+    """
+    half_k = K // 2
+    kb = k0 // 2 + tl.arange(0, BK // 2)
+    row_ok = rows < N
+    b = tl.load(w_ptr + rows[:, None] * half_k + kb[None, :], mask=row_ok[:, None] & (kb[None, :] < half_k),
+                other=0).to(tl.int32)
+    nib = tl.reshape(tl.join(b >> 4, b & 15), (ROWS, BK))  # element 2j: high nibble of byte j
+    level = tl.load(code_ptr + nib)
+    NB: tl.constexpr = BK // NF4_BLOCK if BK > NF4_BLOCK else 1
+    WIDTH: tl.constexpr = BK // NB
+    cb = k0 + tl.arange(0, NB) * WIDTH  # first column of each block in the tile
+    scale = tl.load(absmax_ptr + (rows[:, None] * K + cb[None, :]) // NF4_BLOCK,
+                    mask=row_ok[:, None] & (cb[None, :] < K), other=0.0)  # [ROWS, NB]; 0 outside
+    w = tl.reshape(level, (ROWS, NB, WIDTH)) * scale[:, :, None]
+    return tl.reshape(w, (ROWS, BK)).to(OUT_DTYPE)
 
 
 @triton.jit
@@ -151,8 +181,33 @@ def device_guard(device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def _untuned_key(kernel, args, kwargs):
+    """The autotuner key this launch would tune for, or None when it is tuned (or not autotuned).
+    Mirrors triton.runtime.autotuner.Autotuner.run (Triton 3.6): the key arguments, then the dtypes
+    of every argument that has one."""
+    if not isinstance(kernel, triton.runtime.autotuner.Autotuner) or len(kernel.configs) <= 1:
+        return None
+    named = {**dict(zip(kernel.arg_names, args)), **kwargs}
+    named = {k: v for k, v in named.items() if k in kernel.arg_names}
+    key = [named[k] for k in kernel.keys if k in named]
+    key += [str(v.dtype) for v in named.values() if hasattr(v, "dtype")]
+    key = tuple(key)
+    return None if key in kernel.cache else key
+
+
 def launch(kernel, grid, device, *args, **kwargs):
-    """kernel[grid](*args, **kwargs) on `device` (see device_guard)."""
+    """kernel[grid](*args, **kwargs) on `device` (see device_guard).
+
+    Autotuning times every config with real launches and synchronises, which a CUDA graph capture
+    cannot contain: a launch that would tune while the current stream is capturing raises instead
+    (run one eager step with the same shapes first, or pin the configs: DELTAKERN_TRITON_PIN=1)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        key = _untuned_key(kernel, args, kwargs)
+        if key is not None:
+            name = getattr(kernel.fn, "__name__", "a Triton kernel")
+            raise RuntimeError(
+                f"{name} would autotune during CUDA graph capture (key {key[:6]}...): run one eager step "
+                "with the same shapes before capturing, or set DELTAKERN_TRITON_PIN=1")
     with device_guard(device):
         return kernel[grid](*args, **kwargs)
 
@@ -165,6 +220,34 @@ def check(cond, msg):
 def r_pad(r):
     check(1 <= r <= MAX_R, f"LoRA rank r={r} is outside the kernels' range [1, {MAX_R}]")
     return max(16, triton.next_power_of_2(r))
+
+
+_pairs = {}  # id(code) -> (weak reference to code, its version, its pair table)
+
+
+def pair_table(code):
+    """int64 [256] for a 16-entry fp32 code book: entry b holds the fp32 bits of code[b >> 4] (low
+    word: the byte's first element) and of code[b & 15] (high word). One 8-byte load then decodes
+    both levels of a packed byte. Built on code's device with torch ops (no host copy) and kept
+    while that code tensor lives and is not written (matched by object identity, never by address,
+    which a later tensor may reuse)."""
+    hit = _pairs.get(id(code))
+    if hit is not None and hit[0]() is code and hit[1] == code._version:
+        return hit[2]
+    bits = code.reshape(-1).contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    b = torch.arange(256, device=code.device)
+    table = bits[b >> 4] | (bits[b & 15] << 32)
+    if len(_pairs) >= 256:  # forget the tables of dead code tensors
+        for k in [k for k, v in _pairs.items() if v[0]() is None]:
+            del _pairs[k]
+    _pairs[id(code)] = (weakref.ref(code), code._version, table)
+    return table
+
+
+def nf4_aligned(is_nf4, K, blocksize):
+    """Whether an NF4 weight's rows start on a block (K % blocksize == 0): the kernels then take the
+    vector-load path (nf4_rows_tile) instead of gathering every element by its flat index."""
+    return int(bool(is_nf4) and K % blocksize == 0)
 
 
 def m_bucket(m):

@@ -23,7 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check, check_int32, dot_flags, launch, mma, r_pad, w_tile, weight_args
+from ._common import (
+    INTERPRET, check, check_int32, dot_flags, launch, mma, nf4_aligned, nf4_rows_tile, r_pad, w_tile, weight_args,
+)
 
 # (BLOCK_N, BLOCK_K): rows of W x reduction tile for norm_parts, reduction tile x columns for ctw.
 # Chunks of the split reduction are whole tiles, so tiles never cross into the next chunk.
@@ -36,7 +38,7 @@ def _norm_parts_kernel(
     w_ptr, absmax_ptr, code_ptr, a_ptr, wa_ptr, sq_ptr,
     N, K, R, K_CHUNK,
     stride_wn, stride_wk, stride_ar, stride_ak,
-    IS_NF4: tl.constexpr, NF4_BLOCK: tl.constexpr, SUMSQ: tl.constexpr, R_PAD: tl.constexpr,
+    IS_NF4: tl.constexpr, NF4_BLOCK: tl.constexpr, NF4_ALIGNED: tl.constexpr, SUMSQ: tl.constexpr, R_PAD: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -50,8 +52,11 @@ def _norm_parts_kernel(
     sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        w = w_tile(w_ptr, absmax_ptr, code_ptr, offs_n[:, None], ks[None, :], N, K, stride_wn, stride_wk,
-                   IS_NF4, NF4_BLOCK, cdt)
+        if NF4_ALIGNED:
+            w = nf4_rows_tile(w_ptr, absmax_ptr, code_ptr, offs_n, k0, N, K, BLOCK_N, BLOCK_K, NF4_BLOCK, cdt)
+        else:
+            w = w_tile(w_ptr, absmax_ptr, code_ptr, offs_n[:, None], ks[None, :], N, K, stride_wn, stride_wk,
+                       IS_NF4, NF4_BLOCK, cdt)
         at = tl.load(a_ptr + offs_r[None, :] * stride_ar + ks[:, None] * stride_ak,
                      mask=(offs_r[None, :] < R) & (ks[:, None] < K), other=0.0)
         acc = mma(w, at, acc, DOT_FP32, INPUT_PRECISION)
@@ -71,7 +76,7 @@ def _ctw_kernel(
     c_ptr, w_ptr, absmax_ptr, code_ptr, out_ptr,
     N, K, R, N_CHUNK,
     stride_cn, stride_cr, stride_wn, stride_wk,
-    IS_NF4: tl.constexpr, NF4_BLOCK: tl.constexpr, R_PAD: tl.constexpr,
+    IS_NF4: tl.constexpr, NF4_BLOCK: tl.constexpr, NF4_ALIGNED: tl.constexpr, R_PAD: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_k = tl.program_id(0)
@@ -86,8 +91,12 @@ def _ctw_kernel(
         ns = n0 + tl.arange(0, BLOCK_N)
         ct = tl.load(c_ptr + ns[None, :] * stride_cn + offs_r[:, None] * stride_cr,
                      mask=(ns[None, :] < N) & (offs_r[:, None] < R), other=0.0)  # [R_PAD, BLOCK_N]
-        w = w_tile(w_ptr, absmax_ptr, code_ptr, ns[:, None], offs_k[None, :], N, K, stride_wn, stride_wk,
-                   IS_NF4, NF4_BLOCK, cdt)
+        if NF4_ALIGNED:
+            w = nf4_rows_tile(w_ptr, absmax_ptr, code_ptr, ns, pid_k * BLOCK_K, N, K, BLOCK_N, BLOCK_K, NF4_BLOCK,
+                              cdt)
+        else:
+            w = w_tile(w_ptr, absmax_ptr, code_ptr, ns[:, None], offs_k[None, :], N, K, stride_wn, stride_wk,
+                       IS_NF4, NF4_BLOCK, cdt)
         acc = mma(ct, w, acc, DOT_FP32, INPUT_PRECISION)
     tl.store(out_ptr + (pid_s * R + offs_r[:, None]) * K + offs_k[None, :], acc,
              mask=(offs_r[:, None] < R) & (offs_k[None, :] < K))
@@ -135,7 +144,7 @@ def norm_parts(weight, lora_A, N, nf4=None, want_sumsq=True):
     dot_fp32, prec = dot_flags(dtype)
     launch(_norm_parts_kernel, (tiles, split), device,
         w, absmax, code, lora_A, wa, sq, N, K, r, chunk, swn, swk, lora_A.stride(0), lora_A.stride(1),
-        IS_NF4=is_nf4, NF4_BLOCK=blk, SUMSQ=int(want_sumsq), R_PAD=rp, DOT_FP32=dot_fp32, INPUT_PRECISION=prec,
+        IS_NF4=is_nf4, NF4_BLOCK=blk, NF4_ALIGNED=nf4_aligned(is_nf4, K, blk), SUMSQ=int(want_sumsq), R_PAD=rp, DOT_FP32=dot_fp32, INPUT_PRECISION=prec,
         BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=1 if INTERPRET else (2 if is_nf4 else 3),
     )
     return wa.sum(0), (sq.sum(0) if want_sumsq else None)
@@ -158,7 +167,7 @@ def ctw(c, weight, K, nf4=None):
     dot_fp32, prec = dot_flags(dtype)
     launch(_ctw_kernel, (tiles, split), device,
         c, w, absmax, code, out, N, K, r, chunk, c.stride(0), c.stride(1), swn, swk,
-        IS_NF4=is_nf4, NF4_BLOCK=blk, R_PAD=rp, DOT_FP32=dot_fp32, INPUT_PRECISION=prec,
+        IS_NF4=is_nf4, NF4_BLOCK=blk, NF4_ALIGNED=nf4_aligned(is_nf4, K, blk), R_PAD=rp, DOT_FP32=dot_fp32, INPUT_PRECISION=prec,
         BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=1 if INTERPRET else (2 if is_nf4 else 3),
     )
     return out.sum(0)

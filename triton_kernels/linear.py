@@ -43,7 +43,7 @@ import triton.language as tl
 
 from ._common import (
     DTYPES, autotuned, check, check_int32, config_shapes, dot_flags, fit_smem, grouped_tile, launch, m_bucket,
-    mma, r_pad, smem_estimate, w_tile, weight_args, zero_when,
+    mma, nf4_aligned, nf4_rows_tile, r_pad, smem_estimate, w_tile, weight_args, zero_when,
 )
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages); the first entry is the pinned one.
@@ -68,6 +68,12 @@ def _min_block_m(kernel, weight, M):
     return min(big) if (M > _SMALL_M and big) else min(bms)
 
 
+def _acc_per_thread(kernel, cfg):
+    """fp32 accumulator values one thread holds for a [BLOCK_M, output tile] accumulator."""
+    out = cfg.kwargs["BLOCK_N"] if kernel == "fwd" else cfg.kwargs["BLOCK_K"]
+    return cfg.kwargs["BLOCK_M"] * out // (32 * cfg.num_warps)
+
+
 def _prune(kernel, nf4):
     def prune(configs, named_args, **kwargs):
         elem = named_args["x_ptr" if kernel == "fwd" else "dy_ptr"].element_size()
@@ -75,6 +81,11 @@ def _prune(kernel, nf4):
         candidates = configs
         if named_args["M"] > _SMALL_M and any(c.kwargs["BLOCK_M"] >= 64 for c in configs):
             candidates = [c for c in configs if c.kwargs["BLOCK_M"] >= 64]
+        if drop and not kwargs.get("COLSUM", named_args.get("COLSUM", 0)):
+            # two fp32 accumulators: more than 64 values each per thread (32 beside the NF4 decode)
+            # spill (the kernel report's sm_90 compiles)
+            fit = [c for c in candidates if _acc_per_thread(kernel, c) <= (32 if nf4 else 64)]
+            candidates = fit or candidates
         kept = fit_smem(candidates, lambda cfg: smem_estimate(kernel, cfg, elem, nf4, drop))
         if not kept:  # nothing fits: the largest BLOCK_M (keeps the column-sum buffer large enough), 1 stage
             cfg = max(configs, key=lambda c: c.kwargs["BLOCK_M"])
@@ -96,7 +107,7 @@ def _fwd_kernel(
     stride_xm, stride_xk, stride_wn, stride_wk, stride_km, stride_kk, stride_am, stride_ar,
     stride_bn, stride_br, stride_dm, stride_dn, stride_om, stride_on,
     scaling, mask_scale,
-    IS_NF4: tl.constexpr, NF4_BLOCK: tl.constexpr, HAS_LORA: tl.constexpr, HAS_SCALE: tl.constexpr,
+    IS_NF4: tl.constexpr, NF4_BLOCK: tl.constexpr, NF4_ALIGNED: tl.constexpr, HAS_LORA: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_BIAS: tl.constexpr, DROP: tl.constexpr, COLSUM: tl.constexpr, COLMASK: tl.constexpr,
     R_PAD: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -117,45 +128,75 @@ def _fwd_kernel(
         k_end = K * active.to(tl.int32)
         live = m_ok & active
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # x_d W^T (x W^T without DROP)
-    acc_x = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # x W^T, DROP forward only
-    for k0 in range(0, k_end, BLOCK_K):
-        ks = k0 + offs_k
-        ok = m_ok & (ks[None, :] < K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + ks[None, :] * stride_xk, mask=ok, other=0.0)
-        wt = w_tile(w_ptr, absmax_ptr, code_ptr, offs_n[None, :], ks[:, None], N, K, stride_wn, stride_wk,
-                    IS_NF4, NF4_BLOCK, cdt)
-        if DROP:
-            keep = tl.load(keep_ptr + offs_m[:, None] * stride_km + ks[None, :] * stride_kk, mask=ok, other=0)
-            xd = tl.where(keep != 0, x.to(tl.float32) * mask_scale, 0.0).to(cdt)
-            acc = mma(xd, wt, acc, DOT_FP32, INPUT_PRECISION)
-            if not COLSUM:
-                acc_x = mma(x, wt, acc_x, DOT_FP32, INPUT_PRECISION)
-        else:
-            acc = mma(x, wt, acc, DOT_FP32, INPUT_PRECISION)
-
-    z = acc
+    # The LoRA term s xa B^T is computed first and seeds an accumulator, so the loop holds one fp32
+    # [BM, BN] tile (two with DROP) instead of a further one for the LoRA term, which spilled.
+    # Only the fp32 summation order differs from adding it after the loop.
+    #   acc   = x_d W^T (+ s xa B^T unless DROP's output)     acc_x = x W^T + g s xa B^T (DROP output)
+    g = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if HAS_SCALE:
+        g = tl.load(g_ptr + offs_n, mask=n_ok, other=0.0)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_x = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # DROP output only
     if HAS_LORA:
         offs_r = tl.arange(0, R_PAD)
         xa = tl.load(xa_ptr + offs_m[:, None] * stride_am + offs_r[None, :] * stride_ar,
                      mask=live & (offs_r[None, :] < R), other=0.0)
         bt = tl.load(lb_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
                      mask=n_ok[None, :] & (offs_r[:, None] < R), other=0.0)
-        z += scaling * mma(xa, bt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_FP32, INPUT_PRECISION)
+        lora = scaling * mma(xa, bt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_FP32, INPUT_PRECISION)
+        if DROP and not COLSUM:
+            acc_x = lora * g[None, :]  # the launcher guarantees g with DROP
+        else:
+            acc = lora
+    if NF4_ALIGNED:
+        # the transposed products acc^T = W x_d^T (and W x^T): the decoded W tile is the MMA's left
+        # operand, read from registers, so the MMA stays asynchronous while the next tile decodes
+        acct = tl.trans(acc)
+        acc_xt = tl.trans(acc_x)
+        for k0 in range(0, k_end, BLOCK_K):
+            ks = k0 + offs_k
+            okt = (offs_m[None, :] < M) & (ks[:, None] < K)
+            xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + ks[:, None] * stride_xk, mask=okt, other=0.0)
+            w = nf4_rows_tile(w_ptr, absmax_ptr, code_ptr, offs_n, k0, N, K, BLOCK_N, BLOCK_K, NF4_BLOCK, cdt)
+            if DROP:
+                keep = tl.load(keep_ptr + offs_m[None, :] * stride_km + ks[:, None] * stride_kk, mask=okt, other=0)
+                xdt = tl.where(keep != 0, xt.to(tl.float32) * mask_scale, 0.0).to(cdt)
+                acct = mma(w, xdt, acct, DOT_FP32, INPUT_PRECISION)
+                if not COLSUM:
+                    acc_xt = mma(w, xt, acc_xt, DOT_FP32, INPUT_PRECISION)
+            else:
+                acct = mma(w, xt, acct, DOT_FP32, INPUT_PRECISION)
+        acc = tl.trans(acct)
+        acc_x = tl.trans(acc_xt)
+    else:
+        for k0 in range(0, k_end, BLOCK_K):
+            ks = k0 + offs_k
+            ok = m_ok & (ks[None, :] < K)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + ks[None, :] * stride_xk, mask=ok, other=0.0)
+            wt = w_tile(w_ptr, absmax_ptr, code_ptr, offs_n[None, :], ks[:, None], N, K, stride_wn, stride_wk,
+                        IS_NF4, NF4_BLOCK, cdt)
+            if DROP:
+                keep = tl.load(keep_ptr + offs_m[:, None] * stride_km + ks[None, :] * stride_kk, mask=ok, other=0)
+                xd = tl.where(keep != 0, x.to(tl.float32) * mask_scale, 0.0).to(cdt)
+                acc = mma(xd, wt, acc, DOT_FP32, INPUT_PRECISION)
+                if not COLSUM:
+                    acc_x = mma(x, wt, acc_x, DOT_FP32, INPUT_PRECISION)
+            else:
+                acc = mma(x, wt, acc, DOT_FP32, INPUT_PRECISION)
 
     if COLSUM:
         dy = tl.load(dy_ptr + offs_m[:, None] * stride_dm + offs_n[None, :] * stride_dn,
                      mask=live & n_ok[None, :], other=0.0).to(tl.float32)
-        part = tl.sum(dy * z, axis=0)
+        part = tl.sum(dy * acc, axis=0)
         if COLMASK:
             part = tl.where(sel != 0, part, 0.0)
         tl.store(out_ptr + pid_m * stride_om + offs_n * stride_on, part, mask=n_ok)
     else:
-        if HAS_SCALE:
-            g = tl.load(g_ptr + offs_n, mask=n_ok, other=0.0)
-            z = z * g[None, :]
-        if DROP:
-            z += acc_x - acc
+        z = acc
+        if DROP:  # g (x_d W^T + s xa B^T) + (x - x_d) W^T
+            z = acc_x + acc * (g - 1.0)[None, :]
+        elif HAS_SCALE:
+            z = acc * g[None, :]
         if HAS_BIAS:
             z += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
@@ -170,7 +211,7 @@ def _dx_kernel(
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_bm, stride_br, stride_ar, stride_ak,
     stride_km, stride_kk, stride_ym, stride_yn, stride_xm, stride_xk,
     scaling, mask_scale,
-    IS_NF4: tl.constexpr, NF4_BLOCK: tl.constexpr, COMPUTE_DX: tl.constexpr, HAS_SCALE: tl.constexpr,
+    IS_NF4: tl.constexpr, NF4_BLOCK: tl.constexpr, NF4_ALIGNED: tl.constexpr, COMPUTE_DX: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_LORA: tl.constexpr, DROP: tl.constexpr, DB: tl.constexpr, CY: tl.constexpr, HAS_BIAS: tl.constexpr,
     R_PAD: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -184,16 +225,35 @@ def _dx_kernel(
     cdt = dy_ptr.dtype.element_ty
     sums = pid_k == 0  # the first column tile's programs also reduce dy over their rows
 
+    # The LoRA term s dyb A is computed first and seeds an accumulator (one fp32 tile in the loop,
+    # two with DROP); only the fp32 summation order differs from adding it after the loop.
+    #   acc = (dy * g) W (+ s dyb A unless DROP)      acc_d = (dy * (g - 1)) W + s dyb A   (DROP)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    acc_d = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)  # (dy * (g - 1)) W, DROP only
+    acc_d = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    if COMPUTE_DX:
+        if HAS_LORA:
+            offs_r = tl.arange(0, R_PAD)
+            dyb = tl.load(dyb_ptr + offs_m[:, None] * stride_bm + offs_r[None, :] * stride_br,
+                          mask=m_ok & (offs_r[None, :] < R), other=0.0)
+            a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                        mask=(offs_r[:, None] < R) & k_ok, other=0.0)
+            lora = scaling * mma(dyb, a, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), DOT_FP32, INPUT_PRECISION)
+            if DROP:
+                acc_d = lora
+            else:
+                acc = lora
     for n0 in range(0, N, BLOCK_N):
         ns = n0 + offs_n
         n_ok = ns < N
         dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + ns[None, :] * stride_dyn,
                      mask=m_ok & n_ok[None, :], other=0.0)
         if COMPUTE_DX:
-            w = w_tile(w_ptr, absmax_ptr, code_ptr, ns[:, None], offs_k[None, :], N, K, stride_wn, stride_wk,
-                       IS_NF4, NF4_BLOCK, cdt)
+            if NF4_ALIGNED:
+                w = nf4_rows_tile(w_ptr, absmax_ptr, code_ptr, ns, pid_k * BLOCK_K, N, K, BLOCK_N, BLOCK_K,
+                                  NF4_BLOCK, cdt)
+            else:
+                w = w_tile(w_ptr, absmax_ptr, code_ptr, ns[:, None], offs_k[None, :], N, K, stride_wn, stride_wk,
+                           IS_NF4, NF4_BLOCK, cdt)
             if HAS_SCALE:
                 g = tl.load(g_ptr + ns, mask=n_ok, other=0.0)
                 if DROP:
@@ -218,19 +278,10 @@ def _dx_kernel(
                     tl.store(c_ptr + pid_m * N + ns, tl.sum(dyf * yv, axis=0), mask=n_ok)
 
     if COMPUTE_DX:
-        if HAS_LORA:
-            offs_r = tl.arange(0, R_PAD)
-            dyb = tl.load(dyb_ptr + offs_m[:, None] * stride_bm + offs_r[None, :] * stride_br,
-                          mask=m_ok & (offs_r[None, :] < R), other=0.0)
-            a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
-                        mask=(offs_r[:, None] < R) & k_ok, other=0.0)
-            lora = scaling * mma(dyb, a, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), DOT_FP32, INPUT_PRECISION)
-            if DROP:
-                keep = tl.load(keep_ptr + offs_m[:, None] * stride_km + offs_k[None, :] * stride_kk,
-                               mask=m_ok & k_ok, other=0)
-                acc += tl.where(keep != 0, (acc_d + lora) * mask_scale, 0.0)
-            else:
-                acc += lora
+        if DROP:
+            keep = tl.load(keep_ptr + offs_m[:, None] * stride_km + offs_k[None, :] * stride_kk,
+                           mask=m_ok & k_ok, other=0)
+            acc += tl.where(keep != 0, acc_d * mask_scale, 0.0)
         tl.store(dx_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                  acc.to(dx_ptr.dtype.element_ty), mask=m_ok & k_ok)
 
@@ -239,8 +290,8 @@ def _tuned(fn, kernel, weight, flags, pre_hook):
     return autotuned(fn, _CONFIGS, kernel, weight, flags, _prune(kernel, weight == "nf4"), pre_hook)
 
 
-_FWD_FLAGS = ["HAS_LORA", "HAS_SCALE", "DROP", "COLSUM"]
-_DX_FLAGS = ["COMPUTE_DX", "HAS_SCALE", "DROP", "DB", "CY"]
+_FWD_FLAGS = ["HAS_LORA", "HAS_SCALE", "DROP", "COLSUM", "COLMASK", "NF4_ALIGNED"]
+_DX_FLAGS = ["COMPUTE_DX", "HAS_SCALE", "DROP", "DB", "CY", "NF4_ALIGNED"]
 # the column-sum buffers' used rows depend on BLOCK_M: zero them between autotuning trials
 _FWD_HOOK = zero_when(("out_ptr", "COLSUM"))
 _DX_HOOK = zero_when(("db_ptr", "DB"), ("c_ptr", "CY"))
@@ -340,7 +391,7 @@ def frozen_forward(x, weight, N, nf4=None, bias=None, lora=None, g=None, keep=No
         x.stride(0), x.stride(1), swn, swk, kp.stride(0), kp.stride(1), xa.stride(0), xa.stride(1),
         lb.stride(0), lb.stride(1), dy.stride(0), dy.stride(1), out.stride(0), out.stride(1),
         float(scaling), float(mask_scale),
-        IS_NF4=is_nf4, NF4_BLOCK=blk, HAS_LORA=int(lora is not None), HAS_SCALE=int(g is not None and not mode_colsum),
+        IS_NF4=is_nf4, NF4_BLOCK=blk, NF4_ALIGNED=nf4_aligned(is_nf4, K, blk), HAS_LORA=int(lora is not None), HAS_SCALE=int(g is not None and not mode_colsum),
         HAS_BIAS=int(bias is not None and not mode_colsum), DROP=int(keep is not None), COLSUM=int(mode_colsum),
         COLMASK=int(mode_colsum and cols is not None), R_PAD=rp, DOT_FP32=dot_fp32, INPUT_PRECISION=prec,
     )
@@ -405,7 +456,7 @@ def frozen_backward(dy, weight, K, nf4=None, compute_dx=True, g=None, lora=None,
         dy.stride(0), dy.stride(1), swn, swk, dyb.stride(0), dyb.stride(1), la.stride(0), la.stride(1),
         kp.stride(0), kp.stride(1), yy.stride(0), yy.stride(1), out.stride(0), out.stride(1),
         float(scaling), float(mask_scale),
-        IS_NF4=is_nf4, NF4_BLOCK=blk, COMPUTE_DX=int(run_dx), HAS_SCALE=int(g is not None),
+        IS_NF4=is_nf4, NF4_BLOCK=blk, NF4_ALIGNED=nf4_aligned(is_nf4, K, blk), COMPUTE_DX=int(run_dx), HAS_SCALE=int(g is not None),
         HAS_LORA=int(lora is not None), DROP=int(keep is not None), DB=int(want_db), CY=int(want_c),
         HAS_BIAS=int(bias is not None), R_PAD=rp, DOT_FP32=dot_fp32, INPUT_PRECISION=prec,
     )

@@ -8,8 +8,8 @@
 # NF4 tiles are dequantized in registers inside the reduction loop: bytes and absmax are gathered
 # by flat index, so odd K (rows straddling bytes and blocks) needs no special case and no dense
 # copy of W is ever written to memory. xa = dropout(x) . A^T and dyb = dy . B are computed by the
-# caller (tiny [M, r] matmuls); the LoRA term is one extra tl.dot per output tile after the
-# reduction loop, added into the same fp32 accumulator, with the bias in the epilogue.
+# caller (tiny [M, r] matmuls); the LoRA term is one extra tl.dot per output tile before the
+# reduction loop and seeds its fp32 accumulator (one accumulator, no spills), bias in the epilogue.
 #
 # Limits: r <= 128 (r is padded to a power of two >= 16 as a constexpr); every operand's element
 # offsets (and N * K for NF4) < 2**31 (int32 index math; the launchers check). No split-K yet, so
@@ -30,8 +30,8 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    DTYPES, autotuned, check, check_int32, dot_flags, fit_smem, grouped_tile, launch, m_bucket, mma, r_pad,
-    smem_estimate, w_tile, weight_args,
+    DTYPES, autotuned, check, check_int32, dot_flags, fit_smem, grouped_tile, launch, m_bucket, mma, nf4_aligned,
+    nf4_rows_tile, r_pad, smem_estimate, w_tile, weight_args,
 )
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages); the first entry is the pinned one.
@@ -45,7 +45,7 @@ _CONFIGS = {
     ],
     ("fwd", "nf4"): [
         (128, 128, 64, 8, 8, 2), (128, 128, 32, 8, 8, 3), (64, 128, 64, 8, 4, 2), (64, 64, 64, 8, 4, 3),
-        (32, 128, 64, 4, 4, 2), (16, 128, 64, 1, 4, 2), (16, 64, 128, 1, 4, 2), (16, 32, 128, 1, 4, 3),
+        (32, 128, 64, 4, 4, 2), (16, 128, 64, 1, 4, 2), (16, 64, 128, 1, 4, 2),
     ],
     ("dx", "dense"): [
         (128, 64, 128, 8, 8, 3), (128, 64, 256, 8, 8, 3), (128, 64, 128, 8, 4, 4), (64, 64, 128, 8, 4, 4),
@@ -78,7 +78,7 @@ def _lora_fwd_kernel(
     stride_xm, stride_xk, stride_wn, stride_wk, stride_am, stride_ar,
     stride_bn, stride_br, stride_om, stride_on,
     scaling,
-    IS_NF4: tl.constexpr, NF4_BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr,
+    IS_NF4: tl.constexpr, NF4_BLOCK: tl.constexpr, NF4_ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -89,24 +89,44 @@ def _lora_fwd_kernel(
     m_ok = offs_m[:, None] < M
     cdt = x_ptr.dtype.element_ty
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + offs_k
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + ks[None, :] * stride_xk,
-                    mask=m_ok & (ks[None, :] < K), other=0.0)
-        # W^T tile [BLOCK_K, BLOCK_N]: rows of W are n, columns k
-        wt = w_tile(w_ptr, absmax_ptr, code_ptr, offs_n[None, :], ks[:, None], N, K,
-                    stride_wn, stride_wk, IS_NF4, NF4_BLOCK, cdt)
-        acc = mma(x, wt, acc, DOT_FP32, INPUT_PRECISION)
-
-    # LoRA term: [BLOCK_M, R_PAD] . [R_PAD, BLOCK_N], r zero-padded
     offs_r = tl.arange(0, R_PAD)
-    xa = tl.load(xa_ptr + offs_m[:, None] * stride_am + offs_r[None, :] * stride_ar,
-                 mask=m_ok & (offs_r[None, :] < R), other=0.0)
-    bt = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
-                 mask=(offs_n[None, :] < N) & (offs_r[:, None] < R), other=0.0)
-    lora = mma(xa, bt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_FP32, INPUT_PRECISION)
-    acc += scaling * lora
+    if NF4_ALIGNED:
+        # out^T = W x^T + s B xa^T: the decoded W tile is the MMA's left operand, which the MMA can
+        # read from registers, so the decoded tile need not be written to shared memory first.
+        bm = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                     mask=(offs_n[:, None] < N) & (offs_r[None, :] < R), other=0.0)
+        xat = tl.load(xa_ptr + offs_m[None, :] * stride_am + offs_r[:, None] * stride_ar,
+                      mask=(offs_m[None, :] < M) & (offs_r[:, None] < R), other=0.0)
+        acct = scaling * mma(bm, xat, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), DOT_FP32, INPUT_PRECISION)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + offs_k
+            xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + ks[:, None] * stride_xk,
+                         mask=(offs_m[None, :] < M) & (ks[:, None] < K), other=0.0)
+            w = nf4_rows_tile(w_ptr, absmax_ptr, code_ptr, offs_n, k0, N, K, BLOCK_N, BLOCK_K, NF4_BLOCK, cdt)
+            acct = mma(w, xt, acct, DOT_FP32, INPUT_PRECISION)
+        acc = tl.trans(acct)
+    else:
+        # LoRA term first, [BLOCK_M, R_PAD] . [R_PAD, BLOCK_N] (r zero-padded) times s in fp32: it seeds
+        # the accumulator, so a single fp32 [BLOCK_M, BLOCK_N] tile is live in the loop (a second one
+        # for the LoRA term spilled). Only the fp32 summation order differs from adding it last.
+        xa = tl.load(xa_ptr + offs_m[:, None] * stride_am + offs_r[None, :] * stride_ar,
+                     mask=m_ok & (offs_r[None, :] < R), other=0.0)
+        bt = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
+                     mask=(offs_n[None, :] < N) & (offs_r[:, None] < R), other=0.0)
+        acc = scaling * mma(xa, bt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_FP32, INPUT_PRECISION)
+
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + offs_k
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + ks[None, :] * stride_xk,
+                        mask=m_ok & (ks[None, :] < K), other=0.0)
+            # W^T tile [BLOCK_K, BLOCK_N]: rows of W are n, columns k
+            if NF4_ALIGNED:
+                wt = tl.trans(nf4_rows_tile(w_ptr, absmax_ptr, code_ptr, offs_n, k0, N, K,
+                                            BLOCK_N, BLOCK_K, NF4_BLOCK, cdt))
+            else:
+                wt = w_tile(w_ptr, absmax_ptr, code_ptr, offs_n[None, :], ks[:, None], N, K,
+                            stride_wn, stride_wk, IS_NF4, NF4_BLOCK, cdt)
+            acc = mma(x, wt, acc, DOT_FP32, INPUT_PRECISION)
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
@@ -123,7 +143,7 @@ def _lora_dx_kernel(
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_bm, stride_br,
     stride_ar, stride_ak, stride_mm, stride_mk, stride_xm, stride_xk,
     scaling, mask_scale,
-    IS_NF4: tl.constexpr, NF4_BLOCK: tl.constexpr, HAS_MASK: tl.constexpr, R_PAD: tl.constexpr,
+    IS_NF4: tl.constexpr, NF4_BLOCK: tl.constexpr, NF4_ALIGNED: tl.constexpr, HAS_MASK: tl.constexpr, R_PAD: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -136,15 +156,7 @@ def _lora_dx_kernel(
     k_ok = offs_k[None, :] < K
     cdt = dy_ptr.dtype.element_ty
 
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        ns = n0 + offs_n
-        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + ns[None, :] * stride_dyn,
-                     mask=m_ok & (ns[None, :] < N), other=0.0)
-        w = w_tile(w_ptr, absmax_ptr, code_ptr, ns[:, None], offs_k[None, :], N, K,
-                   stride_wn, stride_wk, IS_NF4, NF4_BLOCK, cdt)
-        acc = mma(dy, w, acc, DOT_FP32, INPUT_PRECISION)
-
+    # the (masked) LoRA term first: it seeds the single fp32 accumulator of the loop (see the forward)
     offs_r = tl.arange(0, R_PAD)
     dyb = tl.load(dyb_ptr + offs_m[:, None] * stride_bm + offs_r[None, :] * stride_br,
                   mask=m_ok & (offs_r[None, :] < R), other=0.0)
@@ -155,14 +167,34 @@ def _lora_dx_kernel(
         keep = tl.load(mask_ptr + offs_m[:, None] * stride_mm + offs_k[None, :] * stride_mk,
                        mask=m_ok & k_ok, other=0)
         lora = tl.where(keep != 0, lora * mask_scale, 0.0)
-    acc += scaling * lora
+    acc = scaling * lora
+
+    if NF4_ALIGNED:
+        # dx^T = W^T dy^T: the decoded W tile is the MMA's left operand (registers; see the forward)
+        acct = tl.trans(acc)
+        for n0 in range(0, N, BLOCK_N):
+            ns = n0 + offs_n
+            dyt = tl.load(dy_ptr + offs_m[None, :] * stride_dym + ns[:, None] * stride_dyn,
+                          mask=(offs_m[None, :] < M) & (ns[:, None] < N), other=0.0)
+            w = nf4_rows_tile(w_ptr, absmax_ptr, code_ptr, ns, pid_k * BLOCK_K, N, K,
+                              BLOCK_N, BLOCK_K, NF4_BLOCK, cdt)
+            acct = mma(tl.trans(w), dyt, acct, DOT_FP32, INPUT_PRECISION)
+        acc = tl.trans(acct)
+    else:
+        for n0 in range(0, N, BLOCK_N):
+            ns = n0 + offs_n
+            dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + ns[None, :] * stride_dyn,
+                         mask=m_ok & (ns[None, :] < N), other=0.0)
+            w = w_tile(w_ptr, absmax_ptr, code_ptr, ns[:, None], offs_k[None, :], N, K,
+                       stride_wn, stride_wk, IS_NF4, NF4_BLOCK, cdt)
+            acc = mma(dy, w, acc, DOT_FP32, INPUT_PRECISION)
 
     tl.store(dx_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
              acc.to(dx_ptr.dtype.element_ty), mask=m_ok & k_ok)
 
 
 def _tuned(fn, kernel, weight, flag):
-    return autotuned(fn, _CONFIGS, kernel, weight, [flag], _fit_smem(kernel, weight == "nf4"))
+    return autotuned(fn, _CONFIGS, kernel, weight, [flag, "NF4_ALIGNED"], _fit_smem(kernel, weight == "nf4"))
 
 
 _FWD = {0: _tuned(_lora_fwd_kernel, "fwd", "dense", "HAS_BIAS"), 1: _tuned(_lora_fwd_kernel, "fwd", "nf4", "HAS_BIAS")}
@@ -213,7 +245,7 @@ def lora_forward(x, weight, bias, xa, lora_B, scaling, nf4=None):
         x.stride(0), x.stride(1), swn, swk, xa.stride(0), xa.stride(1),
         lora_B.stride(0), lora_B.stride(1), out.stride(0), out.stride(1),
         float(scaling),
-        IS_NF4=is_nf4, NF4_BLOCK=blk, HAS_BIAS=int(bias is not None), R_PAD=r_pad(r),
+        IS_NF4=is_nf4, NF4_BLOCK=blk, NF4_ALIGNED=nf4_aligned(is_nf4, K, blk), HAS_BIAS=int(bias is not None), R_PAD=r_pad(r),
         DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
     )
     return out
@@ -258,7 +290,7 @@ def lora_backward_dx(dy, weight, dyb, lora_A, scaling, mask=None, mask_scale=1.0
         dy.stride(0), dy.stride(1), swn, swk, dyb.stride(0), dyb.stride(1),
         lora_A.stride(0), lora_A.stride(1), m.stride(0), m.stride(1), out.stride(0), out.stride(1),
         float(scaling), float(mask_scale),
-        IS_NF4=is_nf4, NF4_BLOCK=blk, HAS_MASK=int(mask is not None), R_PAD=r_pad(r),
+        IS_NF4=is_nf4, NF4_BLOCK=blk, NF4_ALIGNED=nf4_aligned(is_nf4, K, blk), HAS_MASK=int(mask is not None), R_PAD=r_pad(r),
         DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
     )
     return out

@@ -2,39 +2,46 @@
 #
 # Format. n elements, flattened row-major, split into blocks of `blocksize` consecutive elements
 # (32, 64, ..., 4096; the last block may be partial). Byte i = nibble(2i) << 4 | nibble(2i+1):
-# the high nibble is the first element; an odd n pads a zero low nibble. Scales: fp32 absmax per
+# the high nibble is the first element; an odd n pads the low nibble with the code of a 0. Scales: fp32 absmax per
 # block, or (nested / double quantization) a uint8 per block decoded as
 #     absmax_f = fp32(nested_code[q] * nested_absmax[block // 256]);  absmax_f = fp32(absmax_f + offset)
 # (two roundings, never an FMA).
 #
 # dequantize_nf4: out[e] = cast_rne(fp32(code[nibble(e)] * absmax_f[e // blocksize])).
 #   One launch. A program expands BLOCK packed bytes into 2*BLOCK outputs: one vector load of
-#   bytes, the 16-entry code and the scales gathered through L1 (both nibbles of a byte share a
-#   block because blocksize is even), one contiguous interleaved store.
+#   bytes, both levels of a byte from one 8-byte load of a 256-entry pair table (L1-resident), one
+#   scale per NF4 block (blocksize is a constexpr; a byte never straddles blocks because blocksize
+#   is even), and the byte's two outputs stored as one 32- (or 64-) bit word: no interleave.
 #   Memory bound: n/2 + n*sizeof(out) bytes + the scales (4 B per block, or 1 B per block + 4 B
 #   per 256 blocks nested).
 #
-# quantize_nf4: the semantics of bitsandbytes' pure-torch quantize_4bit (its CPU path), quirks
-# included. x is read as fp32.
-#   full block:          absmax = max|x| (stored as is);  s = clamp(x * (1 / max(absmax, 1e-38)), -1, 1)
-#   last partial block:  absmax = max(max|x|, 1e-38);     s = clamp(x / absmax, -1, 1)
-#   nibble = #{j : s > m_j}, m_j = fp32(code[j] + code[j+1]) / 2, j < 15 (a tie takes the lower
-#   code). An all-zero block stores absmax 0 and packs 0x77 (bitsandbytes' CUDA kernel packs 0x00).
-#   An odd n pads s = 0 (nibble 7) into the last low nibble.
-#   One program per ROWS blocks, a [ROWS, blocksize] tile; nibble found by a 4-step binary search
-#   over the midpoints. Bytes: n*sizeof(x) + n/2 + 4 per block.
+# quantize_nf4 / quantize_nested: bitsandbytes' CUDA blockwise quantizer (kQuantizeBlockwise), whose
+# rule deltakern/backends/reference/nf4.py states once (blockwise_scale, nf4_codes_of, dynamic_codes_of). x is read as fp32;
+# per block (the last one padded with zeros), with ftz() flushing subnormals to zero:
+#   absmax = max|ftz(x)|;  inv = ftz(rcp(absmax));  z = ftz(ftz(x) * inv)
+#   NF4 nibble = #{j : z > t_j} over 15 fixed fp32 thresholds (4-step binary search; NaN -> 0)
+#   8-bit code = #{j : z > m_j} over the 255 fp32 midpoints of the dynamic map (8-step binary
+#                search), then a z equal to m_q with q odd moves to q + 1 (ties to the even index)
+# so an all-zero block (absmax 0, z = 0 * inf = NaN) packs 0x00 / stores code 0. rcp is the hardware
+# reciprocal rcp.approx.ftz.f32 on the GPU (what bitsandbytes' fast-math build uses, hence its exact
+# bytes), and the correctly rounded 1/absmax in the interpreter, which cannot run inline PTX (the
+# references' rule, bit for bit). The flushes are explicit, whatever the compiler's denormal mode.
+#   quantize_nf4: one program per ROWS blocks, a [ROWS, blocksize] tile.
+#     Bytes: n*sizeof(x) + n/2 + 4 per block.
+#   quantize_nested: one program per ROWS blocks of 256 fp32 values. Bytes: 5n + 4 per 256.
 #
-# Exactness on the GPU: divisions use tl.math.div_rn (IEEE, no fast math) and every launch passes
-# enable_fp_fusion=False so no multiply/add pair is contracted into an FMA.
+# Exactness on the GPU: every launch passes enable_fp_fusion=False so no multiply/add pair is
+# contracted into an FMA.
 # Autotuning is pinned to its first config when DELTAKERN_TRITON_PIN=1 or TRITON_INTERPRET=1.
+import contextlib
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import launch
-from .nf4_ref import dequantize_nf4_ref, quantize_nf4_ref  # noqa: F401  (the references, beside the kernels)
+from ._common import launch, pair_table
+from deltakern.backends.reference.nf4 import dequantize_nf4_ref, quantize_nested_ref, quantize_nf4_ref  # noqa: F401,E501  (the references)
 
 NF4_CODE = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -46,7 +53,21 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
 _OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-_PIN = os.environ.get("DELTAKERN_TRITON_PIN") == "1" or os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # no inline PTX there
+_PIN = os.environ.get("DELTAKERN_TRITON_PIN") == "1" or _INTERPRET
+# The hardware reciprocal is inline PTX, which only a GPU compile can run; the interpreter takes the
+# correctly rounded 1/x instead (the reference's rule). A GPU launch always passes HW_RCP=1.
+HW_RCP = 0 if _INTERPRET else 1
+
+
+def _ieee_quiet():
+    """The interpreter computes with NumPy, which warns on 1/0 and 0 * inf; an all-zero block does both
+    on purpose (absmax 0 -> inv = inf -> z = NaN -> code 0). The GPU computes the same silently."""
+    if _INTERPRET:
+        import numpy as np
+
+        return np.errstate(divide="ignore", invalid="ignore")
+    return contextlib.nullcontext()
 
 
 def _pinned(configs):
@@ -58,75 +79,138 @@ def _pinned(configs):
 
 @triton.autotune(
     configs=_pinned([
-        triton.Config({"BLOCK": 2048}, num_warps=4),
-        triton.Config({"BLOCK": 2048}, num_warps=8),
-        triton.Config({"BLOCK": 4096}, num_warps=8),
+        # first (the pinned one): the fewest SASS instructions per output in the kernel report
         triton.Config({"BLOCK": 8192}, num_warps=8),
         triton.Config({"BLOCK": 8192}, num_warps=16),
+        triton.Config({"BLOCK": 4096}, num_warps=8),
+        triton.Config({"BLOCK": 2048}, num_warps=4),
     ]),
-    key=["n", "NESTED"],
+    key=["n", "NESTED", "BLOCKSIZE", "OUT_BITS", "ODD"],
 )
 @triton.jit
 def _dequantize_nf4_kernel(
-    packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, out_ptr,
-    n, nbytes, log2_bytes_per_block, offset,
-    NESTED: tl.constexpr, BLOCK: tl.constexpr,
+    packed_ptr, absmax_ptr, pair_ptr, nested_absmax_ptr, nested_code_ptr, out_ptr,
+    n, nbytes, offset,
+    NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, OUT_BITS: tl.constexpr, ODD: tl.constexpr, PACK_ASM: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
+    # BLOCK packed bytes per program as [BLOCK / BPB, BPB] (BPB = bytes per NF4 block; BLOCK >= BPB):
+    # one scale per row of that tile; both levels of a byte from one 8-byte load of the pair table;
+    # the two outputs of a byte written as one word (OUT_BITS = 16: two 16-bit values in a 32-bit
+    # word, the first element in the low half, i.e. at the lower address; 32: two fp32 in 64 bits),
+    # so there is no interleave. An odd n: the last byte's word would write past the end, so the
+    # program holding it writes its first element alone.
+    BPB: tl.constexpr = BLOCKSIZE // 2
+    ROWS: tl.constexpr = BLOCK // BPB
     pid = tl.program_id(0).to(tl.int64)
-    byte = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = byte < nbytes
-    b = tl.load(packed_ptr + byte, mask=mask, other=0).to(tl.int32)
-    hi = tl.load(code_ptr + (b >> 4))
-    lo = tl.load(code_ptr + (b & 15))
-    blk = byte >> log2_bytes_per_block
+    blk = pid * ROWS + tl.arange(0, ROWS)
+    byte = blk[:, None] * BPB + tl.arange(0, BPB)[None, :]
+    full = byte < n // 2  # bytes holding two elements
+    b = tl.load(packed_ptr + byte, mask=byte < nbytes, other=0)
+    pair = tl.load(pair_ptr + b.to(tl.int32))
+    hi = (pair & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
+    lo = (pair >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
+    blk_ok = blk * BPB < nbytes
     if NESTED:
-        q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
-        scale = tl.load(nested_code_ptr + q) * tl.load(nested_absmax_ptr + (blk >> 8), mask=mask, other=0.0)
+        q = tl.load(absmax_ptr + blk, mask=blk_ok, other=0).to(tl.int32)
+        scale = tl.load(nested_code_ptr + q) * tl.load(nested_absmax_ptr + (blk >> 8), mask=blk_ok, other=0.0)
         scale = scale + offset
     else:
-        scale = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
-    vals = tl.interleave(hi * scale, lo * scale)
-    elem = pid * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
-    tl.store(out_ptr + elem, vals.to(out_ptr.dtype.element_ty), mask=elem < n)
+        scale = tl.load(absmax_ptr + blk, mask=blk_ok, other=0.0)
+    fh = hi * scale[:, None]
+    fl = lo * scale[:, None]
+    if OUT_BITS == 16:
+        if PACK_ASM:  # one round-to-nearest-even cvt packs both outputs of a byte (sm_80+)
+            op: tl.constexpr = "cvt.rn.bf16x2.f32" if out_ptr.dtype.element_ty == tl.bfloat16 else "cvt.rn.f16x2.f32"
+            word = tl.inline_asm_elementwise(op + " $0, $2, $1;", "=r,f,f", [fh, fl], dtype=tl.uint32,
+                                             is_pure=True, pack=1)  # low half: the first element
+        else:
+            vh = fh.to(out_ptr.dtype.element_ty).to(tl.uint16, bitcast=True).to(tl.uint32)
+            word = vh | (fl.to(out_ptr.dtype.element_ty).to(tl.uint16, bitcast=True).to(tl.uint32) << 16)
+        tl.store(out_ptr.to(tl.pointer_type(tl.uint32)) + byte, word, mask=full)
+    else:
+        word = fh.to(tl.uint32, bitcast=True).to(tl.uint64) | (fl.to(tl.uint32, bitcast=True).to(tl.uint64) << 32)
+        tl.store(out_ptr.to(tl.pointer_type(tl.uint64)) + byte, word, mask=full)
+    if ODD:
+        last = n // 2  # the byte whose low nibble is padding
+        tl.store(out_ptr + 2 * byte, fh.to(out_ptr.dtype.element_ty), mask=byte == last)
+
+
+@triton.jit
+def _ftz(v):
+    """v with subnormals (exponent bits all zero) replaced by +0; NaN and inf pass."""
+    return tl.where((v.to(tl.int32, bitcast=True) & 0x7F800000) == 0, 0.0, v)
+
+
+@triton.jit
+def _rcp(a, HW_RCP: tl.constexpr):
+    """ftz(1 / a): the hardware rcp.approx.ftz.f32 (within 1 ulp) or the correctly rounded quotient."""
+    if HW_RCP:
+        r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [a], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+    else:
+        r = tl.math.div_rn(tl.full(a.shape, 1.0, tl.float32), a)
+    return _ftz(r)
+
+
+@triton.jit
+def _scale_blocks(x_ptr, row, n, BLOCKSIZE: tl.constexpr, HW_RCP: tl.constexpr):
+    """(z [ROWS, BLOCKSIZE], absmax [ROWS]) of blocks `row`: elements past n load as 0 (reference.nf4.blockwise_scale)."""
+    elem = row[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+    v = _ftz(tl.load(x_ptr + elem, mask=elem < n, other=0.0).to(tl.float32))
+    amax = tl.max(tl.abs(v), axis=1)
+    z = _ftz(v * _rcp(amax, HW_RCP)[:, None])
+    return z, amax
 
 
 @triton.jit
 def _quantize_nf4_kernel(
-    x_ptr, mid_ptr, packed_ptr, absmax_ptr, n, nbytes, nblocks,
-    BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr,
+    x_ptr, thr_ptr, packed_ptr, absmax_ptr, n, nbytes, nblocks,
+    BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr, HW_RCP: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    elem = row[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
-    x = tl.load(x_ptr + elem, mask=elem < n, other=0.0).to(tl.float32)
-    amax = tl.max(tl.abs(x), axis=1)
-    am = tl.maximum(amax, tl.full([ROWS], 1e-38, tl.float32))  # a bare 1e-38 literal is fp64 in Triton
-    partial = (row + 1) * BLOCKSIZE > n  # only the last block can be partial
-    recip = tl.math.div_rn(tl.full([ROWS], 1.0, tl.float32), am)
-    s_full = x * recip[:, None]
-    s_part = tl.math.div_rn(x, tl.broadcast_to(am[:, None], (ROWS, BLOCKSIZE)))
-    s = tl.where(partial[:, None], s_part, s_full)
-    s = tl.minimum(tl.maximum(s, -1.0), 1.0)
-    # q = number of midpoints strictly below s (binary search over the 15 sorted midpoints)
+    z, amax = _scale_blocks(x_ptr, row, n, BLOCKSIZE, HW_RCP)
+    # q = number of thresholds strictly below z (binary search over the 15 sorted ones; NaN -> 0)
     q = tl.zeros([ROWS, BLOCKSIZE], tl.int32)
     for i in tl.static_range(4):
-        q = tl.where(s > tl.load(mid_ptr + q + (7 >> i)), q + (8 >> i), q)
+        q = tl.where(z > tl.load(thr_ptr + q + (7 >> i)), q + (8 >> i), q)
     hi, lo = tl.split(tl.reshape(q, (ROWS, BLOCKSIZE // 2, 2)))
     byte = row[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]
     tl.store(packed_ptr + byte, ((hi << 4) | lo).to(tl.uint8), mask=byte < nbytes)
-    tl.store(absmax_ptr + row, tl.where(partial, am, amax), mask=row < nblocks)
+    tl.store(absmax_ptr + row, amax, mask=row < nblocks)
+
+
+@triton.jit
+def _quantize_nested_kernel(
+    x_ptr, mid_ptr, q_ptr, absmax_ptr, n, nblocks,
+    ROWS: tl.constexpr, HW_RCP: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    z, amax = _scale_blocks(x_ptr, row, n, 256, HW_RCP)
+    # q = number of the 255 sorted midpoints strictly below z (NaN -> 0), then ties to the even index
+    q = tl.zeros([ROWS, 256], tl.int32)
+    for i in tl.static_range(8):
+        q = tl.where(z > tl.load(mid_ptr + q + ((128 >> i) - 1)), q + (128 >> i), q)
+    at = tl.load(mid_ptr + tl.minimum(q, 254))
+    q = tl.where(((q & 1) == 1) & (z == at), q + 1, q)
+    elem = row[:, None] * 256 + tl.arange(0, 256)[None, :]
+    tl.store(q_ptr + elem, q.to(tl.uint8), mask=elem < n)
+    tl.store(absmax_ptr + row, amax, mask=row < nblocks)
 
 
 # ----------------------------------------------------------------------------- helpers
 
-_midpoint_cache = {}
+_table_cache = {}
 
 
-def _nf4_midpoints(device):
-    mids = _midpoint_cache.get(device)
-    if mids is None:
-        code = torch.tensor(NF4_CODE, dtype=torch.float32)
-        mids = _midpoint_cache[device] = ((code[:-1] + code[1:]) / 2).to(device)
-    return mids
+def _table(name, device):
+    """The NF4 thresholds or the dynamic map's midpoints (deltakern._codes), cached per device."""
+    t = _table_cache.get((name, device))
+    if t is None:
+        from deltakern import _codes
+
+        t = _table_cache[(name, device)] = getattr(_codes, name)().to(device)
+    return t
 
 
 def _check_blocksize(blocksize):
@@ -188,10 +272,12 @@ def dequantize_nf4(packed, absmax, n, blocksize, out_dtype, code,
     nbytes = packed.numel()
     grid = lambda meta: (triton.cdiv(nbytes, meta["BLOCK"]),)  # noqa: E731
     launch(_dequantize_nf4_kernel, grid, packed.device,
-        packed.contiguous(), absmax, code,
+        packed.contiguous(), absmax, pair_table(code),
         nested_absmax if nested else absmax, nested_code if nested else code, out,
-        n, nbytes, blocksize.bit_length() - 2, float(offset),
-        NESTED=int(nested), enable_fp_fusion=False,
+        n, nbytes, float(offset),
+        NESTED=int(nested), BLOCKSIZE=int(blocksize), OUT_BITS=8 * out.element_size(), ODD=n % 2,
+        PACK_ASM=int(not _INTERPRET),
+        enable_fp_fusion=False,
     )
     return out
 
@@ -212,9 +298,31 @@ def quantize_nf4(x, blocksize):
     if n == 0:
         return packed, absmax
     rows = max(1, 2048 // blocksize)
-    launch(_quantize_nf4_kernel, (triton.cdiv(nblocks, rows),), x.device,
-        x, _nf4_midpoints(x.device), packed, absmax, n, packed.numel(), nblocks,
-        BLOCKSIZE=blocksize, ROWS=rows, num_warps=8 if blocksize >= 4096 else 4,
-        enable_fp_fusion=False,
-    )
+    with _ieee_quiet():
+        launch(_quantize_nf4_kernel, (triton.cdiv(nblocks, rows),), x.device,
+            x, _table("nf4_thresholds", x.device), packed, absmax, n, packed.numel(), nblocks,
+            BLOCKSIZE=blocksize, ROWS=rows, HW_RCP=HW_RCP, num_warps=8 if blocksize >= 4096 else 4,
+            enable_fp_fusion=False,
+        )
     return packed, absmax
+
+
+def quantize_nested(x):
+    """8-bit blockwise quantization (blocks of 256, signed dynamic map) of fp32 x:
+    (uint8 codes [n], fp32 absmax [ceil(n/256)])."""
+    if x.dtype != torch.float32:
+        raise ValueError(f"x must be float32, got {x.dtype}")
+    x = x.reshape(-1).contiguous()
+    n = x.numel()
+    nblocks = -(-n // NESTED_BLOCKSIZE)
+    q = torch.empty(n, dtype=torch.uint8, device=x.device)
+    absmax = torch.empty(nblocks, dtype=torch.float32, device=x.device)
+    if n == 0:
+        return q, absmax
+    rows = 8
+    with _ieee_quiet():
+        launch(_quantize_nested_kernel, (triton.cdiv(nblocks, rows),), x.device,
+            x, _table("dynamic_midpoints", x.device), q, absmax, n, nblocks,
+            ROWS=rows, HW_RCP=HW_RCP, num_warps=4, enable_fp_fusion=False,
+        )
+    return q, absmax

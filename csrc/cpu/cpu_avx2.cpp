@@ -39,6 +39,25 @@ inline Tab scaled_table(const float* code, float s, int dt) {
     return {round_table(_mm256_mul_ps(_mm256_loadu_ps(code), sv), dt), round_table(_mm256_mul_ps(_mm256_loadu_ps(code + 8), sv), dt)};
 }
 
+// 8 fp32 -> 8 bf16 / fp16 bit patterns, round to nearest even; NaN -> 0x7fc0 / sign | 0x7e00 (as
+// to_bf16 / to_f16 and torch do).
+inline __m128i to_16bit(__m256 v, int dt) {
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    const __m256i u = _mm256_castps_si256(v);
+    __m256i r;
+    if (dt == dk::BF16) {
+        r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
+        r = _mm256_blendv_epi8(_mm256_srli_epi32(r, 16), _mm256_set1_epi32(0x7fc0), nan);
+    } else {
+        r = _mm256_cvtepu16_epi32(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        const __m256i qnan = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x8000)), _mm256_set1_epi32(0x7e00));
+        r = _mm256_blendv_epi8(r, qnan, nan);
+    }
+    // 8 dwords holding 16-bit values -> 8 words (packus per lane, then the two lanes' halves joined)
+    __m256i packed = _mm256_packus_epi32(r, r);
+    return _mm_unpacklo_epi64(_mm256_castsi256_si128(packed), _mm256_extracti128_si256(packed, 1));
+}
+
 void dequantize(const dk::DequantArgs& a, int nthreads) {
     const int64_t bs = a.blocksize, nblocks = cdiv(a.n, bs), per_task = std::max<int64_t>(1, 65536 / bs);
     const __m256i shifts = _mm256_set_epi32(0, 4, 0, 4, 0, 4, 0, 4);
@@ -47,17 +66,18 @@ void dequantize(const dk::DequantArgs& a, int nthreads) {
     {
 #pragma omp for schedule(dynamic, per_task)
         for (int64_t b = 0; b < nblocks; ++b) {
-            alignas(64) float tab32[16];
-            alignas(64) uint16_t tab16[16];
-            block_table(a, b, tab32, tab16);
             const int64_t i0 = b * bs;
             if (i0 + bs > a.n) {
+                alignas(64) float tab32[16];
+                alignas(64) uint16_t tab16[16];
+                block_table(a, b, tab32, tab16);
                 dequant_scalar_range(a, tab32, tab16, i0, a.n);
                 continue;
             }
             const uint8_t* p = a.packed + i0 / 2;
+            const Tab vals = scaled_table(a.code, block_scale(a, b), a.round_dtype);  // fp32(code * scale)
             if (a.out_dtype == dk::F32) {
-                const Tab t = {_mm256_load_ps(tab32), _mm256_load_ps(tab32 + 8)};
+                const Tab t = vals;
                 float* o = static_cast<float*>(a.out) + i0;
                 for (int64_t j = 0; j < bs; j += 16) {
                     __m128i v = _mm_loadl_epi64((const __m128i*)(p + j / 2));
@@ -69,10 +89,11 @@ void dequantize(const dk::DequantArgs& a, int nthreads) {
                     else { _mm256_storeu_ps(o + j, r0); _mm256_storeu_ps(o + j + 8, r1); }
                 }
             } else {
-                alignas(16) uint8_t lo[16], hi[16];
-                for (int i = 0; i < 16; ++i) { lo[i] = (uint8_t)tab16[i]; hi[i] = (uint8_t)(tab16[i] >> 8); }
-                const __m256i L = _mm256_broadcastsi128_si256(_mm_load_si128((const __m128i*)lo));
-                const __m256i H = _mm256_broadcastsi128_si256(_mm_load_si128((const __m128i*)hi));
+                const __m128i w0 = to_16bit(vals.lo, a.out_dtype), w1 = to_16bit(vals.hi, a.out_dtype);  // entries 0-7, 8-15
+                const __m128i lo_b = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, -1, -1, -1, -1, -1, -1, -1, -1);
+                const __m128i hi_b = _mm_setr_epi8(1, 3, 5, 7, 9, 11, 13, 15, -1, -1, -1, -1, -1, -1, -1, -1);
+                const __m256i L = _mm256_broadcastsi128_si256(_mm_unpacklo_epi64(_mm_shuffle_epi8(w0, lo_b), _mm_shuffle_epi8(w1, lo_b)));
+                const __m256i H = _mm256_broadcastsi128_si256(_mm_unpacklo_epi64(_mm_shuffle_epi8(w0, hi_b), _mm_shuffle_epi8(w1, hi_b)));
                 const __m128i m4 = _mm_set1_epi8(15);
                 uint16_t* o = static_cast<uint16_t*>(a.out) + i0;
                 for (int64_t j = 0; j < bs; j += 32) {
@@ -151,16 +172,17 @@ void gemv_mb(const dk::MatArgs& a, const float* xp, int64_t m0, int nthreads) {
     }
 }
 
+// Rows of x in passes of at most 4; each pass decodes every W row once and feeds 2 rows of W per
+// load of x (16 ymm registers: at most 8 accumulators beside the two rows' tables).
 void gemv(const dk::MatArgs& a, int nthreads) {
-    for (int64_t m0 = 0; m0 < a.M; m0 += 8) {  // 16 ymm registers: at most 8 rows of x per pass over W
-        const int64_t rows = std::min<int64_t>(8, a.M - m0), mb = rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : 8;
+    for (int64_t m0 = 0; m0 < a.M; m0 += 4) {
+        const int64_t rows = std::min<int64_t>(4, a.M - m0), mb = rows <= 1 ? 1 : rows <= 2 ? 2 : 4;
         std::vector<float> xp(mb * a.K);
         permute_rows(a.a + m0 * a.K, rows, a.K, mb, xp.data());
         switch (mb) {
             case 1: gemv_mb<1, 2>(a, xp.data(), m0, nthreads); break;
             case 2: gemv_mb<2, 2>(a, xp.data(), m0, nthreads); break;
-            case 4: gemv_mb<4, 1>(a, xp.data(), m0, nthreads); break;
-            default: gemv_mb<8, 1>(a, xp.data(), m0, nthreads); break;
+            default: gemv_mb<4, 2>(a, xp.data(), m0, nthreads); break;
         }
     }
 }

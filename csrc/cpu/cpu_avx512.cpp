@@ -26,6 +26,28 @@ inline __m512 round_table(__m512 t, int dt) {
     return t;
 }
 
+// The block's 16 values fp32(code[j] * scale) (rounded to a.round_dtype) in one vector: the same
+// products as block_table, without its scalar loop.
+inline __m512 vector_table(const dk::DequantArgs& a, int64_t b) {
+    return round_table(_mm512_mul_ps(_mm512_loadu_ps(a.code), _mm512_set1_ps(block_scale(a, b))), a.round_dtype);
+}
+
+// 16 fp32 -> 16 bf16 / fp16 bit patterns, round to nearest even; NaN -> 0x7fc0 / sign | 0x7e00 (as
+// to_bf16 / to_f16 and torch do).
+inline __m256i to_16bit(__m512 v, int dt) {
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    const __m512i u = _mm512_castps_si512(v);
+    if (dt == dk::BF16) {
+        __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+        r = _mm512_mask_mov_epi32(_mm512_srli_epi32(r, 16), nan, _mm512_set1_epi32(0x7fc0));
+        return _mm512_cvtepi32_epi16(r);
+    }
+    __m256i h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256i qnan = _mm256_or_si256(_mm512_cvtepi32_epi16(_mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x8000))),
+                                         _mm256_set1_epi16(0x7e00));
+    return _mm256_mask_mov_epi16(h, nan, qnan);
+}
+
 void dequantize(const dk::DequantArgs& a, int nthreads) {
     const int64_t bs = a.blocksize, nblocks = cdiv(a.n, bs), per_task = std::max<int64_t>(1, 65536 / bs);
     const __m512i shifts = _mm512_set_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
@@ -36,17 +58,18 @@ void dequantize(const dk::DequantArgs& a, int nthreads) {
     {
 #pragma omp for schedule(dynamic, per_task)
         for (int64_t b = 0; b < nblocks; ++b) {
-            alignas(64) float tab32[16];
-            alignas(64) uint16_t tab16[32];
-            block_table(a, b, tab32, tab16);
             const int64_t i0 = b * bs;
             if (i0 + bs > a.n) {  // partial last block
+                alignas(64) float tab32[16];
+                alignas(64) uint16_t tab16[16];
+                block_table(a, b, tab32, tab16);
                 dequant_scalar_range(a, tab32, tab16, i0, a.n);
                 continue;
             }
             const uint8_t* p = a.packed + i0 / 2;
+            const __m512 vals = vector_table(a, b);
             if (a.out_dtype == dk::F32) {
-                const __m512 tab = _mm512_load_ps(tab32);
+                const __m512 tab = vals;
                 float* o = static_cast<float*>(a.out) + i0;
                 for (int64_t j = 0; j < bs; j += CH) {
                     __m128i v = _mm_loadu_si128((const __m128i*)(p + j / 2));
@@ -57,7 +80,7 @@ void dequantize(const dk::DequantArgs& a, int nthreads) {
                     else { _mm512_storeu_ps(o + j, r0); _mm512_storeu_ps(o + j + 16, r1); }
                 }
             } else {
-                const __m512i tab = _mm512_castsi256_si512(_mm256_load_si256((const __m256i*)tab16));
+                const __m512i tab = _mm512_castsi256_si512(to_16bit(vals, a.out_dtype));
                 uint16_t* o = static_cast<uint16_t*>(a.out) + i0;
                 for (int64_t j = 0; j < bs; j += CH) {
                     __m128i v = _mm_loadu_si128((const __m128i*)(p + j / 2));
@@ -88,7 +111,7 @@ void permute_rows(const float* src, int64_t rows, int64_t K, int64_t pad_rows, f
 
 // y[m, n0 + r] for r < NR, m < MB (rows of xp beyond M are zero and not written).
 template <int MB, int NR>
-inline void gemv_rows(const dk::MatArgs& a, const float* xp, int64_t n0) {
+inline void gemv_rows(const dk::MatArgs& a, const float* xp, int64_t n0, int64_t m0) {
     const int64_t K = a.K, bs = a.blocksize, bpr = K / bs;
     const __m512 code = _mm512_loadu_ps(a.code);
     __m512 acc[NR][MB];
@@ -113,32 +136,35 @@ inline void gemv_rows(const dk::MatArgs& a, const float* xp, int64_t n0) {
         }
     }
     for (int r = 0; r < NR; ++r)
-        for (int m = 0; m < MB && m < a.M; ++m)
-            a.out[m * a.N + n0 + r] = _mm512_reduce_add_ps(acc[r][m]) + (a.bias ? a.bias[n0 + r] : 0.f);
+        for (int m = 0; m < MB && m0 + m < a.M; ++m)
+            a.out[(m0 + m) * a.N + n0 + r] = _mm512_reduce_add_ps(acc[r][m]) + (a.bias ? a.bias[n0 + r] : 0.f);
 }
 
 template <int MB, int NR>
-void gemv_mb(const dk::MatArgs& a, const float* xp, int nthreads) {
+void gemv_mb(const dk::MatArgs& a, const float* xp, int64_t m0, int nthreads) {
     const int64_t groups = a.N / NR;
 #pragma omp parallel num_threads(nthreads)
     {
 #pragma omp for schedule(dynamic, 8) nowait
-        for (int64_t g = 0; g < groups; ++g) gemv_rows<MB, NR>(a, xp, g * NR);
+        for (int64_t g = 0; g < groups; ++g) gemv_rows<MB, NR>(a, xp, g * NR, m0);
 #pragma omp for schedule(static)
-        for (int64_t n = groups * NR; n < a.N; ++n) gemv_rows<MB, 1>(a, xp, n);
+        for (int64_t n = groups * NR; n < a.N; ++n) gemv_rows<MB, 1>(a, xp, n, m0);
     }
 }
 
+// Rows of x in passes of at most 8; each pass decodes every W row once and feeds NR rows of W per
+// load of x (NR * MB accumulators: 16 or 24 of the 32 zmm registers).
 void gemv(const dk::MatArgs& a, int nthreads) {
-    const int64_t mb = a.M <= 1 ? 1 : a.M <= 2 ? 2 : a.M <= 4 ? 4 : a.M <= 8 ? 8 : 16;
-    std::vector<float> xp(mb * a.K);
-    permute_rows(a.a, a.M, a.K, mb, xp.data());
-    switch (mb) {
-        case 1: gemv_mb<1, 4>(a, xp.data(), nthreads); break;
-        case 2: gemv_mb<2, 2>(a, xp.data(), nthreads); break;
-        case 4: gemv_mb<4, 1>(a, xp.data(), nthreads); break;
-        case 8: gemv_mb<8, 1>(a, xp.data(), nthreads); break;
-        default: gemv_mb<16, 1>(a, xp.data(), nthreads); break;
+    for (int64_t m0 = 0; m0 < a.M; m0 += 8) {
+        const int64_t rows = std::min<int64_t>(8, a.M - m0), mb = rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : 8;
+        std::vector<float> xp(mb * a.K);
+        permute_rows(a.a + m0 * a.K, rows, a.K, mb, xp.data());
+        switch (mb) {
+            case 1: gemv_mb<1, 4>(a, xp.data(), m0, nthreads); break;
+            case 2: gemv_mb<2, 4>(a, xp.data(), m0, nthreads); break;
+            case 4: gemv_mb<4, 4>(a, xp.data(), m0, nthreads); break;
+            default: gemv_mb<8, 2>(a, xp.data(), m0, nthreads); break;
+        }
     }
 }
 

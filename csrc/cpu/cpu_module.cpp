@@ -71,6 +71,8 @@ bool advise_hugepages(uintptr_t p, int64_t nbytes) {
 template <class T>
 T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 
+void bind_quantize(py::module_& m);  // NF4 / 8-bit quantize bindings, defined at the end of this file
+
 }  // namespace
 
 PYBIND11_MODULE(_cpu, m) {
@@ -115,4 +117,53 @@ PYBIND11_MODULE(_cpu, m) {
             k.dx(a, nthreads);
         },
         "dx[M, K] (fp32) = dy[M, N] (fp32) . W, M <= 16, K % blocksize == 0");
+    bind_quantize(m);
 }
+
+// ---- NF4 quantize and the 8-bit (double quantization) quantize: cpu_quantize*.cpp ---------------
+
+#include "cpu_quantize.h"
+
+namespace {
+
+// The quantize kernels for `isa` ("" = the best this CPU runs): the AVX2 unit serves avx2 and
+// avx512 (it has no AVX-512 variant), the portable one scalar. ValueError as `pick`.
+const dk::QuantKernels& pick_quantize(const std::string& isa) {
+    const std::string name = isa.empty() ? best() : isa;
+    if (name != "scalar" && name != "avx2" && name != "avx512")
+        throw py::value_error("unknown ISA '" + name + "' (expected scalar, avx2 or avx512)");
+    if (!supports(name)) throw py::value_error("this CPU or build does not support ISA '" + name + "'");
+#ifdef DK_HAVE_QUANTIZE_AVX2
+    if (name != "scalar" && supports("avx2")) return dk::quant_kernels_avx2;
+#endif
+    return dk::quant_kernels_scalar;
+}
+
+void bind_quantize(py::module_& m) {
+    m.def("quantize_isa", [](const std::string& isa) { return std::string(pick_quantize(isa).name); }, py::arg("isa"),
+          "The unit the quantize kernels run for `isa` (\"\" = this CPU's best).");
+    m.def(
+        "quantize_nf4",
+        [](uintptr_t x, int x_dtype, int64_t n, int64_t blocksize, uintptr_t thresholds, uintptr_t packed,
+           uintptr_t absmax, int nthreads, const std::string& isa) {
+            const dk::QuantKernels& k = pick_quantize(isa);
+            dk::QuantArgs a{ptr<const void>(x), x_dtype, n, blocksize, ptr<const float>(thresholds), ptr<uint8_t>(packed),
+                            ptr<float>(absmax)};
+            py::gil_scoped_release nogil;
+            k.nf4(a, nthreads);
+        },
+        "packed[(n+1)/2] (uint8), absmax[ceil(n/blocksize)] (fp32) = NF4 of x[n] (fp32/fp16/bf16); see cpu_quantize.h");
+    m.def(
+        "quantize_nested",
+        [](uintptr_t x, int64_t n, uintptr_t midpoints, uintptr_t codes, uintptr_t absmax, int nthreads,
+           const std::string& isa) {
+            const dk::QuantKernels& k = pick_quantize(isa);
+            dk::QuantArgs a{ptr<const void>(x), dk::F32, n, 256, ptr<const float>(midpoints), ptr<uint8_t>(codes),
+                            ptr<float>(absmax)};
+            py::gil_scoped_release nogil;
+            k.nested(a, nthreads);
+        },
+        "codes[n] (uint8), absmax[ceil(n/256)] (fp32) = 8-bit dynamic-map quantize of x[n] (fp32); see cpu_quantize.h");
+}
+
+}  // namespace

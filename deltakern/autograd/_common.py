@@ -3,18 +3,19 @@ user-facing entry points, the fused-or-composition path choice, and PEFT's dropo
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
 
 from deltakern.backends import registry
+from deltakern.nf4 import NF4Weight
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def nf4_type():
-    from deltakern.nf4 import NF4Weight
-
+    """The NF4Weight class (kept as a function for the call sites that predate the direct import)."""
     return NF4Weight
 
 
@@ -32,6 +33,20 @@ def dense_weight(weight, absmax, code, N: int, K: int, blocksize: int, dtype) ->
     flat = torch.ops.deltakern.nf4_dequantize(weight.reshape(-1).view(torch.uint8), absmax, None, None, 0.0, code,
                                               N * K, blocksize, dtype)
     return flat.view(N, K)
+
+
+def adapter_autocast(compute: torch.dtype, device_type: str, params) -> contextlib.AbstractContextManager:
+    """The fp32-adapter policy (PEFT's `autocast_adapter_dtype`), one home for nn and the PEFT patch:
+    adapter parameters kept in fp32 over a bf16 / fp16 computation are cast to the compute dtype by
+    torch.autocast around the fused function (the functions cast every floating input to the
+    autocast dtype, the gradients flow back to the fp32 parameters, and the DoRA norm cache still
+    keys on the parameters themselves). A null context when the compute dtype is fp32, nothing
+    differs from it, the device has no autocast, or autocast is already on."""
+    if (compute in (torch.float16, torch.bfloat16) and device_type in ("cuda", "cpu")
+            and not torch.is_autocast_enabled(device_type)
+            and any(p is not None and p.dtype != compute for p in params)):
+        return torch.autocast(device_type, dtype=compute)
+    return contextlib.nullcontext()
 
 
 def dropped(x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:

@@ -13,149 +13,16 @@ from deltakern.autograd._common import (
     dense_weight, dropped, frozen_weight_kind, nf4_type,
 )
 import deltakern.ops.dora  # noqa: F401,E402  (defines torch.ops.deltakern.dora_*)
+from deltakern.autograd.dora_norm import (  # noqa: F401  (re-exported: they lived here)
+    NORM_CANCELLATION_RTOL, REPAIR_ROWS, DoRANormCache, FrozenWeight, _deferred, _tensor_key, _W, check_dora_norms,
+    dora_weight_norm,
+)
 from deltakern.backends import compose, registry
 import deltakern.ops.linear  # noqa: F401,E402  (defines torch.ops.deltakern.linear_*)
 
 # Columns whose scale g = m / ||.|| is below this (or whose magnitude is exactly 0) get their
 # magnitude gradient from a recomputed unscaled output instead of (y - b) / m (see the Function).
 RECOVER_MIN_SCALE = 0.25
-# A row whose expanded squared norm is below this fraction of its parts (||W_j||^2 + s^2 ||(BA)_j||^2)
-# lost too many digits to cancellation and is recomputed exactly from W_j + s B_j A.
-NORM_CANCELLATION_RTOL = 1e-3
-
-
-# ---- the row norms ------------------------------------------------------------------------------
-
-
-class _W:
-    """A frozen weight as the ops take it: (weight-or-packed, absmax fp32 or None, code or None, N, K, blocksize)."""
-
-    __slots__ = ("w", "absmax", "code", "N", "K", "blocksize")
-
-    def __init__(self, w, absmax, code, N, K, blocksize):
-        self.w, self.absmax, self.code, self.N, self.K, self.blocksize = w, absmax, code, N, K, blocksize
-
-    @property
-    def args(self):
-        return self.w, self.absmax, self.code, self.N, self.K, self.blocksize
-
-    def dense_rows(self, rows: torch.Tensor, dtype) -> torch.Tensor:
-        """W[rows] in dtype (NF4 decoded for those rows only)."""
-        if self.absmax is None:
-            return self.w[rows].to(dtype)
-        flat = rows[:, None].long() * self.K + torch.arange(self.K, device=rows.device)
-        byte = self.w.reshape(-1).view(torch.uint8)[flat >> 1].long()
-        nib = torch.where(flat % 2 == 0, byte >> 4, byte & 15)
-        return (self.code[nib] * self.absmax[flat // self.blocksize]).to(dtype)
-
-
-def _row_list(rows: torch.Tensor, limit: int = 10) -> str:
-    idx = rows.tolist()
-    more = f" and {len(idx) - limit} more" if len(idx) > limit else ""
-    return f"{idx[:limit]}{more}"
-
-
-def dora_weight_norm(weight: _W, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-                     sumsq: Optional[torch.Tensor] = None):
-    """Row norms ||W_j + s (B A)_j|| (fp32 [N]) without forming B A or a dense W.
-
-        ||W_j + s (BA)_j||^2 = ||W_j||^2 + 2 s <B_j, (W A^T)_j> + s^2 <B_j, (B (A A^T))_j>
-
-    W A^T and ||W_j||^2 come from one pass over W (`deltakern::dora_norm_parts`; W in lora_A's dtype,
-    NF4 dequantized exactly as the forward uses it); pass `sumsq` (cached ||W_j||^2) to skip the
-    squares. All sums are fp32. Rows whose expansion cancels badly (below NORM_CANCELLATION_RTOL of
-    its parts) are recomputed exactly from W_j + s B_j A; a row whose norm is then exactly 0 raises
-    ValueError naming it (m / 0 has no meaning; PEFT would silently produce NaN). This check reads
-    one flag back to the host, i.e. one synchronisation per recomputation.
-
-    Returns (norm [N], W A^T [N, r], ||W_j||^2 [N]), all fp32.
-    """
-    with torch.no_grad(), torch.autocast(lora_A.device.type, enabled=False):
-        A, B = lora_A.detach(), lora_B.detach()
-        wa, sq = torch.ops.deltakern.dora_norm_parts(*weight.args, A, int(sumsq is None))
-        if sumsq is not None:
-            sq = sumsq
-        Af, Bf = A.float(), B.float()
-        bq = torch.mm(Bf, torch.mm(Af, Af.t()))  # B (A A^T)  [N, r]
-        quad = (bq * Bf).sum(1)  # ||(BA)_j||^2
-        cross = (wa * Bf).sum(1)  # <W_j, (BA)_j>
-        n2 = sq + (2.0 * scaling) * cross + (scaling * scaling) * quad
-        bad = n2 <= NORM_CANCELLATION_RTOL * (sq + (scaling * scaling) * quad)
-        if bool(bad.any()):
-            rows = bad.nonzero().flatten()
-            v = weight.dense_rows(rows, A.dtype).float() + scaling * torch.mm(Bf[rows], Af)
-            exact = v.square().sum(1)
-            n2 = n2.index_put((rows,), exact)
-            zero = rows[exact == 0]
-            if zero.numel():
-                raise ValueError(
-                    f"DoRA weight norm ||W + s*B@A|| is zero for output rows {_row_list(zero)} "
-                    f"({zero.numel()} of {weight.N}); the magnitude/norm scale is undefined there. "
-                    "Drop or perturb those rows of the base weight (or of B) before using DoRA."
-                )
-        return n2.clamp_min(0.0).sqrt(), wa, sq
-
-
-def _tensor_key(t: torch.Tensor):
-    return (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape), tuple(t.stride()))
-
-
-@torch.library.custom_op("deltakern::dora_weight_norm", mutates_args=())
-def _dora_weight_norm_op(w: torch.Tensor, absmax: Optional[torch.Tensor], code: Optional[torch.Tensor], N: int,
-                         K: int, blocksize: int, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                         scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`dora_weight_norm` as one opaque op, for torch.compile: its cancellation repair and zero-row
-    check read values back to the host, which a traced graph cannot do."""
-    return dora_weight_norm(_W(w, absmax, code, N, K, blocksize), lora_A, lora_B, scaling, None)
-
-
-@_dora_weight_norm_op.register_fake
-def _(w, absmax, code, N, K, blocksize, lora_A, lora_B, scaling):
-    f32 = dict(dtype=torch.float32, device=lora_A.device)
-    return lora_A.new_empty(N, **f32), lora_A.new_empty(N, lora_A.shape[0], **f32), lora_A.new_empty(N, **f32)
-
-
-class DoRANormCache:
-    """Caches what DoRA's row norms need between optimizer steps.
-
-    * ||W_j||^2 (fp32 [N]) and, for NF4, the decoded fp32 block scales: W is frozen, so these are
-      computed once (keyed on the weight storage and its version, and the compute dtype);
-    * ||W + s B A||_row (fp32 [N]) and W A^T (fp32 [N, r]): recomputed only when A or B changed,
-      tracked by their data pointers and `_version` counters (an optimizer step bumps both
-      versions), or when the scaling or compute dtype changes. Holds O(N r) memory.
-    `clear()` forgets everything (e.g. after writing W in place without bumping its version).
-    Inside torch.compile the cache is bypassed (data pointers and version counters cannot be
-    traced): the compiled graph recomputes the norms on every call through one opaque op,
-    `deltakern::dora_weight_norm`, which costs one extra read of W per call.
-    """
-
-    def __init__(self):
-        self.clear()
-
-    def clear(self):
-        self._w_key = self._sumsq = self._absmax = None
-        self._key = self._norm = self._wa = None
-
-    def _weight(self, w_key):
-        if self._w_key != w_key:  # a different (or rewritten) base weight: forget everything
-            self.clear()
-            self._w_key = w_key
-
-    def absmax(self, nf4_weight, w_key):
-        """The decoded fp32 block scales of an NF4 weight (decoded once)."""
-        self._weight(w_key)
-        if self._absmax is None:
-            self._absmax = nf4_weight.absmax_fp32()
-        return self._absmax
-
-    def norm(self, weight: _W, w_key, lora_A, lora_B, ab_key, scaling):
-        """(||W + s B A||_row, W A^T), recomputed only when W, A, B, s or the dtype changed."""
-        self._weight(w_key)
-        key = (ab_key, float(scaling))
-        if self._key != key or self._norm is None:
-            self._norm, self._wa, self._sumsq = dora_weight_norm(weight, lora_A, lora_B, scaling, self._sumsq)
-            self._key = key
-        return self._norm, self._wa
 
 
 # ---- path choice --------------------------------------------------------------------------------
@@ -487,17 +354,17 @@ def dora_linear(
         # data pointers and version counters cannot be traced: a compiled graph recomputes the row
         # norms (one extra pass over W for ||W||^2 and W A^T) on every call instead of caching them
         absmax = weight.absmax_fp32() if is_nf4 else None
-        W = _W(weight.packed_bytes(), absmax, weight.code, N, K, int(weight.blocksize)) if is_nf4 else \
-            _W(weight, None, None, N, K, 0)
+        W = FrozenWeight(weight.packed_bytes(), absmax, weight.code, N, K, int(weight.blocksize)) if is_nf4 else \
+            FrozenWeight(weight, None, None, N, K, 0)
         norm, wa, _ = torch.ops.deltakern.dora_weight_norm(*W.args, lora_A.detach(), lora_B.detach(), float(scaling))
     else:
         cache = norm_cache if norm_cache is not None else DoRANormCache()
         if is_nf4:
             w_key = (_tensor_key(weight.packed), _tensor_key(weight.absmax), dtype)
-            W = _W(weight.packed_bytes(), cache.absmax(weight, w_key), weight.code, N, K, int(weight.blocksize))
+            W = FrozenWeight(weight.packed_bytes(), cache.absmax(weight, w_key), weight.code, N, K, int(weight.blocksize))
         else:
             w_key = (_tensor_key(weight), dtype)
-            W = _W(weight, None, None, N, K, 0)
+            W = FrozenWeight(weight, None, None, N, K, 0)
         norm, wa = cache.norm(W, w_key, lora_A, lora_B, ab_key + (dtype,), float(scaling))
 
     p = float(dropout_p) if training else 0.0

@@ -57,6 +57,11 @@ def nf4_quantize(x, blocksize):
     return module("nf4").quantize_nf4(x, blocksize)
 
 
+@_impl("nf4_quantize_nested")
+def nf4_quantize_nested(x):
+    return module("nf4").quantize_nested(x)
+
+
 @_impl("nf4_dequantize")
 def nf4_dequantize(packed, absmax, nested_absmax, nested_code, offset, code, n, blocksize, dtype):
     return module("nf4").dequantize_nf4(packed, absmax, n, blocksize, dtype, code, nested_absmax, nested_code, offset)
@@ -89,6 +94,10 @@ def lora_dx_nf4(dy, packed, absmax, code, N, K, blocksize, dyb, lora_A, scaling,
 
 @_impl("linear_fwd")
 def linear_fwd(x, weight, absmax, code, N, K, blocksize, bias):
+    """NF4 with at most 16 rows and rows starting on a block (K % blocksize == 0): the decode GEMV
+    (triton_kernels/decode.py, bound by reading W); otherwise the tiled GEMM."""
+    if absmax is not None and x.shape[0] <= 16 and K % blocksize == 0:
+        return module("decode").decode_forward(x, weight, bias, N, (absmax, code, blocksize))
     return module("linear").linear_forward(x, weight, bias, N, nf4=_nf4(absmax, code, blocksize))
 
 

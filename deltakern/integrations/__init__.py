@@ -8,6 +8,9 @@ works after a plain `import deltakern`).
 * `deltakern.integrations.peft`: `patch(peft_model)` runs a PEFT LoRA / DoRA model (dense or
   bitsandbytes 4-bit base) on deltakern's fused functions with its state dict unchanged;
   `unpatch(peft_model)` restores PEFT's own forwards.
+* `deltakern.integrations.transformers`: what `deltakern.apply` installs on a transformers model so that
+  `save_pretrained` / `from_pretrained` / `Trainer` checkpoints keep the base under its original keys and
+  the delta beside it, and `resume_from_checkpoint` restores the delta exactly.
 """
 
 import importlib

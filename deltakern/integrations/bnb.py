@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from deltakern._patterns import match
 from deltakern.nf4 import NESTED_BLOCKSIZE, NF4Weight
 
 __all__ = ["ConvertSummary", "convert", "from_linear4bit", "is_linear4bit", "nf4_weight", "to_bnb", "to_linear4bit"]
@@ -206,13 +207,11 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _targets(model: nn.Module, want, skip) -> list[tuple[str, nn.Module]]:
-    from deltakern.quantize import _matches
-
     if isinstance(skip, str):
         skip = (skip,)
     found = []
     for name, module in model.named_modules():
-        if want(module) and not (skip and _matches(name, skip)):
+        if want(module) and not (skip and match(name, skip)):
             found.append((name, module))
     return found
 

@@ -237,6 +237,7 @@ def _patched_forward(module, x, *args, **kwargs):
 
 
 def _deltakern_forward(module, state: _PatchState, x: torch.Tensor) -> torch.Tensor:
+    from deltakern.autograd._common import adapter_autocast
     from deltakern.autograd.dora import dora_linear
     from deltakern.autograd.lora import lora_linear
 
@@ -264,8 +265,8 @@ def _deltakern_forward(module, state: _PatchState, x: torch.Tensor) -> torch.Ten
 
     def run(A_, B_, m_, bias_, cache):
         if is_dora:
-            return dora_linear(x, weight, bias_, A_, B_, m_, scaling, p, True, False, cache)
-        return lora_linear(x, weight, bias_, A_, B_, scaling, p, True)
+            return dora_linear(x, weight, bias_, A_, B_, m_, scaling, dropout_p=p, training=True, norm_cache=cache)
+        return lora_linear(x, weight, bias_, A_, B_, scaling, dropout_p=p, training=True)
 
     cache = state.norm_cache(a) if is_dora else None
     if _autocast(x):  # the functions cast every floating input to the autocast dtype themselves
@@ -275,12 +276,9 @@ def _deltakern_forward(module, state: _PatchState, x: torch.Tensor) -> torch.Ten
     if bias is not None and bias.dtype != compute:
         bias = bias.to(compute)
     params = [t for t in (A, B, m) if t is not None]
-    if all(t.dtype == compute for t in params):
-        y = run(A, B, m, bias, cache)
-    elif compute in (torch.float16, torch.bfloat16) and x.device.type in ("cuda", "cpu"):
-        # fp32 adapter parameters over a half-precision base: cast them inside autocast, so the DoRA
-        # norm cache still keys on the parameters themselves (their version counters)
-        with torch.autocast(x.device.type, dtype=compute):
+    if all(t.dtype == compute for t in params) or (compute in (torch.float16, torch.bfloat16)
+                                                   and x.device.type in ("cuda", "cpu")):
+        with adapter_autocast(compute, x.device.type, params):  # fp32 adapters over a half-precision base
             y = run(A, B, m, bias, cache)
     else:
         y = run(A.to(compute), B.to(compute), None if m is None else m.to(compute), bias, None)

@@ -5,22 +5,32 @@
     apply(model, BitFit())            # methods compose
     print(summary(model))
 
-The delta-tuning taxonomy:
-    reparameterization  LoRA, DoRA (QLoRA / QDoRA over NF4 layers)
-    specification       BitFit, Freeze
-    addition            Adapter, PrefixTuning, PromptTuning
+The delta-tuning taxonomy, and where each method lives:
+    reparameterization  LoRA, DoRA (QLoRA / QDoRA over NF4 layers)   reparam.py
+    specification       BitFit, Freeze                               specification.py
+    addition            Adapter, PrefixTuning, PromptTuning          adapter.py, prefix.py, prompt.py
+
+The machinery: base.py (what a method and an application are), modules.py (module names, slots,
+target patterns), deltas.py (apply / activate / disable / remove), merge.py, summary.py,
+artifacts.py (save_delta / load_delta), peft_format.py (PEFT's adapter format).
 
 Named deltas share one base: apply(..., name="taskA"), activate(model, "taskA"), disable(model)
 (also a context manager), remove(model, name). merge(model) / unmerge(model) fold LoRA/DoRA into
 dense weights. Deltas are artifacts: save_delta / load_delta (safetensors + JSON), and LoRA/DoRA
-deltas read and write PEFT's adapter format: save_peft_adapter / load_peft_adapter.
+deltas read and write PEFT's adapter format: save_peft_adapter / load_peft_adapter. On a transformers
+model, save_pretrained (and so Trainer) writes the base under its original keys with the delta beside it,
+and resume_from_checkpoint restores the delta (deltakern.integrations.transformers).
 """
 
-from deltakern.methods.base import (Method, Summary, activate, active_delta, apply, delta_state_dict, deltas,
-                                    disable, merge, remove, summary, unmerge)
+from deltakern.methods.base import Method
+from deltakern.methods.deltas import activate, active_delta, apply, deltas, disable, remove
+from deltakern.methods.merge import merge, unmerge
+from deltakern.methods.summary import Summary, delta_state_dict, summary
 from deltakern.methods.reparam import DoRA, LoRA
 from deltakern.methods.specification import BitFit, Freeze
-from deltakern.methods.addition import Adapter, PrefixTuning, PromptTuning
+from deltakern.methods.adapter import Adapter
+from deltakern.methods.prefix import PrefixTuning
+from deltakern.methods.prompt import PromptTuning
 from deltakern.methods.artifacts import load_delta, save_delta
 from deltakern.methods.peft_format import load_peft_adapter, save_peft_adapter
 

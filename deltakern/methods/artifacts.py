@@ -48,11 +48,98 @@ def _write_atomic(path: Path, write):
         raise
 
 
+# ---- distributed models (FSDP2's fully_shard, DDP) ------------------------------------------------
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and \
+        torch.distributed.get_world_size() > 1
+
+
+def live_params(model: nn.Module, app) -> dict[str, nn.Parameter]:
+    """The application's parameters as the model holds them now, and `app.params` updated to them.
+
+    `fully_shard` replaces every module parameter by a new (sharded DTensor) Parameter, so the objects
+    the application captured when it was built are stale copies: reading or writing them would lose
+    data silently. The live one is found where the method put it (a LoRA/DoRA wrapper's attribute, the
+    slot a BitFit/Freeze parameter sits in); a parameter that cannot be found raises.
+    """
+    if not app.attached:  # a detached delta is not in the model: nothing can have replaced its parameters
+        return dict(app.params)
+    current = {id(p) for p in model.parameters()}
+    out = {}
+    for key, p in app.params.items():
+        if id(p) in current:
+            out[key] = p
+            continue
+        live = None
+        wrappers = getattr(app, "wrappers", None) or {}
+        n, _, attr = key.rpartition(".")
+        if n in wrappers:
+            live = wrappers[n]._parameters.get(attr)
+        slots = getattr(app, "slots", None) or {}
+        if live is None and key in slots:
+            cname, attr, _, _ = slots[key]
+            module = base.get_module(model, cname) if cname else base.unwrap(model)
+            live = module._parameters.get(attr)
+        if live is None or id(live) not in current:
+            raise RuntimeError(f"{app.method.describe()}: the model no longer holds parameter {key} (a wrapper such "
+                               f"as fully_shard replaced it); save or load this delta before wrapping the model")
+        out[key] = live
+    app.params.update(out)
+    return out
+
+
+def full_cpu(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU copy of `t`; a sharded DTensor is all-gathered first (a collective)."""
+    from deltakern.nn.nf4_linear import is_dtensor
+
+    if is_dtensor(t):
+        t = t.full_tensor()
+    return t.detach().to("cpu", copy=True).contiguous()
+
+
+def copy_full_into(p: torch.Tensor, full: torch.Tensor):
+    """p.copy_(full) for a whole tensor `full`, when `p` is a sharded DTensor too (each rank its shard)."""
+    from deltakern.nn.nf4_linear import is_dtensor
+
+    with torch.no_grad():
+        if is_dtensor(p):
+            from torch.distributed.tensor import distribute_tensor
+
+            local = p.to_local()
+            shard = distribute_tensor(full.to(device=local.device, dtype=local.dtype), p.device_mesh, p.placements,
+                                      src_data_rank=None)
+            local.copy_(shard.to_local())
+        else:
+            p.copy_(full.to(device=p.device, dtype=p.dtype))
+
+
+def write_on_rank0(write):
+    """Run `write()` on rank 0 only when torch.distributed runs several processes; the other ranks wait
+    for it, and an error on rank 0 is raised on every rank."""
+    if not _distributed():
+        return write()
+    error = None
+    if torch.distributed.get_rank() == 0:
+        try:
+            write()
+        except Exception as exc:  # noqa: BLE001  (re-raised below, on every rank)
+            error = f"{type(exc).__name__}: {exc}"
+            raised = exc
+    status = [error]
+    torch.distributed.broadcast_object_list(status, src=0)
+    if status[0] is not None:
+        if torch.distributed.get_rank() == 0:
+            raise raised
+        raise RuntimeError(f"rank 0 failed to write: {status[0]}")
+
+
 def save_delta(model: nn.Module, path: Union[str, os.PathLike], name: Optional[str] = None) -> Path:
     """Save delta `name` (default: the active one) of `model` into directory `path`; returns the path.
 
     Only the delta's tensors are written (safetensors) with a JSON config of its methods, their target
-    modules and shapes. The base model is not saved.
+    modules and shapes. The base model is not saved. On a distributed model (FSDP2, DDP) every rank
+    must call it: the live parameters are read (sharded ones gathered), rank 0 writes, the others wait.
     """
     from safetensors.torch import save_file
 
@@ -70,14 +157,18 @@ def save_delta(model: nn.Module, path: Union[str, os.PathLike], name: Optional[s
             "targets": base._jsonable(app.plan.targets),
             "tensors": {k: list(app.params[k].shape) for k in app.params},
         })
-        for key, p in app.params.items():
-            tensors[f"{i}.{key}"] = p.detach().to("cpu", copy=True).contiguous()
+        for key, p in live_params(model, app).items():
+            tensors[f"{i}.{key}"] = full_cpu(p)
     config = {"format": FORMAT, "version": VERSION, "name": name, "deltakern_version": deltakern.__version__,
               "methods": methods}
     out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt", "delta": FORMAT}))
-    _write_atomic(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
+
+    def write():
+        out.mkdir(parents=True, exist_ok=True)
+        _write_atomic(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt", "delta": FORMAT}))
+        _write_atomic(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
+
+    write_on_rank0(write)
     return out
 
 
@@ -171,9 +262,8 @@ def check_tensors(i, method, expected: dict, tensors: dict, prefix: str):
 
 
 def copy_into(app, tensors: dict, prefix: str):
-    with torch.no_grad():
-        for key, p in app.params.items():
-            p.copy_(tensors[prefix + key].to(device=p.device, dtype=p.dtype))
+    for key, p in app.params.items():
+        copy_full_into(p, tensors[prefix + key])
     for w in getattr(app, "wrappers", {}).values():
         cache = getattr(w, "_norm_cache", None)
         if cache is not None:
@@ -202,7 +292,20 @@ def load_into_new_delta(model: nn.Module, name: str, methods: list, tensors: dic
                          + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
     base.new_delta(model, name, list(zip(methods, plans)),
                    before_attach=lambda i, app: copy_into(app, tensors, prefixes[i]))
+    _warn_if_sharded(model, name)
     return name
+
+
+def _warn_if_sharded(model: nn.Module, name: str):
+    from deltakern.nn.nf4_linear import is_dtensor
+
+    if any(is_dtensor(p) for p in model.parameters()):
+        import warnings
+
+        warnings.warn(f"delta {name!r} was created on a model already sharded with fully_shard: its parameters are "
+                      f"whole on every rank and FSDP does not reduce their gradients. That is fine for inference; to "
+                      f"train, apply the delta before sharding (then load_delta / load_peft_adapter load into it)",
+                      stacklevel=3)
 
 
 def load_delta(model: nn.Module, path: Union[str, os.PathLike], name: Optional[str] = None) -> str:
@@ -237,12 +340,19 @@ def load_delta(model: nn.Module, path: Union[str, os.PathLike], name: Optional[s
                 raise ValueError(f"{path}: the config and the tensors disagree on {prefixes[i] + key}")
     st = base._state(model)
     if st is not None and name in st.deltas:
-        return _load_into_existing(model, st, name, methods, tensors, prefixes, saved_targets)
+        try:
+            return _load_into_existing(model, st, name, methods, tensors, prefixes, saved_targets)
+        except ValueError as exc:
+            raise ValueError(f"the model already has a delta named {name!r}, so load_delta loads into it (to resume "
+                             f"it), but the saved delta does not fit it: {exc}. To load the saved delta beside it, "
+                             f"pass another name: load_delta(model, path, name='...')") from None
     return load_into_new_delta(model, name, methods, tensors, prefixes, saved_targets)
 
 
 def _load_into_existing(model, st, name, methods, tensors, prefixes, saved_targets):
     apps = st.deltas[name]
+    for app in apps:
+        live_params(model, app)
     if st.merged and st.active == name:
         raise RuntimeError(f"delta {name!r} is merged; unmerge(model) before loading into it")
     if len(apps) != len(methods):

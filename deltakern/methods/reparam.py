@@ -6,16 +6,23 @@ lora_B [out, r] (and DoRA's lora_magnitude_vector [out]), initialised as PEFT do
 model is unchanged at init). A Conv1D (weight stored [in, out]) is handled as PEFT's
 fan_in_fan_out=True: same parameter shapes, the base weight used through its transposed view.
 
-Default targets: every linear layer (Conv1D included) except the output head (see base.output_head_names).
+Default targets: every linear layer (Conv1D included) except the output head (see base.output_head_names);
+`target="all-linear"` (PEFT's name) means the same.
+
+Adapter dtype: over a bf16 / fp16 base the adapter parameters are kept in fp32 (PEFT's
+`autocast_adapter_dtype=True` default); the layer still computes in the input's dtype (the parameters
+are cast inside, gradients arrive in fp32). `autocast_adapter_dtype=False` keeps them in the base's dtype.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar, Optional, Union
 
+import torch
 from torch import nn
 
 from deltakern.methods import base
@@ -38,7 +45,7 @@ def _check_number(cls, name, value, positive=True, integer=False, upper=None):
 
 def _dense(module: nn.Module) -> bool:
     """A layer deltakern.quantize converts to NF4: nn.Linear or a transformers Conv1D."""
-    return isinstance(module, nn.Linear) or base.is_conv1d(module)
+    return isinstance(module, nn.Linear) or base.is_dense_conv1d(module)
 
 
 @dataclass
@@ -51,6 +58,7 @@ class _LowRankMethod(Method):
     dropout: float = 0.0
     use_rslora: bool = False
     quantize: bool = False
+    autocast_adapter_dtype: bool = True
     kind: ClassVar[str] = "reparameterization"
     _module_type: ClassVar[str] = ""
 
@@ -60,7 +68,7 @@ class _LowRankMethod(Method):
         _check_number(name, "alpha", self.alpha)
         _check_number(name, "dropout", self.dropout, positive=False, upper=1.0)
         self.target = base.as_patterns(self.target, name)
-        for flag in ("use_rslora", "quantize"):
+        for flag in ("use_rslora", "quantize", "autocast_adapter_dtype"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{name}: {flag} must be True or False, got {getattr(self, flag)!r}")
 
@@ -71,7 +79,7 @@ class _LowRankMethod(Method):
     def plan(self, model: nn.Module, delta) -> Plan:
         name = type(self).__name__
         linears = [(n, m) for n, m in base.named_modules(model) if n and base.is_linear(m)]
-        if self.target is None:
+        if self.target is None or self.target == ["all-linear"]:
             heads = base.output_head_names(model)
             chosen = [(n, m) for n, m in linears if n not in heads]
             if not chosen:
@@ -88,16 +96,24 @@ class _LowRankMethod(Method):
                                      f"Conv1D or NF4Linear layers")
                 raise base.no_match_error(name, self.target, [n for n, _ in linears], "linear layers")
         plan = Plan()
+        too_wide = []
         for n, m in chosen:
             chain = base.slot_chain(model, n)
             if any(isinstance(mod, base._lora_types()) for _, _, mod in chain):
                 raise ValueError(f"{name}: {n} already has a LoRA/DoRA adapter in this delta")
             out_f, in_f = base.linear_shape(m)
+            if self.r > min(out_f, in_f):
+                too_wide.append(f"{n} ({in_f}->{out_f})")
             plan.targets[n] = {"type": type(m).__name__, "shape": [out_f, in_f]}
             plan.tensors[f"{n}.lora_A"] = (self.r, in_f)
             plan.tensors[f"{n}.lora_B"] = (out_f, self.r)
             if self._module_type == "dora":
                 plan.tensors[f"{n}.lora_magnitude_vector"] = (out_f,)
+        if too_wide:
+            shown = ", ".join(too_wide[:4]) + (", ..." if len(too_wide) > 4 else "")
+            warnings.warn(f"{name}: r={self.r} exceeds min(in_features, out_features) of {len(too_wide)} target(s): "
+                          f"{shown}; the update B A cannot have a rank above that, the extra rank only costs "
+                          "parameters", UserWarning, stacklevel=4)
         if self.quantize and any(_dense(base.get_module(model, n)) for n in plan.targets):
             st = base._state(model)
             held = [d for d, apps in (st.deltas.items() if st else []) if apps]
@@ -109,7 +125,7 @@ class _LowRankMethod(Method):
 
     def _quantize(self, model, plan):
         """Quantize the dense targets to NF4 with deltakern.quantize (a base change, kept by remove())."""
-        from deltakern.quantize import quantize
+        from deltakern.quantization import quantize
 
         dense = [n for n in plan.targets if _dense(base.get_module(model, n))]
         if not dense:
@@ -126,8 +142,11 @@ class _LowRankMethod(Method):
         wrappers = {}
         for n in plan.targets:
             linear = base.get_module(model, n)
-            w = cls(linear, self.r, self.alpha, dropout=self.dropout, use_rslora=self.use_rslora)
+            with warnings.catch_warnings():  # plan() warned once for all layers with r > min(in, out)
+                warnings.filterwarnings("ignore", message=r"r=\d+ exceeds min", category=UserWarning)
+                w = cls(linear, self.r, self.alpha, dropout=self.dropout, use_rslora=self.use_rslora)
             w.train(linear.training)
+            base.follow(w.parameters(recurse=False), adapter_dtype(self, linear), w.lora_A.device)
             wrappers[n] = w
         params = {}
         for n, w in wrappers.items():
@@ -138,6 +157,21 @@ class _LowRankMethod(Method):
         app = _LowRankApplication(self, plan, params, wrappers)
         app.quantize_summary = qsummary
         return app
+
+
+def adapter_dtype(method, linear) -> torch.dtype:
+    """The dtype of a LoRA / DoRA layer's parameters: fp32 over a bf16 / fp16 base when
+    method.autocast_adapter_dtype (PEFT's default), else the base's dtype."""
+    dtype, _ = base.base_dtype_device(linear)
+    if getattr(method, "autocast_adapter_dtype", True) and dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return dtype
+
+
+def _is_dtensor(t) -> bool:
+    from deltakern.nn.nf4_linear import is_dtensor
+
+    return is_dtensor(t)
 
 
 class _LowRankApplication(Application):
@@ -158,8 +192,8 @@ class _LowRankApplication(Application):
                 parent, attr, linear = chain[-1]
                 if linear is not w.base:
                     raise RuntimeError(f"{n}: the base layer was replaced outside deltakern since this delta was made")
-                dtype, device = base.base_dtype_device(linear)
-                base.follow([p for p in w.parameters(recurse=False)], dtype, device)
+                _, device = base.base_dtype_device(linear)
+                base.follow([p for p in w.parameters(recurse=False)], adapter_dtype(self.method, linear), device)
                 w.train(linear.training)
                 setattr(parent, attr, w)
                 done.append((n, w))
@@ -182,6 +216,10 @@ class _LowRankApplication(Application):
                     raise ValueError(f"cannot merge into {n}: its base weight is NF4 (merging would requantize, which "
                                      f"is lossy and cannot be undone); keep the delta unmerged, or load the delta onto a "
                                      f"dense base and merge there")
+                if any(_is_dtensor(t) for t in w.parameters()) or any(_is_dtensor(t) for t in w.base.parameters()):
+                    raise ValueError(f"cannot merge into {n}: the layer is sharded (FSDP), each rank holds only part of "
+                                     f"it; merge before sharding, or load deltakern.distributed.full_state_dict(model) "
+                                     f"into an unsharded model and merge there")
                 w.merge()
                 done.append(w)
         except Exception:
@@ -205,6 +243,9 @@ class LoRA(_LowRankMethod):
     dropout:    dropout on the LoRA branch during training
     quantize:   quantize the (dense) targets to NF4 first (QLoRA); targets that are already NF4Linear
                 (e.g. after deltakern.quantize(model)) make it QLoRA anyway
+    autocast_adapter_dtype:  keep the adapters in fp32 over a bf16 / fp16 base (PEFT's default); False keeps
+                them in the base's dtype. Compute is in the input's dtype either way.
+    r above min(in_features, out_features) of a target warns (the update cannot have that rank).
     """
 
     _module_type: ClassVar[str] = "lora"

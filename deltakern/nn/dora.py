@@ -26,12 +26,16 @@ from typing import Optional
 import torch
 from torch import nn
 
-from deltakern.autograd.dora import DoRANormCache, _W, dora_linear, dora_weight_norm
-from deltakern.nn.lora import _nf4_type, check_adapter_args, compute_in_input_dtype, dense_conv1d_weight
+from deltakern.autograd.dora import dora_linear
+from deltakern.autograd.dora_norm import DoRANormCache, FrozenWeight, dora_weight_norm
+from deltakern.nf4 import NF4Weight
+from deltakern.nn.lora import check_adapter_args, check_rank, compute_in_input_dtype, dense_conv1d_weight
 
 
 class DoRALinear(nn.Module):
-    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+    """DoRA over `base`: r=8, alpha=16 by default (as `deltakern.DoRA`); r above min(in, out) warns."""
+
+    def __init__(self, base: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0, use_rslora: bool = False,
                  exact_norm_grad: bool = False):
         super().__init__()
         check_adapter_args(r, alpha, dropout)
@@ -44,7 +48,7 @@ class DoRALinear(nn.Module):
             self.is_nf4, self.fan_in_fan_out = False, True
             weight.requires_grad_(False)
             weight = weight.t()  # [out, in]
-        elif isinstance(base, nn.Module) and isinstance(weight, _nf4_type()):
+        elif isinstance(base, nn.Module) and isinstance(weight, NF4Weight):
             self.is_nf4 = True
             if len(weight.shape) != 2:
                 raise ValueError(f"base's NF4 weight must be 2-D, got shape {tuple(weight.shape)}")
@@ -52,6 +56,7 @@ class DoRALinear(nn.Module):
             raise TypeError("base must be an nn.Linear, a transformers Conv1D, or a module whose .weight is an "
                             f"NF4Weight (e.g. deltakern.nn.NF4Linear), got {type(base).__name__}")
         out_features, in_features = weight.shape
+        check_rank(r, int(out_features), int(in_features))
         dtype, device = weight.dtype, weight.device
         bias = getattr(base, "bias", None)
         if isinstance(bias, torch.Tensor):
@@ -77,11 +82,11 @@ class DoRALinear(nn.Module):
         w = self.base.weight
         return w.t() if self.fan_in_fan_out else w
 
-    def _weight_parts(self, dtype=None) -> _W:
+    def _weight_parts(self, dtype=None) -> FrozenWeight:
         w = self.base_weight()
         if self.is_nf4:
-            return _W(w.packed_bytes(), w.absmax_fp32(), w.code, self.out_features, self.in_features, int(w.blocksize))
-        return _W(w.detach() if dtype is None else w.detach().to(dtype), None, None, self.out_features,
+            return FrozenWeight(w.packed_bytes(), w.absmax_fp32(), w.code, self.out_features, self.in_features, int(w.blocksize))
+        return FrozenWeight(w.detach() if dtype is None else w.detach().to(dtype), None, None, self.out_features,
                   self.in_features, 0)
 
     def weight_norm(self) -> torch.Tensor:

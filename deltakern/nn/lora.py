@@ -24,17 +24,14 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
+import warnings
 
 import torch
 from torch import nn
 
+from deltakern.autograd._common import adapter_autocast
 from deltakern.autograd.lora import lora_linear
-
-
-def _nf4_type():
-    from deltakern.nf4 import NF4Weight
-
-    return NF4Weight
+from deltakern.nf4 import NF4Weight
 
 
 def compute_in_input_dtype(x: torch.Tensor, weight, params) -> contextlib.AbstractContextManager:
@@ -42,12 +39,9 @@ def compute_in_input_dtype(x: torch.Tensor, weight, params) -> contextlib.Abstra
     some parameter does not (fp32 adapters over a half-precision base); otherwise (or already under
     autocast) nothing. The functions cast every floating input to the autocast dtype and the gradients
     flow back to the fp32 parameters. A dense base of another dtype still raises, as nn.Linear would."""
-    dev = x.device.type
-    base_ok = isinstance(weight, _nf4_type()) or weight.dtype == x.dtype
-    if (x.dtype in (torch.float16, torch.bfloat16) and dev in ("cuda", "cpu") and not torch.is_autocast_enabled(dev)
-            and base_ok and any(p is not None and p.dtype != x.dtype for p in params)):
-        return torch.autocast(dev, dtype=x.dtype)
-    return contextlib.nullcontext()
+    if not (isinstance(weight, NF4Weight) or weight.dtype == x.dtype):
+        return contextlib.nullcontext()
+    return adapter_autocast(x.dtype, x.device.type, params)
 
 
 def conv1d_type():
@@ -69,6 +63,15 @@ def dense_conv1d_weight(module) -> bool:
     return is_conv1d(module) and isinstance(w, torch.Tensor) and w.dim() == 2
 
 
+def check_rank(r: int, out_features: int, in_features: int) -> None:
+    """Warn when r > min(in_features, out_features): B A then has rank min(in, out) at most, so the extra
+    rank only adds parameters and compute (PEFT allows it silently)."""
+    if r > min(in_features, out_features):
+        warnings.warn(f"r={r} exceeds min(in_features={in_features}, out_features={out_features}) = "
+                      f"{min(in_features, out_features)}: the update B A cannot have a rank above that, the extra "
+                      "rank only costs parameters", UserWarning, stacklevel=3)
+
+
 def check_adapter_args(r, alpha, dropout) -> None:
     """Raise ValueError unless r is a positive int, alpha a positive finite number and dropout in [0, 1)
     (the checks LoRALinear and DoRALinear share)."""
@@ -81,11 +84,12 @@ def check_adapter_args(r, alpha, dropout) -> None:
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+    """`base` plus scaling * B A: r=8, alpha=16 by default (as `deltakern.LoRA`); r above min(in, out) warns."""
+
+    def __init__(self, base: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0, use_rslora: bool = False):
         super().__init__()
         check_adapter_args(r, alpha, dropout)
         weight = getattr(base, "weight", None)
-        NF4Weight = _nf4_type()
         self.fan_in_fan_out = False  # True for a Conv1D base (PEFT's name for the [in, out] layout)
         if isinstance(base, nn.Linear) and isinstance(weight, torch.Tensor):
             self.is_nf4 = False
@@ -112,6 +116,7 @@ class LoRALinear(nn.Module):
         if isinstance(bias, torch.Tensor):
             bias.requires_grad_(False)  # PEFT's bias="none": the whole base layer is frozen
 
+        check_rank(r, int(out_features), int(in_features))
         self.base = base
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.r, self.alpha, self.dropout, self.use_rslora = r, alpha, float(dropout), bool(use_rslora)

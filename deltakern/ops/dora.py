@@ -110,6 +110,22 @@ def _(c, weight, absmax, code, N, K, blocksize):
     return c.new_empty((c.shape[1], K), dtype=torch.float32)
 
 
+
+@torch.library.custom_op("deltakern::dora_weight_norm", mutates_args=())
+def dora_weight_norm(
+    w: torch.Tensor, absmax: Optional[torch.Tensor], code: Optional[torch.Tensor], N: int, K: int, blocksize: int,
+    lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(||W + s B A||_row fp32 [N], W A^T fp32 [N, r], ||W_j||^2 fp32 [N]) as one opaque op, for
+    torch.compile (deltakern.autograd.dora_norm has the maths and the repair of cancelled rows)."""
+    return registry.call("dora_weight_norm", w, absmax, code, N, K, blocksize, lora_A, lora_B, scaling)
+
+
+@dora_weight_norm.register_fake
+def _(w, absmax, code, N, K, blocksize, lora_A, lora_B, scaling):
+    f32 = dict(dtype=torch.float32, device=lora_A.device)
+    return lora_A.new_empty(N, **f32), lora_A.new_empty(N, lora_A.shape[0], **f32), lora_A.new_empty(N, **f32)
+
 # Deprecated aliases: the references moved to deltakern.backends.reference.
 from deltakern.backends.reference.dora import (  # noqa: E402,F401
     dora_bwd_ref, dora_colsum_ref, dora_ctw_ref, dora_fwd_ref, dora_norm_parts_ref,

@@ -1,24 +1,9 @@
-"""References of the DoRA / QDoRA ops: `deltakern::dora_norm_parts`, `dora_fwd`, `dora_bwd`, `dora_colsum`, `dora_ctw`.
+"""References of the DoRA / QDoRA ops (`deltakern::dora_norm_parts`, `dora_fwd`, `dora_bwd`,
+`dora_colsum`, `dora_ctw`); the notation and the maths of each op are in deltakern/ops/dora.py.
 
-Notation: x [M, K], W [N, K] frozen, A [r, K], B [N, r], s = scaling, g [N] fp32 = m / ||W + s B A||
-(the column scale), keep [M, K] bool dropout keep-mask or None, x_d = keep * x / (1 - p) rounded
-to x's dtype (x itself without a mask), xa = x_d A^T.
-
-    dora_norm_parts  (W A^T fp32 [N, r], ||W_j||^2 fp32 [N] or [0])               one pass over W
-    dora_fwd         y = g * (x W^T + s xa B^T) + b                                  (no mask)
-                     y = x W^T + (g - 1) * (x_d W^T) + g * s xa B^T + b              (mask: PEFT's form)
-    dora_bwd         dx = (dy * g) W + s dyb A                                       (no mask)
-                     dx = dy W + keep/(1-p) * ((dy * (g - 1)) W + s dyb A)           (mask)
-                     db = sum_rows dy (fp32),  c = sum_rows dy * (y - b) (fp32, when y is given)
-                     with dyb = (dy * g) B; compute_dx = 0 gives only the column sums
-    dora_colsum      c_j = sum_i dy_ij z_ij,  z = x_d W^T + s xa B^T  (fp32 [N]; only the columns
-                     where `cols` is set, 0 elsewhere, when `cols` is given)
-    dora_ctw         C^T W (fp32 [r, K]) for C [N, r]
-
-W is dense (`absmax`, `code` None) or NF4 (`weight` = packed bytes, `absmax` = decoded fp32 block
-scales, `code` = 16 fp32 levels, N/K/blocksize describe it); NF4 is dequantized to the compute
-dtype. Every op accumulates in fp32 and rounds its dtype outputs once; `dy * g` and `dy * (g - 1)`
-are rounded to the compute dtype before their matmul (as the kernels do, in registers).
+NF4 is dequantized to the compute dtype first. Every op accumulates in fp32 (float64 for float64
+inputs) and rounds its dtype outputs once; `dy * g` and `dy * (g - 1)` are rounded to the compute
+dtype before their matmul (as the kernels do, in registers).
 """
 
 import torch
@@ -118,3 +103,12 @@ def dora_colsum(dy, x, weight, absmax, code, N, K, blocksize, keep, xa, lora_B, 
 @register("dora_ctw", "torch")
 def dora_ctw(c, weight, absmax, code, N, K, blocksize):
     return dora_ctw_ref(c, dense_weight_ref(weight, absmax, code, N, K, blocksize, c.dtype)).float()
+
+
+@register("dora_weight_norm", "torch")
+def dora_weight_norm(w, absmax, code, N, K, blocksize, lora_A, lora_B, scaling):
+    """A composite of the other ops (dora_norm_parts, then the expansion and its repair) for every
+    device: deltakern.autograd.dora_norm.dora_weight_norm_op."""
+    from deltakern.autograd.dora_norm import dora_weight_norm_op
+
+    return dora_weight_norm_op(w, absmax, code, N, K, blocksize, lora_A, lora_B, scaling)

@@ -3,12 +3,12 @@ in GPT-2) by NF4Linear, in place."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from deltakern._patterns import match
 from deltakern.nn.nf4_linear import NF4Linear
 
 
@@ -26,14 +26,6 @@ class QuantizeSummary:
                 f"{', '.join(self.skipped) or '-'}")
 
 
-def _matches(name: str, patterns) -> bool:
-    """A pattern matches a module name exactly, as a dotted suffix, or as a regex (fullmatch)."""
-    for p in patterns:
-        if name == p or name.endswith("." + p) or re.fullmatch(p, name):
-            return True
-    return False
-
-
 def _tensor_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)])
 
@@ -45,6 +37,8 @@ def quantize(model: nn.Module, skip=("lm_head",), blocksize: int = 64, double_qu
 
     One layer at a time, on the layer's own device: the extra peak memory is about one layer's
     dense weight. Returns the number of layers and the bytes of their weights before and after.
+    Layers on the meta device become empty NF4 layers (`NF4Linear.empty`, no memory), ready for
+    `load_state_dict(..., assign=True)`, `set_model_state_dict` or a DCP load after sharding.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -58,7 +52,7 @@ def quantize(model: nn.Module, skip=("lm_head",), blocksize: int = 64, double_qu
     targets, skipped = [], []
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) or dense_conv1d_weight(module):
-            (skipped if _matches(name, skip) else targets).append(name)
+            (skipped if match(name, skip) else targets).append(name)
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover
@@ -73,5 +67,5 @@ def quantize(model: nn.Module, skip=("lm_head",), blocksize: int = 64, double_qu
         q = NF4Linear.from_linear(linear, blocksize=blocksize, double_quant=double_quant, quant_storage=quant_storage)
         setattr(parent, child, q)
         del linear
-        after += _tensor_bytes(q)
+        after += q.weight.nbytes + (0 if q.bias is None else q.bias.numel() * q.bias.element_size())
     return QuantizeSummary(len(targets), before, after, skipped)
