@@ -7,8 +7,8 @@ Sections (`--sections`, default all):
   decode   NF4 layer forward at M = 1, 4, 16 for (K, N) = (2048, 8192) and (4096, 4096), no grad:
            dense nn.Linear fp32 and bf16, bitsandbytes Linear4bit (fp32 compute), deltakern's frozen
            linear (`deltakern.autograd.linear.linear`, the op the LoRA / BitFit layers run: decode
-           kernels where built; it decodes the nested block scales on every call) fp32 and bf16, and
-           deltakern's NF4Linear module (defined as dequantize + F.linear) fp32.
+           kernels where built) fp32 and bf16, and
+           deltakern's NF4Linear module fp32.
   layer    one training step of one layer (fwd + bwd, x requires grad), fp32, r = 16, alpha = 32,
            bias, at (M, K, N) = (512, 1024, 1024) and (1024, 2048, 2048): the frozen nn.Linear (the
            floor), torch nn.Linear with only its bias trainable, and for each method deltakern vs PEFT
