@@ -209,3 +209,21 @@ def test_nf4_parts_are_frozen_integer_parameters_torch_tools_understand():
         deltakern.apply(fresh, deltakern.LoRA(r=2))
         set_model_state_dict(fresh, sd)
         assert torch.equal(fresh(x), model(x))
+
+
+def test_weight_object_and_its_decoded_scales_are_reused():
+    """`layer.weight` is assembled once and reused while the module holds the same tensors, so the
+    decoded fp32 block scales (nested: one decode) are not recomputed on every forward; an in-place
+    change of the scales, a move or new tensors give fresh values."""
+    m = NF4Linear.from_linear(_linear())
+    w = m.weight
+    assert m.weight is w and w.absmax_fp32() is m.weight.absmax_fp32()
+    first = w.absmax_fp32().clone()
+    other = NF4Linear.from_linear(_linear(seed=3))
+    m.load_state_dict(other.state_dict())  # copies into the same tensors: the memo sees their versions
+    assert torch.equal(m.weight.absmax_fp32(), other.weight.absmax_fp32())
+    assert not torch.equal(m.weight.absmax_fp32(), first)
+    x = torch.randn(3, 70)
+    torch.testing.assert_close(m(x), other(x))
+    m.to("cpu")
+    assert m.weight is not w

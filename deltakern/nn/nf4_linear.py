@@ -238,9 +238,21 @@ class NF4Linear(nn.Module):
         nested = self.nested
         if not nested:
             absmax = _view(absmax, torch.float32)
-        return nf4.NF4Weight(packed=packed, absmax=absmax, code=parts.quant_map,
-                             nested_absmax=parts.nested_absmax if nested else None,
-                             nested_code=parts.nested_quant_map if nested else None, **self._meta)
+        tensors = (packed, absmax, parts.quant_map, parts.nested_absmax if nested else None,
+                   parts.nested_quant_map if nested else None)
+        compiling = torch.compiler.is_compiling()
+        cached = None if compiling else self.__dict__.get("_nf4_weight")
+        if cached is not None and all(a is b for a, b in zip(cached[0], tensors)):
+            return cached[1]  # the same tensors: keep the object, and with it its decoded-scale memo
+        w = nf4.NF4Weight(packed=packed, absmax=absmax, code=tensors[2], nested_absmax=tensors[3],
+                          nested_code=tensors[4], **self._meta)
+        if not compiling:
+            self.__dict__["_nf4_weight"] = (tensors, w)
+        return w
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_nf4_weight", None)  # moved or cast tensors: assemble the weight anew
+        return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
