@@ -28,9 +28,8 @@ import threading
 
 import torch
 
-_UNSET = object()
-_module = _UNSET  # the imported _cpu module, or None after a failed import
-_error: str | None = None
+from deltakern._native import NativeModule
+
 
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 MAX_DECODE_M = 16  # rows of x the decode kernels take in one pass over W
@@ -38,41 +37,13 @@ STREAM_BYTES = 4 << 20  # outputs at least this large use non-temporal stores (w
 HUGE_BYTES = 4 << 20  # fresh outputs at least this large are backed by transparent huge pages
 
 
-def load():
-    """The `deltakern._cpu` module, or None if it cannot be imported (tried once, then cached)."""
-    global _module, _error
-    if _module is _UNSET:
-        try:
-            from deltakern import _cpu
-
-            _module, _error = _cpu, None
-        except Exception as exc:  # ImportError, or a module built for another Python / broken .so
-            _module, _error = None, f"{type(exc).__name__}: {exc}"
-    return _module
-
-
-def available() -> bool:
-    """Whether `deltakern._cpu` imports."""
-    return load() is not None
-
-
-def load_error() -> str | None:
-    """Why `deltakern._cpu` could not be imported, or None."""
-    load()
-    return _error
-
-
-def require():
-    """The `deltakern._cpu` module; RuntimeError saying how to get it if it is missing."""
-    mod = load()
-    if mod is None:
-        raise RuntimeError(
-            "deltakern was installed without its native CPU extension deltakern._cpu: reinstall with a "
-            "C++ compiler with OpenMP on PATH (pip install -e . --no-build-isolation; "
-            "DELTAKERN_BUILD_CPU must not be 0), or set DELTAKERN_BACKEND=torch "
-            f"[import deltakern._cpu failed: {_error}]"
-        )
-    return mod
+_native = NativeModule("_cpu", "deltakern was installed without its native CPU extension deltakern._cpu: reinstall "
+                       "with a C++ compiler with OpenMP on PATH (pip install -e . --no-build-isolation; "
+                       "DELTAKERN_BUILD_CPU must not be 0), or set DELTAKERN_BACKEND=torch")
+load = _native.load  # the `deltakern._cpu` module, or None if it cannot be imported (tried once, then cached)
+available = _native.available  # whether `deltakern._cpu` imports
+load_error = _native.load_error  # why `deltakern._cpu` could not be imported, or None
+require = _native.require  # the module; RuntimeError saying how to get it if it is missing
 
 
 def isa() -> str:

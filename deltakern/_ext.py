@@ -13,48 +13,19 @@ import numbers
 
 import torch
 
-_UNSET = object()
-_module = _UNSET  # the imported _C module, or None after a failed import
-_error: str | None = None  # why the import failed
+from deltakern._native import NativeModule
+
 
 _NO_DEVICE_CODES = (35, 100)  # cudaErrorInsufficientDriver, cudaErrorNoDevice
 _OUT_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
-def load():
-    """The `deltakern._C` module, or None if it cannot be imported (tried once, then cached)."""
-    global _module, _error
-    if _module is _UNSET:
-        try:
-            from deltakern import _C
-
-            _module, _error = _C, None
-        except Exception as exc:  # ImportError, or a module built for another Python / broken .so
-            _module, _error = None, f"{type(exc).__name__}: {exc}"
-    return _module
-
-
-def available() -> bool:
-    """Whether `deltakern._C` imports (says nothing about a GPU being present)."""
-    return load() is not None
-
-
-def load_error() -> str | None:
-    """Why `deltakern._C` could not be imported, or None."""
-    load()
-    return _error
-
-
-def require():
-    """The `deltakern._C` module; RuntimeError saying how to get it if it is missing."""
-    mod = load()
-    if mod is None:
-        raise RuntimeError(
-            "deltakern was installed without its CUDA extension: reinstall with nvcc on PATH "
-            "(pip install -e . --no-build-isolation), or set DELTAKERN_BACKEND=triton "
-            f"[import deltakern._C failed: {_error}]"
-        )
-    return mod
+_native = NativeModule("_C", "deltakern was installed without its CUDA extension: reinstall with nvcc on PATH "
+                       "(pip install -e . --no-build-isolation), or set DELTAKERN_BACKEND=triton")
+load = _native.load  # the `deltakern._C` module, or None if it cannot be imported (tried once, then cached)
+available = _native.available  # whether `deltakern._C` imports (says nothing about a GPU being present)
+load_error = _native.load_error  # why `deltakern._C` could not be imported, or None
+require = _native.require  # the module; RuntimeError saying how to get it if it is missing
 
 
 def check(code: int, what: str) -> None:

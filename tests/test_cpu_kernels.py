@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import deltakern
-from deltakern import _cpu_ext
+from deltakern import _cpu_ext, _native
 from deltakern._codes import nf4_code
 from deltakern.backends.reference.nf4 import dequantize_nf4_ref, quantize_nf4_ref
 
@@ -76,10 +76,9 @@ def ext(request):
         yield _cpu_ext.load()
         return
     mod = _load_so(request.getfixturevalue("built_so"))
-    saved = (_cpu_ext._module, _cpu_ext._error)
-    _cpu_ext._module, _cpu_ext._error = mod, None
+    saved = _cpu_ext._native.set(mod)
     yield mod
-    _cpu_ext._module, _cpu_ext._error = saved
+    _cpu_ext._native.set(*saved)
 
 
 @pytest.fixture(params=ISAS)
@@ -156,7 +155,7 @@ def test_build_can_be_skipped(tmp_path):
 def test_missing_extension_is_reported_when_used(monkeypatch):
     from deltakern.backends import registry
 
-    monkeypatch.setattr(_cpu_ext, "_module", _cpu_ext._UNSET)
+    monkeypatch.setattr(_cpu_ext._native, "_module", _native.UNSET)
     monkeypatch.setitem(sys.modules, "deltakern._cpu", None)  # import now raises ImportError
     monkeypatch.delattr(deltakern, "_cpu", raising=False)
     monkeypatch.delenv("DELTAKERN_BACKEND", raising=False)

@@ -28,7 +28,7 @@ import nf4_cuda_oracle as cuda
 import pytest
 import torch
 
-from deltakern import _cpu_ext, nf4
+from deltakern import _cpu_ext, _native, nf4
 from deltakern._codes import dynamic_map
 from deltakern.backends import registry
 from deltakern.backends.reference.nf4 import quantize_nested_ref, quantize_nf4_ref
@@ -56,10 +56,9 @@ def ext(tmp_path_factory):
     spec = importlib.util.spec_from_file_location("deltakern._cpu", so)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    saved = (_cpu_ext._module, _cpu_ext._error)
-    _cpu_ext._module, _cpu_ext._error = mod, None
+    saved = _cpu_ext._native.set(mod)
     yield mod
-    _cpu_ext._module, _cpu_ext._error = saved
+    _cpu_ext._native.set(*saved)
 
 
 @pytest.fixture(params=ISAS)
@@ -295,7 +294,7 @@ def test_without_the_extension_quantize_runs_the_references(monkeypatch):
     references, and DELTAKERN_BACKEND=cpu raises the extension's own error."""
     import deltakern
 
-    monkeypatch.setattr(_cpu_ext, "_module", _cpu_ext._UNSET)
+    monkeypatch.setattr(_cpu_ext._native, "_module", _native.UNSET)
     monkeypatch.setitem(sys.modules, "deltakern._cpu", None)  # import now raises ImportError
     monkeypatch.delattr(deltakern, "_cpu", raising=False)
     monkeypatch.delenv("DELTAKERN_BACKEND", raising=False)

@@ -18,7 +18,7 @@ import torch
 
 import deltakern
 from _helpers import bnb_dequantize_4bit
-from deltakern import _ext
+from deltakern import _ext, _native
 
 ROOT = Path(__file__).resolve().parents[1]
 NF4_CODE = [
@@ -122,7 +122,7 @@ def test_invalid_arguments_return_codes(C):
 
 
 def test_error_code_becomes_runtime_error(C, monkeypatch):
-    monkeypatch.setattr(_ext, "_module", C)
+    monkeypatch.setattr(_ext._native, "_module", C)
     code = C.dequantize_nf4(0, 0, 0, 0, 0, 0.0, 0, 0, 100, 64, 2, 0)
     assert code != 0
     with pytest.raises(RuntimeError, match=r"dequantize_nf4 failed: CUDA error 1: invalid argument"):
@@ -155,7 +155,7 @@ def test_launch_without_device_returns_error(C):
 
 
 def test_missing_extension_is_reported_when_used(monkeypatch):
-    monkeypatch.setattr(_ext, "_module", _ext._UNSET)
+    monkeypatch.setattr(_ext._native, "_module", _native.UNSET)
     monkeypatch.setitem(sys.modules, "deltakern._C", None)  # import now raises ImportError
     monkeypatch.delattr(deltakern, "_C", raising=False)
     assert _ext.available() is False
@@ -168,7 +168,7 @@ def test_missing_extension_is_reported_when_used(monkeypatch):
 
 
 def test_cpu_tensors_are_rejected(C, monkeypatch):
-    monkeypatch.setattr(_ext, "_module", C)
+    monkeypatch.setattr(_ext._native, "_module", C)
     with pytest.raises(ValueError, match="CUDA tensors"):
         _ext.dequantize_nf4_cuda(*_random_nf4(100, 64, nested=True), 100, 64, torch.bfloat16)
 
