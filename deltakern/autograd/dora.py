@@ -118,8 +118,7 @@ class DoRALinearFunction(torch.autograd.Function):
             g = magnitude.detach().float() / norm
             ms = 1.0 / (1.0 - dropout_p)
             if dropout_p > 0.0:
-                keep = torch.native_dropout(x, dropout_p, True)[1]
-                xd = dropped(x, keep, ms)
+                xd, keep = torch.native_dropout(x, dropout_p, True)  # xd = x * keep / (1 - p), as `dropped` gives
             else:
                 keep, xd = None, x
             xa = torch.mm(xd, lora_A.t())

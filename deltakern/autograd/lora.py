@@ -73,8 +73,7 @@ class LoRALinearFunction(torch.autograd.Function):
         fused = _fused(x2, M, N, K, "nf4" if is_nf4 else "dense", r)
 
         if dropout_p > 0.0:
-            keep = torch.native_dropout(x2, dropout_p, True)[1]
-            xd = dropped(x2, keep, 1.0 / (1.0 - dropout_p))
+            xd, keep = torch.native_dropout(x2, dropout_p, True)  # xd = x * keep / (1 - p), as `dropped` gives
         else:
             keep = None
             xd = x2
