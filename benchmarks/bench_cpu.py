@@ -39,7 +39,6 @@ import copy
 import os
 import platform
 import re
-import statistics
 import sys
 import time
 
@@ -50,7 +49,7 @@ from torch import nn
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import BitFit, Holder, environment, table, write_json  # noqa: E402
+from benchmarks.common import BitFit, Holder, environment, round_robin, table, write_json  # noqa: E402
 
 SECTIONS = ("dequant", "decode", "layer", "mainjob")
 DEQUANT_SHAPE = (4096, 4096)
@@ -60,37 +59,6 @@ LAYER_SHAPES = ((512, 1024, 1024), (1024, 2048, 2048))  # (M, K, N)
 R, ALPHA = 16, 32
 MAIN_R, MAIN_ALPHA, MAIN_BATCH, MAIN_TOKENS = 8, 16, 16, 64
 CPU_BEGIN, CPU_END = "<!-- cpu-lane: begin (benchmarks/bench_cpu.py writes this section) -->", "<!-- cpu-lane: end -->"
-
-
-# ---- timing -------------------------------------------------------------------------------------
-
-
-class Timings(dict):
-    """name -> median milliseconds; `rounds[name]` holds every round's time, and `ratio(a, b)` is the
-    median over rounds of a's time / b's time in the same round (robust to load that drifts during a
-    run, which a ratio of medians is not)."""
-
-    def __init__(self, rounds: dict):
-        super().__init__({name: statistics.median(ts) for name, ts in rounds.items()})
-        self.rounds = rounds
-
-    def ratio(self, a: str, b: str) -> float:
-        return statistics.median(x / y for x, y in zip(self.rounds[a], self.rounds[b]))
-
-
-def round_robin(fns: dict, reps: int, warmup: int = 2) -> Timings:
-    """Each fn timed one rep of each in turn (the first one rotating every round), after a warmup."""
-    names = list(fns)
-    for name in names:
-        for _ in range(warmup):
-            fns[name]()
-    times = {name: [] for name in names}
-    for i in range(reps):
-        for name in names[i % len(names):] + names[:i % len(names)]:
-            t = time.perf_counter()
-            fns[name]()
-            times[name].append((time.perf_counter() - t) * 1e3)
-    return Timings(times)
 
 
 def machine() -> dict:

@@ -23,12 +23,16 @@ import functools
 import json
 import os
 import platform
-import statistics
-import time
+import sys
 import warnings
 
 import pytest
 import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import round_robin  # noqa: E402  (round-robin timing, medians in ms)
 import torch.nn.functional as F
 
 BLOCKSIZE = 64
@@ -62,20 +66,6 @@ def _bnb():
         return bnb, bf
     except Exception:  # not installed / broken
         return None, None
-
-
-def round_robin(providers: dict, rounds: int, warmup: int = 2) -> dict:
-    """name -> median seconds; every round runs each provider once, in turn."""
-    for fn in providers.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in providers}
-    for _ in range(rounds):
-        for name, fn in providers.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 # ---- cases ----------------------------------------------------------------------------------------
@@ -171,7 +161,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         items = list(r["times"].items())
         base = items[0][1]
-        cells = ", ".join(f"{n} {t * 1e3:.2f} ({t / base:.2f}x)" for n, t in items)
+        cells = ", ".join(f"{n} {t:.2f} ({t / base:.2f}x)" for n, t in items)
         lines.append(f"| {r['case']} | {cells} |")
     return "\n".join(lines)
 

@@ -20,12 +20,16 @@ import functools
 import json
 import os
 import platform
-import statistics
-import time
+import sys
 import warnings
 
 import pytest
 import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import round_robin  # noqa: E402  (round-robin timing, medians in ms)
 
 SHAPE = (4096, 4096)
 BLOCKSIZE = 64
@@ -98,20 +102,6 @@ def providers(dtype: torch.dtype, nested: bool) -> dict:
     return out
 
 
-def round_robin(fns: dict, rounds: int, warmup: int = 1) -> dict:
-    """name -> median seconds; every round runs each provider once, in turn."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
 def run(rounds: int) -> list[dict]:
     rows = []
     for nested in (True, False):
@@ -120,7 +110,7 @@ def run(rounds: int) -> list[dict]:
             base = t.get("bitsandbytes")
             rows.append({"row": f"quantize {SHAPE[0]}x{SHAPE[1]} {dname}, blocksize {BLOCKSIZE}"
                                 + (", nested" if nested else ""),
-                         "ms": {k: v * 1e3 for k, v in t.items()},
+                         "ms": dict(t),
                          "x_bnb": {k: v / base for k, v in t.items()} if base else {}})
     return rows
 

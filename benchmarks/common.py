@@ -12,6 +12,7 @@ import os
 import platform
 import statistics
 import sys
+import time
 from contextlib import contextmanager
 from importlib import metadata
 
@@ -148,3 +149,34 @@ def table(rows: list[dict], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+# ---- CPU timing (round-robin: load that comes and goes hits every contender alike) ----------------
+
+
+class Timings(dict):
+    """name -> median milliseconds; `rounds[name]` holds every round's time, and `ratio(a, b)` is the
+    median over rounds of a's time / b's time in the same round (robust to load that drifts during a
+    run, which a ratio of medians is not)."""
+
+    def __init__(self, rounds: dict):
+        super().__init__({name: statistics.median(ts) for name, ts in rounds.items()})
+        self.rounds = rounds
+
+    def ratio(self, a: str, b: str) -> float:
+        return statistics.median(x / y for x, y in zip(self.rounds[a], self.rounds[b]))
+
+
+def round_robin(fns: dict, reps: int, warmup: int = 2) -> Timings:
+    """Each fn timed one rep of each in turn (the first one rotating every round), after a warmup."""
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+    times = {name: [] for name in names}
+    for i in range(reps):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            t = time.perf_counter()
+            fns[name]()
+            times[name].append((time.perf_counter() - t) * 1e3)
+    return Timings(times)
