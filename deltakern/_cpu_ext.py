@@ -74,11 +74,16 @@ def _empty(n: int, dtype: torch.dtype) -> torch.Tensor:
 # ---- validation ---------------------------------------------------------------------------------
 
 
-def _check(name: str, t, dtype: torch.dtype, numel: int | None = None) -> None:
+def _cpu_tensor(name: str, t) -> None:
+    """TypeError unless `t` is a tensor; ValueError unless it is on the CPU."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.device.type != "cpu":
         raise ValueError(f"{name} is on {t.device}; the deltakern CPU kernels need CPU tensors")
+
+
+def _check(name: str, t, dtype: torch.dtype, numel: int | None = None) -> None:
+    _cpu_tensor(name, t)
     if t.dtype != dtype:
         raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
     if not t.is_contiguous():
@@ -176,10 +181,7 @@ def dequantize_nf4(packed, absmax, nested_absmax, nested_code, offset, code, n: 
 
 
 def _as_f32_2d(name: str, t, cols: int) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.device.type != "cpu":
-        raise ValueError(f"{name} is on {t.device}; the deltakern CPU kernels need CPU tensors")
+    _cpu_tensor(name, t)
     if t.dtype not in _DTYPES:
         raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
     if t.dim() != 2 or t.shape[1] != cols:
@@ -283,10 +285,7 @@ def _quant_table(name: str) -> torch.Tensor:
 
 def _flat_input(x, dtypes) -> torch.Tensor:
     """x (any shape and strides) as a flat contiguous CPU tensor (a copy only when x is strided)."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.device.type != "cpu":
-        raise ValueError(f"x is on {x.device}; the deltakern CPU kernels need CPU tensors")
+    _cpu_tensor("x", x)
     if x.dtype not in dtypes:
         raise TypeError(f"x must be {' or '.join(str(d).removeprefix('torch.') for d in dtypes)}, got {x.dtype}")
     return x.reshape(-1).contiguous()
