@@ -14,11 +14,6 @@ from deltakern.nf4 import NF4Weight
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def nf4_type():
-    """The NF4Weight class (kept as a function for the call sites that predate the direct import)."""
-    return NF4Weight
-
-
 # ---- path choice (owned by deltakern.backends.registry) --------------------------------------------
 
 MAX_FUSED_R = registry.MAX_FUSED_R
@@ -72,7 +67,7 @@ def check_dropout_p(dropout_p) -> None:
 def frozen_weight_kind(weight, requires_grad_msg: str) -> bool:
     """True for an NF4Weight, False for a dense tensor that does not require grad (else it raises
     ValueError(requires_grad_msg)); TypeError for anything else."""
-    is_nf4 = isinstance(weight, nf4_type())
+    is_nf4 = isinstance(weight, NF4Weight)
     if not is_nf4 and not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor or an NF4Weight, got {type(weight).__name__}")
     if not is_nf4 and weight.requires_grad:

@@ -10,13 +10,14 @@ import torch
 
 from deltakern.autograd._common import (
     autocast_dtype, check_dropout_p, check_features, check_float_dtype, check_input, check_param, check_weight,
-    dense_weight, dropped, frozen_weight_kind, nf4_type,
+    dense_weight, dropped, frozen_weight_kind,
 )
 import deltakern.ops.dora  # noqa: F401,E402  (defines torch.ops.deltakern.dora_*)
 from deltakern.autograd.dora_norm import (  # noqa: F401  (re-exported: they lived here)
     NORM_CANCELLATION_RTOL, REPAIR_ROWS, DoRANormCache, FrozenWeight, _deferred, _tensor_key, _W, check_dora_norms,
     dora_weight_norm,
 )
+from deltakern.nf4 import NF4Weight
 from deltakern.backends import compose, registry
 import deltakern.ops.linear  # noqa: F401,E402  (defines torch.ops.deltakern.linear_*)
 
@@ -407,7 +408,7 @@ def dora_linear_ref(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout
     The norm is computed as PEFT does (||W + s B A|| over the input dim, in x's dtype) and detached
     unless exact_norm_grad. `keep` replays a bool dropout keep-mask [..., K] instead of drawing one.
     """
-    if isinstance(weight, nf4_type()):
+    if isinstance(weight, NF4Weight):
         weight = weight.dequantize(torch.float32).to(x.dtype)
     weight = weight.to(x.dtype)
     norm = torch.linalg.norm(weight + scaling * (lora_B @ lora_A), dim=1)

@@ -8,8 +8,9 @@ import torch
 
 from deltakern.autograd._common import (
     FLOAT_DTYPES, autocast_dtype, check_features, check_float_dtype, check_input, dense_weight, frozen_weight_kind,
-    nf4_type, weight_shape,
+    weight_shape,
 )
+from deltakern.nf4 import NF4Weight
 from deltakern.backends import registry
 import deltakern.ops.linear  # noqa: F401,E402  (defines torch.ops.deltakern.linear_*)
 
@@ -126,6 +127,6 @@ def linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor] = None) -> torc
 
 def linear_ref(x, weight, bias=None):
     """Plain-torch reference (torch autograd; any float dtype incl. float64)."""
-    if isinstance(weight, nf4_type()):
+    if isinstance(weight, NF4Weight):
         weight = weight.dequantize(x.dtype if x.dtype in FLOAT_DTYPES else torch.float32).to(x.dtype)
     return torch.nn.functional.linear(x, weight, bias)

@@ -8,8 +8,9 @@ import torch
 
 from deltakern.autograd._common import (
     autocast_dtype, check_dropout_p, check_features, check_float_dtype, check_input, check_param, check_weight,
-    dense_weight, dropped, frozen_weight_kind, nf4_type,
+    dense_weight, dropped, frozen_weight_kind,
 )
+from deltakern.nf4 import NF4Weight
 from deltakern.backends import compose, registry
 import deltakern.ops.lora  # noqa: F401,E402  (defines torch.ops.deltakern.lora_*)
 
@@ -187,7 +188,7 @@ def lora_linear_ref(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, tra
     `keep` is an optional bool keep-mask [..., K] to use instead of drawing one (so tests can
     replay a mask); otherwise dropout is torch's.
     """
-    if isinstance(weight, nf4_type()):
+    if isinstance(weight, NF4Weight):
         weight = weight.dequantize(x.dtype)
     xd = x
     if training and dropout_p > 0.0:

@@ -204,7 +204,6 @@ from deltakern.methods.deltas import (  # noqa: E402,F401
 from deltakern.methods.merge import merge, unmerge  # noqa: E402,F401
 from deltakern.methods.modules import (  # noqa: E402,F401
     _lora_types,
-    _nf4_weight_type,
     as_patterns,
     base_dtype_device,
     block_list,

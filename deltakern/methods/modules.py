@@ -24,11 +24,6 @@ def _lora_types():
 
 
 
-def _nf4_weight_type():
-    """The NF4Weight class (kept for callers of the old lazy accessor)."""
-    return NF4Weight
-
-
 
 def wrapper_attr(module: nn.Module) -> Optional[str]:
     """Name of the child a deltakern wrapper wraps ("base" for LoRA/DoRA, "inner" for adapters)."""
