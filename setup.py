@@ -42,7 +42,10 @@ CPU_ISA_FLAGS = {  # translation unit -> its -m flags (x86-64 only); the rest co
     "cpu_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
     "cpu_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
     "cpu_quantize_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
+    "cpu_lowrank_avx2.cpp": ["-mavx2", "-mfma", "-ffp-contract=fast"],
+    "cpu_lowrank_avx512.cpp": ["-mavx512f", "-mavx512vl", "-mfma", "-ffp-contract=fast"],
 }
+CPU_UNIT_FLAGS = {"cpu_lowrank_scalar.cpp": ["-ffp-contract=fast"]}  # portable units' extra flags
 DEFAULT_ARCHS = ("80", "86", "89", "90")
 
 
@@ -186,7 +189,7 @@ def build_cpu_module(target: Path, build_dir: Path) -> None:
         objs.append(str(obj))
         if obj.is_file() and obj.stat().st_mtime > max(src.stat().st_mtime, newest_dep):
             continue
-        cmd = [cxx, *CPU_FLAGS, *CPU_ISA_FLAGS.get(src.name, []), *inc, *defs, "-c", str(src), "-o", str(obj)]
+        cmd = [cxx, *CPU_FLAGS, *CPU_ISA_FLAGS.get(src.name, []), *CPU_UNIT_FLAGS.get(src.name, []), *inc, *defs, "-c", str(src), "-o", str(obj)]
         jobs.append((cmd, obj))
     width = max(1, int(os.environ.get("MAX_JOBS", "2")))
     for i in range(0, len(jobs), width):

@@ -240,6 +240,101 @@ def nf4_matmul_dx(dy, packed, absmax, code, N: int, K: int, blocksize: int,
     return dx.to(out_dtype or dy.dtype)
 
 
+# ---- the rank-r products (csrc/cpu/cpu_lowrank.h) ----------------------------------------------
+
+MAX_LOWRANK_R = 64  # ranks the rank-r kernels take (their register tiles; beyond it BLAS does well)
+
+
+def _f32_matrix(name: str, t, rows: int | None = None, cols: int | None = None) -> torch.Tensor:
+    """t as a 2-D fp32 CPU matrix whose rows are unit-stride (a copy only if they are not)."""
+    _check_any_f32(name, t)
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+    if (rows is not None and t.shape[0] != rows) or (cols is not None and t.shape[1] != cols):
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected ({rows if rows is not None else 'any'}, "
+                         f"{cols if cols is not None else 'any'})")
+    return t if t.stride(1) == 1 or t.shape[1] <= 1 else t.contiguous()
+
+
+def _check_any_f32(name: str, t) -> None:
+    _cpu_tensor(name, t)
+    if t.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32, got {t.dtype}")
+
+
+def _rank(R: int) -> int:
+    if not 0 < R <= MAX_LOWRANK_R:
+        raise ValueError(f"the rank-r kernels take 1 <= r <= {MAX_LOWRANK_R}, got r={R}")
+    return R
+
+
+def lowrank_supported(t: torch.Tensor, r: int) -> bool:
+    """Whether the rank-r kernels serve a product with operand `t` and rank r (fp32 CPU, r <= 64)."""
+    return t.dtype == torch.float32 and t.device.type == "cpu" and 0 < r <= MAX_LOWRANK_R and available()
+
+
+def lowrank_xat(x, a) -> torch.Tensor:
+    """y[M, R] = x[M, K] . a[R, K]^T, fp32 (xa = x A^T; dY B as dY . (B^T)^T)."""
+    C = require()
+    x = _f32_matrix("x", x)
+    M, K = x.shape
+    a = _f32_matrix("a", a, cols=K).contiguous()
+    R = _rank(a.shape[0])
+    y = torch.empty(M, R, dtype=torch.float32)
+    if M and K:
+        C.lowrank_xat(x.data_ptr(), x.stride(0), a.data_ptr(), y.data_ptr(), M, K, R, torch.get_num_threads(), isa())
+    else:
+        y.zero_()
+    return y
+
+
+def lowrank_gtx(g, x, scale: float = 1.0, colsum: bool = False, transpose: bool = False):
+    """(scale * g[M, R]^T . x[M, K] as [R, K], or as [K, R] when `transpose`; sum of x's rows [K] or
+    None), fp32: dA = s dyb^T x, and dB = s dY^T xa with db = sum dY in the same pass over dY.
+    g any strides."""
+    C = require()
+    _check_any_f32("g", g)
+    if g.dim() != 2:
+        raise ValueError(f"g must be 2-D, got shape {tuple(g.shape)}")
+    M, R = g.shape
+    _rank(R)
+    x = _f32_matrix("x", x, rows=M)
+    K = x.shape[1]
+    out = torch.empty((K, R) if transpose else (R, K), dtype=torch.float32)
+    cs = torch.empty(K, dtype=torch.float32) if colsum else None
+    if M and K:
+        C.lowrank_gtx(g.data_ptr(), g.stride(0), g.stride(1), x.data_ptr(), x.stride(0), out.data_ptr(), int(transpose),
+                      cs.data_ptr() if cs is not None else 0, float(scale), M, R, K, torch.get_num_threads(), isa())
+    else:
+        out.zero_()
+        if cs is not None:
+            cs.zero_()
+    return out, cs
+
+
+def lowrank_gb(g, bt, scale: float = 1.0, bias=None) -> torch.Tensor:
+    """out[M, N] = bias[N] + scale * g[M, R] . bt[R, N], fp32 (the rank-r term of y and of dX).
+    g any strides; bias None or [N]."""
+    C = require()
+    _check_any_f32("g", g)
+    if g.dim() != 2:
+        raise ValueError(f"g must be 2-D, got shape {tuple(g.shape)}")
+    M, R = g.shape
+    _rank(R)
+    bt = _f32_matrix("bt", bt, rows=R).contiguous()
+    N = bt.shape[1]
+    if bias is not None:
+        _check_any_f32("bias", bias)
+        if bias.shape != (N,):
+            raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
+        bias = bias.contiguous()
+    out = torch.empty(M, N, dtype=torch.float32)
+    if M and N:
+        C.lowrank_gb(g.data_ptr(), g.stride(0), g.stride(1), bt.data_ptr(), bias.data_ptr() if bias is not None else 0,
+                     float(scale), out.data_ptr(), M, N, R, torch.get_num_threads(), isa())
+    return out
+
+
 _workspace = threading.local()
 
 

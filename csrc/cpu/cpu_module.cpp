@@ -12,6 +12,7 @@
 #endif
 
 #include "cpu_kernels.h"
+#include "cpu_lowrank.h"
 
 namespace py = pybind11;
 
@@ -73,6 +74,18 @@ T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 
 void bind_quantize(py::module_& m);  // NF4 / 8-bit quantize bindings, defined at the end of this file
 
+// The rank-r kernels for `isa` ("" = the best this CPU runs); ValueError as `pick`.
+const dk::LowRankKernels& pick_lowrank(const std::string& isa) {
+    const std::string name = pick(isa).name;
+#ifdef DK_HAVE_LOWRANK_AVX512
+    if (name == "avx512") return dk::lowrank_avx512;
+#endif
+#ifdef DK_HAVE_LOWRANK_AVX2
+    if (name == "avx2" || name == "avx512") return dk::lowrank_avx2;
+#endif
+    return dk::lowrank_scalar;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cpu, m) {
@@ -117,6 +130,37 @@ PYBIND11_MODULE(_cpu, m) {
             k.dx(a, nthreads);
         },
         "dx[M, K] (fp32) = dy[M, N] (fp32) . W, M <= 16, K % blocksize == 0");
+    m.def("lowrank_isa", [](const std::string& isa) { return std::string(pick_lowrank(isa).name); }, py::arg("isa"),
+          "The unit the rank-r kernels run for `isa` (\"\" = this CPU's best).");
+    m.def(
+        "lowrank_xat",
+        [](uintptr_t x, int64_t ldx, uintptr_t a, uintptr_t y, int64_t M, int64_t K, int64_t R, int nthreads,
+           const std::string& isa) {
+            const dk::LowRankKernels& k = pick_lowrank(isa);
+            py::gil_scoped_release nogil;
+            k.xat(ptr<const float>(x), ldx, ptr<const float>(a), ptr<float>(y), M, K, R, nthreads);
+        },
+        "y[M, R] = x[M, K] (row stride ldx) . a[R, K]^T, fp32");
+    m.def(
+        "lowrank_gtx",
+        [](uintptr_t g, int64_t gsm, int64_t gsj, uintptr_t x, int64_t ldx, uintptr_t out, int out_t, uintptr_t colsum,
+           float scale, int64_t M, int64_t R, int64_t K, int nthreads, const std::string& isa) {
+            const dk::LowRankKernels& k = pick_lowrank(isa);
+            py::gil_scoped_release nogil;
+            k.gtx(ptr<const float>(g), gsm, gsj, ptr<const float>(x), ldx, ptr<float>(out), out_t, ptr<float>(colsum), scale,
+                  M, R, K, nthreads);
+        },
+        "out[R, K] (out_t: [K, R]) = scale * g[M, R]^T . x[M, K]; colsum[K] = sum of x's rows (if not 0), fp32");
+    m.def(
+        "lowrank_gb",
+        [](uintptr_t g, int64_t gsm, int64_t gsj, uintptr_t bt, uintptr_t bias, float scale, uintptr_t out, int64_t M,
+           int64_t N, int64_t R, int nthreads, const std::string& isa) {
+            const dk::LowRankKernels& k = pick_lowrank(isa);
+            py::gil_scoped_release nogil;
+            k.gb(ptr<const float>(g), gsm, gsj, ptr<const float>(bt), ptr<const float>(bias), scale, ptr<float>(out), M, N,
+                 R, nthreads);
+        },
+        "out[M, N] = bias[N] (if not 0) + scale * g[M, R] . bt[R, N], fp32");
     bind_quantize(m);
 }
 

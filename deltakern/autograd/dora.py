@@ -19,6 +19,7 @@ from deltakern.autograd.dora_norm import (  # noqa: F401  (re-exported: they liv
 )
 from deltakern.nf4 import NF4Weight
 from deltakern.backends import compose, registry
+from deltakern.ops import lowrank
 import deltakern.ops.linear  # noqa: F401,E402  (defines torch.ops.deltakern.linear_*)
 
 # Columns whose scale g = m / ||.|| is below this (or whose magnitude is exactly 0) get their
@@ -122,7 +123,7 @@ class DoRALinearFunction(torch.autograd.Function):
                 xd, keep = torch.native_dropout(x, dropout_p, True)  # xd = x * keep / (1 - p), as `dropped` gives
             else:
                 keep, xd = None, x
-            xa = torch.mm(xd, lora_A.t())
+            xa = compose.small_mm_t(xd, lora_A)
             if fused:
                 y = torch.ops.deltakern.dora_fwd(x, weight, absmax, code, N, K, blocksize, bias, xa, lora_B, g, keep,
                                                  scaling, ms)
@@ -189,7 +190,7 @@ class DoRALinearFunction(torch.autograd.Function):
 
         if need_A:
             xd = x if keep is None else dropped(x, keep, ms)
-            dA = torch.mm(dyb.t(), xd).mul_(s)
+            dA = lowrank.gtx(dyb, xd, s)[0]
         if need_B:
             dB = (compose.lora_db_dB(dy, xa, 1.0, False)[0].float() * (g * s)[:, None]).to(dtype)
         if exact:

@@ -12,6 +12,7 @@ from deltakern.autograd._common import (
 )
 from deltakern.nf4 import NF4Weight
 from deltakern.backends import compose, registry
+from deltakern.ops import lowrank
 import deltakern.ops.lora  # noqa: F401,E402  (defines torch.ops.deltakern.lora_*)
 
 
@@ -37,14 +38,14 @@ class LoRALinearFunction(torch.autograd.Function):
     gives PEFT's mask); with p = 0 or outside training x_d = x and no mask exists.
 
     Forward:
-        xa  = x_d A^T                                   [M, r]  (torch matmul, as PEFT's lora_A(x))
+        xa  = x_d A^T                                   [M, r]  (deltakern::lowrank_xat)
         y   = x W^T + s xa B^T + b                      [M, N]  (one fused op, fp32 accumulator; the
                                                                  composition: b + s xa B^T, then += x W^T)
     Backward, with dY = dL/dy [M, N]:
-        dyb = dY B                                      [M, r]  (torch matmul; on the CPU as (B^T dY^T)^T)
+        dyb = dY B                                      [M, r]  (deltakern::lowrank_xat with B^T)
         dX  = dY W + s (dyb A) * m / (1 - p)            [M, K]  (one fused op; mask term only if p > 0)
-        dA  = s dyb^T x_d                               [r, K]
-        dB  = s dY^T xa                                 [N, r]  (as ([xa | 1]^T dY)^T: one matmul
+        dA  = s dyb^T x_d                               [r, K]  (deltakern::lowrank_gtx)
+        dB  = s dY^T xa                                 [N, r]  (deltakern::lowrank_gtx: one pass
         db  = sum over tokens of dY                     [N]      gives dB and db, dY read once)
         dW  : never computed; a W that requires grad is rejected (PEFT freezes the base weight).
     Saved for backward: x (only if dA is needed), the bool keep-mask (only if p > 0), xa (only if
@@ -78,7 +79,7 @@ class LoRALinearFunction(torch.autograd.Function):
         else:
             keep = None
             xd = x2
-        xa = torch.mm(xd, lora_A.t())
+        xa = compose.small_mm_t(xd, lora_A)
 
         if is_nf4 and fused:
             out = torch.ops.deltakern.lora_fwd_nf4(x2, weight, absmax, code, N, K, blocksize, bias, xa, lora_B, scaling)
@@ -117,7 +118,7 @@ class LoRALinearFunction(torch.autograd.Function):
             dx = dx.view(x_shape)
         if need_A:
             xd = x2 if keep is None else dropped(x2, keep, keep_scale)
-            dA = torch.mm(dyb.t(), xd).mul_(s)
+            dA = lowrank.gtx(dyb, xd, s)[0]
         if need_B:
             dB, db = compose.lora_db_dB(dy2, xa, s, need_bias)
         elif need_bias:

@@ -12,11 +12,10 @@ and likewise dX = s dyb A [masked], then dX += dY W. DoRA's column scale g goes 
 is smaller, the [N, K] weight (g * W, when K <= M, or in place on a weight that is already a
 scratch copy, e.g. a dequantized NF4 W) or the [M, N] operand (y *= g, dY * g otherwise).
 
-The backward's rank-r GEMMs on the CPU are computed with r as the leading (row) dimension of the
-result (dyb^T = B^T dY^T, (dY^T [xa | 1])^T = [xa | 1]^T dY): BLAS runs those layouts 2-4x faster
-than the tall-skinny ones; callers get dyb as a transposed view ([M, r], strides (1, M)), which BLAS
-reads without a copy. (The forward's xa = x A^T stays the plain product, PEFT's own, so that the
-outputs equal PEFT's bit for bit.)
+The rank-r products (x A^T, dY B, the rank-r terms, dyb^T x, xa^T dY with sum dY) are the
+`deltakern::lowrank_*` ops (deltakern.ops.lowrank): on the CPU, for fp32 and r <= 64, the native
+kernels (one streaming pass over the large operand); otherwise BLAS, in the layouts it runs fastest
+(r as the row dimension of the result on the CPU).
 
 Rounding: everything is in the operands' dtype with the BLAS's own accumulator; the CPU ops call
 these with fp32 operands (fp16 / bf16 inputs upcast, one rounding at the end). The sums are those
@@ -30,24 +29,21 @@ from typing import Optional
 
 import torch
 
+from deltakern.ops import lowrank
+
 _COLSUM_CHUNK = 2**16  # elements of a row chunk of [M, N] in `col_sums` (256 KiB of fp32, cache resident)
 
 
 def small_mm_t(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
-    """a @ b_t.t() for a small b (b_t [r, K], a [M, K]) -> [M, r]. On the CPU computed as
-    (b_t @ a^T)^T, the fast BLAS layout, and returned as a transposed view; elsewhere a plain mm."""
-    if a.device.type == "cpu":
-        return torch.mm(b_t, a.t()).t()
-    return torch.mm(a, b_t.t())
+    """a @ b_t.t() for a small b (b_t [r, K], a [M, K]) -> [M, r]: `deltakern::lowrank_xat` (on the CPU
+    the native rank-r kernel, or BLAS as (b_t a^T)^T, returned as that transposed view)."""
+    return lowrank.xat(a, b_t)
 
 
 def rank_term(xa: torch.Tensor, B: torch.Tensor, s: float, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """b + s xa B^T  [M, N] (xa [M, r], B [N, r]): one rank-r GEMM, the bias broadcast into its output."""
+    """b + s xa B^T  [M, N] (xa [M, r], B [N, r]): one rank-r product, the bias broadcast into its output."""
     bt = B.t().contiguous() if B.device.type == "cpu" else B.t()  # [r, N] rows: the fast layout for BLAS
-    if bias is not None:
-        return torch.addmm(bias, xa, bt, alpha=s)
-    out = torch.empty((xa.shape[0], B.shape[0]), dtype=xa.dtype, device=xa.device)
-    return torch.addmm(out, xa, bt, beta=0, alpha=s, out=out)
+    return lowrank.gb(xa, bt, s, bias)
 
 
 def lora_out(x, w, bias, xa, B, s: float) -> torch.Tensor:
@@ -57,20 +53,15 @@ def lora_out(x, w, bias, xa, B, s: float) -> torch.Tensor:
 
 def lora_dx(dy, w, dyb, A, s: float, keep: Optional[torch.Tensor] = None, ms: float = 1.0) -> torch.Tensor:
     """dY W + s (dyb A) [* keep * ms]: the rank-r term first, then the big GEMM adds into it."""
-    lora = torch.empty((dy.shape[0], A.shape[1]), dtype=dy.dtype, device=dy.device)
-    torch.addmm(lora, dyb, A, beta=0, alpha=s, out=lora)
+    lora = lowrank.gb(dyb, A, s)
     if keep is not None:
         lora = torch.where(keep, lora * ms, 0.0).to(dy.dtype)
     return lora.addmm_(dy, w)
 
 
 def lora_db_dB(dy, xa, s: float, need_b: bool):
-    """(s dY^T xa [N, r], sum_rows dY [N] or None) from one GEMM over dY: [xa | 1]^T dY."""
-    r = xa.shape[1]
-    cols = xa.t() if not need_b else torch.cat([xa.t(), xa.new_ones(1, xa.shape[0])], 0)  # [r (+1), M]
-    both = torch.mm(cols, dy) if dy.device.type == "cpu" else torch.mm(dy.t(), cols.t()).t()  # [r (+1), N]
-    dB = (both[:r] * s).t().contiguous()
-    return dB, (both[r].contiguous() if need_b else None)
+    """(s dY^T xa [N, r], sum_rows dY [N] or None) from one pass over dY (`deltakern::lowrank_gtx`)."""
+    return lowrank.gtx(xa, dy, s, colsum=need_b, transpose=True)
 
 
 def scale_w(M: int, K: int, w_scratch: bool) -> bool:

@@ -6,7 +6,7 @@ accumulates in fp32 (float64 when its inputs are float64, for tests) and rounds 
 output dtype, as the kernels do.
 """
 
-from deltakern.backends.reference import dora, linear, lora, nf4  # noqa: F401  (registers them)
+from deltakern.backends.reference import dora, linear, lora, lowrank, nf4  # noqa: F401  (registers them)
 from deltakern.backends.reference._util import dense_weight_ref
 from deltakern.backends.reference.dora import (
     dora_bwd_ref, dora_colsum_ref, dora_ctw_ref, dora_fwd_ref, dora_norm_parts_ref,

@@ -1,0 +1,43 @@
+// deltakern._cpu: the rank-r products of a LoRA layer, fp32, row-major.
+//
+//     xat   y[M, R]    = x[M, K] . a[R, K]^T                  xa = x A^T, dyb = dY B (a = B^T)
+//     gtx   out[R, K]  = scale * g[M, R]^T . x[M, K]           dA = s dyb^T x, dB^T = s xa^T dY
+//           colsum[K]  = sum_m x[m, :]                         (optional: db = sum of dY's rows)
+//     gb    out[M, N]  = bias[N] + scale * g[M, R] . bt[R, N]   the rank-r term of y and of dX
+//
+// R is small (the LoRA rank, <= 64 here) and M, K, N large: BLAS packs and blocks for square-ish
+// products and runs these at 25-45 GFLOP/s on two cores; each is instead one streaming pass over
+// its large operand (x, or the output of gb) with the small one held in L1, register tiles of
+// MR x JR accumulators (vector FMAs; two loads per tile row). M K R multiply-adds per call.
+//
+// Arithmetic: fp32 multiply-adds (contracted to FMA), summed in a fixed order for every thread count
+// (each output element has one writer), so results never depend on the schedule; they differ from
+// BLAS's by fp32 rounding only (the tests bound both against float64).
+//
+// The same source (cpu_lowrank_impl.h) compiles once per instruction set, with vectors of VW
+// floats: cpu_lowrank_scalar.cpp (SSE2, VW 4), cpu_lowrank_avx2.cpp (VW 8), cpu_lowrank_avx512.cpp
+// (VW 16); cpu_module.cpp picks one at run time as it picks the NF4 kernels.
+#pragma once
+
+#include <cstdint>
+
+namespace dk {
+
+struct LowRankKernels {
+    const char* name;
+    // y[m * R + j] = sum_k x[m * ldx + k] * a[j * K + k]
+    void (*xat)(const float* x, int64_t ldx, const float* a, float* y, int64_t M, int64_t K, int64_t R, int nthreads);
+    // out[j * K + k] (out_t: out[k * R + j]) = scale * sum_m g[m * gsm + j * gsj] * x[m * ldx + k];
+    // colsum (if not null)[k] = sum_m x[m * ldx + k]
+    void (*gtx)(const float* g, int64_t gsm, int64_t gsj, const float* x, int64_t ldx, float* out, int out_t,
+                float* colsum, float scale, int64_t M, int64_t R, int64_t K, int nthreads);
+    // out[m * N + n] = (bias ? bias[n] : 0) + scale * sum_j g[m * gsm + j * gsj] * bt[j * N + n]
+    void (*gb)(const float* g, int64_t gsm, int64_t gsj, const float* bt, const float* bias, float scale, float* out,
+               int64_t M, int64_t N, int64_t R, int nthreads);
+};
+
+extern const LowRankKernels lowrank_scalar;
+extern const LowRankKernels lowrank_avx2;
+extern const LowRankKernels lowrank_avx512;
+
+}  // namespace dk

@@ -1,0 +1,220 @@
+// The rank-r kernels of cpu_lowrank.h, written once over GCC vectors of VW floats. A unit includes
+// this after defining DK_LOWRANK_VW and DK_LOWRANK_NAME (the LowRankKernels object it defines), and
+// compiles with its instruction set's -m flags and -ffp-contract=fast (a * b + c becomes one FMA).
+//
+// Register tiles (accumulators, not counting the operands loaded per step):
+//   xat  MR rows of x x JR rows of a, vectors along K, one horizontal sum per output at the end
+//   gtx  JR rows of the output x KV vectors along K, one pass over all M rows of g and x
+//   gb   MR rows of the output x NV vectors along N, R steps
+// AVX-512 (32 registers) takes 4x4, 8x3, 4x4; the 16-register units 2x4, 4x2, 2x4. Edges run the
+// same code with 1-wide tiles, the last K % VW (N % VW) columns in scalar code.
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "cpu_lowrank.h"
+
+namespace {
+
+constexpr int VW = DK_LOWRANK_VW;
+constexpr bool WIDE = VW >= 16;
+typedef float vf __attribute__((vector_size(VW * sizeof(float))));
+
+inline vf vload(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+inline vf vset(float s) { vf v = {}; return v + s; }
+inline float hsum(vf v) {
+    float s = 0.0f;
+    for (int i = 0; i < VW; ++i) s += v[i];
+    return s;
+}
+
+// Calls smaller than this many multiply-adds per thread run on fewer threads (a team wake-up costs
+// about as much as 0.1 M FMAs of work).
+constexpr int64_t GRAIN = int64_t(1) << 18;
+
+inline int team(int64_t work, int nthreads) {
+    return (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, work / GRAIN));
+}
+
+// ---- xat: y = x a^T ---------------------------------------------------------------------------
+
+template <int MR, int JR>
+inline void xat_tile(const float* x, int64_t ldx, const float* a, float* y, int64_t K, int64_t R) {
+    vf acc[MR][JR];
+    for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < JR; ++j) acc[i][j] = vf{};
+    int64_t k = 0;
+    for (; k + VW <= K; k += VW) {
+        vf xv[MR];
+        for (int i = 0; i < MR; ++i) xv[i] = vload(x + i * ldx + k);
+        for (int j = 0; j < JR; ++j) {
+            const vf av = vload(a + j * K + k);
+            for (int i = 0; i < MR; ++i) acc[i][j] += xv[i] * av;
+        }
+    }
+    for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < JR; ++j) {
+            float s = hsum(acc[i][j]);
+            for (int64_t kk = k; kk < K; ++kk) s += x[i * ldx + kk] * a[j * K + kk];
+            y[i * R + j] = s;
+        }
+}
+
+template <int MR>
+inline void xat_rows(const float* x, int64_t ldx, const float* a, float* y, int64_t K, int64_t R) {
+    constexpr int JR = 4;
+    int64_t j = 0;
+    for (; j + JR <= R; j += JR) xat_tile<MR, JR>(x, ldx, a + j * K, y + j, K, R);
+    for (; j < R; ++j) xat_tile<MR, 1>(x, ldx, a + j * K, y + j, K, R);
+}
+
+void xat(const float* x, int64_t ldx, const float* a, float* y, int64_t M, int64_t K, int64_t R, int nthreads) {
+    constexpr int MR = WIDE ? 4 : 2;
+    const int64_t tiles = (M + MR - 1) / MR;
+#pragma omp parallel for num_threads(team(M * K * R, nthreads)) schedule(static)
+    for (int64_t t = 0; t < tiles; ++t) {
+        const int64_t m = t * MR;
+        if (m + MR <= M) {
+            xat_rows<MR>(x + m * ldx, ldx, a, y + m * R, K, R);
+        } else {
+            for (int64_t i = m; i < M; ++i) xat_rows<1>(x + i * ldx, ldx, a, y + i * R, K, R);
+        }
+    }
+}
+
+// ---- gtx: out = scale g^T x (and the column sums of x) ------------------------------------------
+
+// Output rows j0 .. j0 + JR, columns k0 .. k0 + KV * VW.
+template <int JR, int KV>
+inline void gtx_tile(const float* g, int64_t gsm, int64_t gsj, const float* x, int64_t ldx, float* out, int out_t,
+                     float* colsum, float scale, int64_t M, int64_t R, int64_t K, int64_t j0, int64_t k0) {
+    vf acc[JR][KV], cs[KV];
+    for (int v = 0; v < KV; ++v) {
+        cs[v] = vf{};
+        for (int j = 0; j < JR; ++j) acc[j][v] = vf{};
+    }
+    const float* gp = g + j0 * gsj;
+    const float* xp = x + k0;
+    for (int64_t m = 0; m < M; ++m, gp += gsm, xp += ldx) {
+        vf xv[KV];
+        for (int v = 0; v < KV; ++v) xv[v] = vload(xp + v * VW);
+        for (int j = 0; j < JR; ++j) {
+            const vf b = vset(gp[j * gsj]);
+            for (int v = 0; v < KV; ++v) acc[j][v] += b * xv[v];
+        }
+        if (colsum)
+            for (int v = 0; v < KV; ++v) cs[v] += xv[v];
+    }
+    for (int j = 0; j < JR; ++j)
+        for (int v = 0; v < KV; ++v) {
+            const vf r = acc[j][v] * scale;
+            if (!out_t) {
+                vstore(out + (j0 + j) * K + k0 + v * VW, r);
+            } else {
+                for (int l = 0; l < VW; ++l) out[(k0 + v * VW + l) * R + j0 + j] = r[l];
+            }
+        }
+    if (colsum)
+        for (int v = 0; v < KV; ++v) vstore(colsum + k0 + v * VW, cs[v]);
+}
+
+// Every output row for the columns k0 .. k0 + KV * VW (the column sums with the first tile).
+template <int KV>
+inline void gtx_cols(const float* g, int64_t gsm, int64_t gsj, const float* x, int64_t ldx, float* out, int out_t,
+                     float* colsum, float scale, int64_t M, int64_t R, int64_t K, int64_t k0) {
+    constexpr int JR = WIDE ? 8 : 4;
+    int64_t j = 0;
+    for (; j + JR <= R; j += JR, colsum = nullptr)
+        gtx_tile<JR, KV>(g, gsm, gsj, x, ldx, out, out_t, colsum, scale, M, R, K, j, k0);
+    for (; j < R; ++j, colsum = nullptr)
+        gtx_tile<1, KV>(g, gsm, gsj, x, ldx, out, out_t, colsum, scale, M, R, K, j, k0);
+}
+
+void gtx(const float* g, int64_t gsm, int64_t gsj, const float* x, int64_t ldx, float* out, int out_t, float* colsum,
+         float scale, int64_t M, int64_t R, int64_t K, int nthreads) {
+    constexpr int KV = WIDE ? 3 : 2;
+    constexpr int64_t W = KV * VW;
+    const int64_t wide = K / W, narrow = (K - wide * W) / VW, k_tail = wide * W + narrow * VW;
+#pragma omp parallel num_threads(team(M * K * R, nthreads))
+    {
+#pragma omp for schedule(dynamic, 1) nowait
+        for (int64_t t = 0; t < wide + narrow; ++t) {
+            if (t < wide) gtx_cols<KV>(g, gsm, gsj, x, ldx, out, out_t, colsum, scale, M, R, K, t * W);
+            else gtx_cols<1>(g, gsm, gsj, x, ldx, out, out_t, colsum, scale, M, R, K, wide * W + (t - wide) * VW);
+        }
+#pragma omp single
+        for (int64_t k = k_tail; k < K; ++k) {  // the last K % VW columns
+            for (int64_t j = 0; j < R; ++j) {
+                float s = 0.0f;
+                for (int64_t m = 0; m < M; ++m) s += g[m * gsm + j * gsj] * x[m * ldx + k];
+                out[out_t ? k * R + j : j * K + k] = s * scale;
+            }
+            if (colsum) {
+                float s = 0.0f;
+                for (int64_t m = 0; m < M; ++m) s += x[m * ldx + k];
+                colsum[k] = s;
+            }
+        }
+    }
+}
+
+// ---- gb: out = bias + scale g bt ----------------------------------------------------------------
+
+template <int MR, int NV>
+inline void gb_tile(const float* g, int64_t gsm, int64_t gsj, const float* bt, const float* bias, float scale,
+                    float* out, int64_t N, int64_t R, int64_t n0) {
+    vf acc[MR][NV];
+    for (int i = 0; i < MR; ++i)
+        for (int v = 0; v < NV; ++v) acc[i][v] = vf{};
+    for (int64_t j = 0; j < R; ++j) {
+        vf b[NV];
+        for (int v = 0; v < NV; ++v) b[v] = vload(bt + j * N + n0 + v * VW);
+        for (int i = 0; i < MR; ++i) {
+            const vf gi = vset(g[i * gsm + j * gsj]);
+            for (int v = 0; v < NV; ++v) acc[i][v] += gi * b[v];
+        }
+    }
+    for (int v = 0; v < NV; ++v) {
+        const vf bv = bias ? vload(bias + n0 + v * VW) : vf{};
+        for (int i = 0; i < MR; ++i) vstore(out + i * N + n0 + v * VW, bv + acc[i][v] * scale);
+    }
+}
+
+template <int MR>
+inline void gb_rows(const float* g, int64_t gsm, int64_t gsj, const float* bt, const float* bias, float scale,
+                    float* out, int64_t N, int64_t R) {
+    constexpr int NV = 4;
+    int64_t n = 0;
+    for (; n + NV * VW <= N; n += NV * VW) gb_tile<MR, NV>(g, gsm, gsj, bt, bias, scale, out, N, R, n);
+    for (; n + VW <= N; n += VW) gb_tile<MR, 1>(g, gsm, gsj, bt, bias, scale, out, N, R, n);
+    for (; n < N; ++n)
+        for (int i = 0; i < MR; ++i) {
+            float s = 0.0f;
+            for (int64_t j = 0; j < R; ++j) s += g[i * gsm + j * gsj] * bt[j * N + n];
+            out[i * N + n] = (bias ? bias[n] : 0.0f) + s * scale;
+        }
+}
+
+void gb(const float* g, int64_t gsm, int64_t gsj, const float* bt, const float* bias, float scale, float* out,
+        int64_t M, int64_t N, int64_t R, int nthreads) {
+    constexpr int MR = WIDE ? 4 : 2;
+    const int64_t tiles = (M + MR - 1) / MR;
+#pragma omp parallel for num_threads(team(M * N * std::max<int64_t>(R, 4), nthreads)) schedule(static)
+    for (int64_t t = 0; t < tiles; ++t) {
+        const int64_t m = t * MR;
+        if (m + MR <= M) {
+            gb_rows<MR>(g + m * gsm, gsm, gsj, bt, bias, scale, out + m * N, N, R);
+        } else {
+            for (int64_t i = m; i < M; ++i) gb_rows<1>(g + i * gsm, gsm, gsj, bt, bias, scale, out + i * N, N, R);
+        }
+    }
+}
+
+}  // namespace
+
+namespace dk {
+extern const LowRankKernels DK_LOWRANK_NAME;
+const LowRankKernels DK_LOWRANK_NAME = {DK_LOWRANK_ISA, xat, gtx, gb};
+}  // namespace dk
