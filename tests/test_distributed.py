@@ -31,6 +31,10 @@ def rel(a, b):
 
 DEVICE = torch.device("cpu")  # the worker's device (a GPU under NCCL, see the end of this file)
 TOL = 1e-6  # relative difference of gradients from one process (fp32 on the CPU)
+# Two processes sum each half batch's gradient and then the halves: another fp32 summation order than
+# one process over the whole batch (measured up to 2.7e-6 in norm); a sharding or reduction bug shows
+# as O(1). Every comparison of two-process gradients with the one-process reference uses it.
+SPLIT_TOL = 1e-5
 
 
 def _build(method=dk.LoRA, seed=0, double_quant=True, meta=False):
@@ -92,7 +96,7 @@ def _reference(method, ids, double_quant=True):
 
 
 def _check_training(label, model, ref_grads, ref_losses, ids_r):
-    tol = TOL
+    tol = max(TOL, SPLIT_TOL)
     _loss(model, ids_r).backward()
     grads = {n: _full(p.grad) for n, p in _trainable(model).items()}
     assert set(grads) == set(ref_grads), label
@@ -207,7 +211,7 @@ def _worker(rank, tmp, backend="gloo", world=WORLD):
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         _loss(fresh, ids_r).backward()
         worst = max(rel(_full(p.grad), ref_grads[n]) for n, p in _trainable(fresh).items())
-        assert worst < TOL, f"broadcast_from_rank0 load: gradients differ by {worst:.2e}"
+        assert worst < max(TOL, SPLIT_TOL), f"broadcast_from_rank0 load: gradients differ by {worst:.2e}"
         report["broadcast load"] = worst
 
         # ---- DCP: save sharded, load into a freshly built sharded model (other seed): values and grads equal --
@@ -220,7 +224,7 @@ def _worker(rank, tmp, backend="gloo", world=WORLD):
             assert torch.equal(v.cpu(), ref_sd[k]), k
         _loss(other, ids_r).backward()
         worst = max(rel(_full(p.grad), ref_grads[n]) for n, p in _trainable(other).items())
-        assert worst < TOL, f"DCP round trip: gradients differ by {worst:.2e}"
+        assert worst < max(TOL, SPLIT_TOL), f"DCP round trip: gradients differ by {worst:.2e}"
         report["dcp round trip"] = worst
 
         # ---- deltas saved from live shards (deltakern's format and PEFT's), loaded into a sharded model -------

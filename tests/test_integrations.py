@@ -498,8 +498,8 @@ def test_multiple_adapters_mixed_batch_merge_and_disable():
             y = model(ids, adapter_names=["default", "other", "__base__", "default"])
         _assert_bitwise(y, y_mixed)
         model.base_model.set_adapter(["default", "other"])
-        with pytest.warns(UserWarning, match="2 active adapters"):
-            _assert_bitwise(model(ids), y_both)
+        with pytest.warns(UserWarning, match="2 active adapters"):  # `up` defers to PEFT, `down` stays patched
+            assert _rel(model(ids), y_both) < 1e-5
         model.base_model.set_adapter("default")
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # a reason already reported does not warn again

@@ -370,11 +370,11 @@ def test_lora_dora_equal_peft_outputs_and_gradients(cls, rslora):
     ours.train()
     theirs.train()
     y1, y2 = _fwd_bwd(ours, ids), _fwd_bwd(theirs, ids)
-    assert rel(y1, y2) < 1e-6
+    assert rel(y1, y2) < 1e-5  # fp32 sums in another order than PEFT's matmuls (measured up to 2.3e-6)
     g1, g2 = _dk_grads(ours), _peft_grads(theirs)
     assert set(g1) == set(g2) and len(g1) == 2 * len(LLAMA_PROJ) * (3 if cls is dk.DoRA else 2)
-    for k in g1:
-        assert rel(g1[k], g2[k]) < 1e-5, k
+    for k in g1:  # the same sums' rounding, carried back through every layer (measured up to 1.4e-5)
+        assert rel(g1[k], g2[k]) < 5e-5, k
 
 
 @pytest.fixture(scope="module")

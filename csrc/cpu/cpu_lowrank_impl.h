@@ -4,14 +4,17 @@
 //
 // Register tiles (accumulators, not counting the operands loaded per step):
 //   xat  MR rows of x x JR rows of a, vectors along K, one horizontal sum per output at the end
-//   gtx  JR rows of the output x KV vectors along K, one pass over all M rows of g and x
+//   gtx  JR rows of the output x KV vectors along K, one pass over all M rows of g and x (summed in
+//        chunks of MCHUNK rows)
 //   gb   MR rows of the output x NV vectors along N, R steps
 // AVX-512 (32 registers) takes 4x4, 8x3, 4x4; the 16-register units 2x4, 4x2, 2x4. Edges run the
-// same code with 1-wide tiles, the last K % VW (N % VW) columns in scalar code.
+// same code with 1-wide tiles; the last K % VW columns of xat / gtx in scalar code, gb's last N % VW
+// columns as a zero-padded vector.
 #include <omp.h>
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "cpu_lowrank.h"
 
@@ -86,30 +89,46 @@ void xat(const float* x, int64_t ldx, const float* a, float* y, int64_t M, int64
 
 // ---- gtx: out = scale g^T x (and the column sums of x) ------------------------------------------
 
-// Output rows j0 .. j0 + JR, columns k0 .. k0 + KV * VW.
+// Output rows j0 .. j0 + JR, columns k0 .. k0 + KV * VW. The sum over M runs in chunks of MCHUNK rows
+// (register accumulators), the chunks added into a second sum: rounding error grows like
+// MCHUNK + M / MCHUNK terms instead of M (fp32 gradients summed over thousands of tokens).
+constexpr int64_t MCHUNK = 64;
+
 template <int JR, int KV>
 inline void gtx_tile(const float* g, int64_t gsm, int64_t gsj, const float* x, int64_t ldx, float* out, int out_t,
                      float* colsum, float scale, int64_t M, int64_t R, int64_t K, int64_t j0, int64_t k0) {
-    vf acc[JR][KV], cs[KV];
+    vf tot[JR][KV], cst[KV];
     for (int v = 0; v < KV; ++v) {
-        cs[v] = vf{};
-        for (int j = 0; j < JR; ++j) acc[j][v] = vf{};
+        cst[v] = vf{};
+        for (int j = 0; j < JR; ++j) tot[j][v] = vf{};
     }
-    const float* gp = g + j0 * gsj;
-    const float* xp = x + k0;
-    for (int64_t m = 0; m < M; ++m, gp += gsm, xp += ldx) {
-        vf xv[KV];
-        for (int v = 0; v < KV; ++v) xv[v] = vload(xp + v * VW);
-        for (int j = 0; j < JR; ++j) {
-            const vf b = vset(gp[j * gsj]);
-            for (int v = 0; v < KV; ++v) acc[j][v] += b * xv[v];
+    for (int64_t m0 = 0; m0 < M; m0 += MCHUNK) {
+        vf acc[JR][KV], cs[KV];
+        for (int v = 0; v < KV; ++v) {
+            cs[v] = vf{};
+            for (int j = 0; j < JR; ++j) acc[j][v] = vf{};
         }
-        if (colsum)
-            for (int v = 0; v < KV; ++v) cs[v] += xv[v];
+        const int64_t m1 = std::min(M, m0 + MCHUNK);
+        const float* gp = g + m0 * gsm + j0 * gsj;
+        const float* xp = x + m0 * ldx + k0;
+        for (int64_t m = m0; m < m1; ++m, gp += gsm, xp += ldx) {
+            vf xv[KV];
+            for (int v = 0; v < KV; ++v) xv[v] = vload(xp + v * VW);
+            for (int j = 0; j < JR; ++j) {
+                const vf b = vset(gp[j * gsj]);
+                for (int v = 0; v < KV; ++v) acc[j][v] += b * xv[v];
+            }
+            if (colsum)
+                for (int v = 0; v < KV; ++v) cs[v] += xv[v];
+        }
+        for (int v = 0; v < KV; ++v) {
+            cst[v] += cs[v];
+            for (int j = 0; j < JR; ++j) tot[j][v] += acc[j][v];
+        }
     }
     for (int j = 0; j < JR; ++j)
         for (int v = 0; v < KV; ++v) {
-            const vf r = acc[j][v] * scale;
+            const vf r = tot[j][v] * scale;
             if (!out_t) {
                 vstore(out + (j0 + j) * K + k0 + v * VW, r);
             } else {
@@ -117,7 +136,7 @@ inline void gtx_tile(const float* g, int64_t gsm, int64_t gsj, const float* x, i
             }
         }
     if (colsum)
-        for (int v = 0; v < KV; ++v) vstore(colsum + k0 + v * VW, cs[v]);
+        for (int v = 0; v < KV; ++v) vstore(colsum + k0 + v * VW, cst[v]);
 }
 
 // Every output row for the columns k0 .. k0 + KV * VW (the column sums with the first tile).
@@ -148,12 +167,20 @@ void gtx(const float* g, int64_t gsm, int64_t gsj, const float* x, int64_t ldx, 
         for (int64_t k = k_tail; k < K; ++k) {  // the last K % VW columns
             for (int64_t j = 0; j < R; ++j) {
                 float s = 0.0f;
-                for (int64_t m = 0; m < M; ++m) s += g[m * gsm + j * gsj] * x[m * ldx + k];
+                for (int64_t m0 = 0; m0 < M; m0 += MCHUNK) {
+                    float c = 0.0f;
+                    for (int64_t m = m0; m < std::min(M, m0 + MCHUNK); ++m) c += g[m * gsm + j * gsj] * x[m * ldx + k];
+                    s += c;
+                }
                 out[out_t ? k * R + j : j * K + k] = s * scale;
             }
             if (colsum) {
                 float s = 0.0f;
-                for (int64_t m = 0; m < M; ++m) s += x[m * ldx + k];
+                for (int64_t m0 = 0; m0 < M; m0 += MCHUNK) {
+                    float c = 0.0f;
+                    for (int64_t m = m0; m < std::min(M, m0 + MCHUNK); ++m) c += x[m * ldx + k];
+                    s += c;
+                }
                 colsum[k] = s;
             }
         }
@@ -162,15 +189,16 @@ void gtx(const float* g, int64_t gsm, int64_t gsj, const float* x, int64_t ldx, 
 
 // ---- gb: out = bias + scale g bt ----------------------------------------------------------------
 
+// Output rows 0 .. MR (row stride ldo), columns n0 .. n0 + NV * VW; bt rows have stride ldb.
 template <int MR, int NV>
-inline void gb_tile(const float* g, int64_t gsm, int64_t gsj, const float* bt, const float* bias, float scale,
-                    float* out, int64_t N, int64_t R, int64_t n0) {
+inline void gb_tile(const float* g, int64_t gsm, int64_t gsj, const float* bt, int64_t ldb, const float* bias,
+                    float scale, float* out, int64_t ldo, int64_t R, int64_t n0) {
     vf acc[MR][NV];
     for (int i = 0; i < MR; ++i)
         for (int v = 0; v < NV; ++v) acc[i][v] = vf{};
     for (int64_t j = 0; j < R; ++j) {
         vf b[NV];
-        for (int v = 0; v < NV; ++v) b[v] = vload(bt + j * N + n0 + v * VW);
+        for (int v = 0; v < NV; ++v) b[v] = vload(bt + j * ldb + n0 + v * VW);
         for (int i = 0; i < MR; ++i) {
             const vf gi = vset(g[i * gsm + j * gsj]);
             for (int v = 0; v < NV; ++v) acc[i][v] += gi * b[v];
@@ -178,36 +206,42 @@ inline void gb_tile(const float* g, int64_t gsm, int64_t gsj, const float* bt, c
     }
     for (int v = 0; v < NV; ++v) {
         const vf bv = bias ? vload(bias + n0 + v * VW) : vf{};
-        for (int i = 0; i < MR; ++i) vstore(out + i * N + n0 + v * VW, bv + acc[i][v] * scale);
+        for (int i = 0; i < MR; ++i) vstore(out + i * ldo + n0 + v * VW, bv + acc[i][v] * scale);
     }
 }
 
+// MR rows of the output. The last N % VW columns run the same vector code on a zero-padded copy of
+// their part of bt and bias (bt_tail [R, VW], bias_tail [VW]), so every column is summed alike.
 template <int MR>
-inline void gb_rows(const float* g, int64_t gsm, int64_t gsj, const float* bt, const float* bias, float scale,
-                    float* out, int64_t N, int64_t R) {
+inline void gb_rows(const float* g, int64_t gsm, int64_t gsj, const float* bt, const float* bias, const float* bt_tail,
+                    const float* bias_tail, float scale, float* out, int64_t N, int64_t R) {
     constexpr int NV = 4;
     int64_t n = 0;
-    for (; n + NV * VW <= N; n += NV * VW) gb_tile<MR, NV>(g, gsm, gsj, bt, bias, scale, out, N, R, n);
-    for (; n + VW <= N; n += VW) gb_tile<MR, 1>(g, gsm, gsj, bt, bias, scale, out, N, R, n);
-    for (; n < N; ++n)
-        for (int i = 0; i < MR; ++i) {
-            float s = 0.0f;
-            for (int64_t j = 0; j < R; ++j) s += g[i * gsm + j * gsj] * bt[j * N + n];
-            out[i * N + n] = (bias ? bias[n] : 0.0f) + s * scale;
-        }
+    for (; n + NV * VW <= N; n += NV * VW) gb_tile<MR, NV>(g, gsm, gsj, bt, N, bias, scale, out, N, R, n);
+    for (; n + VW <= N; n += VW) gb_tile<MR, 1>(g, gsm, gsj, bt, N, bias, scale, out, N, R, n);
+    if (n < N) {
+        float tmp[MR * VW];
+        gb_tile<MR, 1>(g, gsm, gsj, bt_tail, VW, bias ? bias_tail : nullptr, scale, tmp, VW, R, 0);
+        for (int i = 0; i < MR; ++i) std::memcpy(out + i * N + n, tmp + i * VW, (N - n) * sizeof(float));
+    }
 }
 
 void gb(const float* g, int64_t gsm, int64_t gsj, const float* bt, const float* bias, float scale, float* out,
         int64_t M, int64_t N, int64_t R, int nthreads) {
     constexpr int MR = WIDE ? 4 : 2;
-    const int64_t tiles = (M + MR - 1) / MR;
+    const int64_t tiles = (M + MR - 1) / MR, n_tail = N - N % VW;
+    std::vector<float> bt_tail(R * VW, 0.0f), bias_tail(VW, 0.0f);
+    for (int64_t j = 0; j < R; ++j)
+        for (int64_t n = n_tail; n < N; ++n) bt_tail[j * VW + n - n_tail] = bt[j * N + n];
+    for (int64_t n = n_tail; bias && n < N; ++n) bias_tail[n - n_tail] = bias[n];
 #pragma omp parallel for num_threads(team(M * N * std::max<int64_t>(R, 4), nthreads)) schedule(static)
     for (int64_t t = 0; t < tiles; ++t) {
         const int64_t m = t * MR;
         if (m + MR <= M) {
-            gb_rows<MR>(g + m * gsm, gsm, gsj, bt, bias, scale, out + m * N, N, R);
+            gb_rows<MR>(g + m * gsm, gsm, gsj, bt, bias, bt_tail.data(), bias_tail.data(), scale, out + m * N, N, R);
         } else {
-            for (int64_t i = m; i < M; ++i) gb_rows<1>(g + i * gsm, gsm, gsj, bt, bias, scale, out + i * N, N, R);
+            for (int64_t i = m; i < M; ++i)
+                gb_rows<1>(g + i * gsm, gsm, gsj, bt, bias, bt_tail.data(), bias_tail.data(), scale, out + i * N, N, R);
         }
     }
 }

@@ -9,9 +9,9 @@ from deltakern.backends.registry import register
 
 @register("lowrank_xat", "torch")
 def lowrank_xat_ref(x, a):
-    """x a^T; on the CPU computed as (a x^T)^T and returned as that transposed view."""
+    """x a^T; on the CPU computed as (a x^T)^T (BLAS's fast layout), then made contiguous ([M, R]: small)."""
     if x.device.type == "cpu":
-        return torch.mm(a, x.t()).t()
+        return torch.mm(a, x.t()).t().contiguous()
     return torch.mm(x, a.t())
 
 
@@ -23,7 +23,7 @@ def lowrank_gtx_ref(g, x, scale, colsum, transpose):
     both = torch.mm(cols, x) if x.device.type == "cpu" else torch.mm(x.t(), cols.t()).t()  # [R (+1), K]
     out = both[:R] * scale
     out = out.t().contiguous() if transpose else out
-    return out, (both[R].contiguous() if colsum else x.new_empty((0,)))
+    return out, (both[R].clone() if colsum else x.new_empty((0,)))
 
 
 @register("lowrank_gb", "torch")
