@@ -150,3 +150,15 @@ def test_one_pattern_rule_everywhere():
         with pytest.raises(ValueError, match=r"pattern 'q_proj\(' |pattern 'lm_head\(' "):
             call()
     assert model[0].weight.requires_grad  # the refused apply left the model as it was
+
+
+def test_run_is_the_op_without_dispatch_and_traces_under_compile(clean_env):
+    """registry.run: eager calls go straight to the chosen implementation (same result as the op);
+    meta tensors and torch.compile(fullgraph=True) go through torch.ops.deltakern (fake kernels)."""
+    x, a = torch.randn(40, 33), torch.randn(5, 33)
+    want = torch.ops.deltakern.lowrank_xat(x, a)
+    assert torch.equal(registry.run("lowrank_xat", x, a), want)
+    meta = registry.run("lowrank_xat", x.to("meta"), a.to("meta"))
+    assert meta.device.type == "meta" and meta.shape == (40, 5)
+    compiled = torch.compile(lambda u, v: registry.run("lowrank_xat", u, v) * 2, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(x, a), want * 2)

@@ -25,7 +25,7 @@ def dense_weight(weight, absmax, code, N: int, K: int, blocksize: int, dtype) ->
     the packed bytes decoded by `deltakern::nf4_dequantize` (whichever backend the registry picks)."""
     if absmax is None:
         return weight
-    flat = torch.ops.deltakern.nf4_dequantize(weight.reshape(-1).view(torch.uint8), absmax, None, None, 0.0, code,
+    flat = registry.run("nf4_dequantize", weight.reshape(-1).view(torch.uint8), absmax, None, None, 0.0, code,
                                               N * K, blocksize, dtype)
     return flat.view(N, K)
 

@@ -125,7 +125,7 @@ class DoRALinearFunction(torch.autograd.Function):
                 keep, xd = None, x
             xa = compose.small_mm_t(xd, lora_A)
             if fused:
-                y = torch.ops.deltakern.dora_fwd(x, weight, absmax, code, N, K, blocksize, bias, xa, lora_B, g, keep,
+                y = registry.run("dora_fwd", x, weight, absmax, code, N, K, blocksize, bias, xa, lora_B, g, keep,
                                                  scaling, ms)
             else:
                 y = _compose_forward(x, xd, dense_weight(weight, absmax, code, N, K, blocksize, x.dtype),
@@ -163,7 +163,7 @@ class DoRALinearFunction(torch.autograd.Function):
         c = None
         if fused:
             if need_x or need_b or want_cy:
-                dx_, db_, c_ = torch.ops.deltakern.dora_bwd(
+                dx_, db_, c_ = registry.run("dora_bwd", 
                     dy, *W, dyb if need_x else dy[:, :0], A, g, keep, y if want_cy else None, bias, s, ms,
                     int(need_x), int(need_b))
                 dx = dx_ if need_x else None
@@ -201,7 +201,7 @@ class DoRALinearFunction(torch.autograd.Function):
                 dB = (dB.float() + s * u[:, None] * va).to(dtype)
             if need_A:
                 ub = u[:, None] * Bf  # [N, r]
-                ctw = torch.ops.deltakern.dora_ctw(ub.to(dtype), *W)
+                ctw = registry.run("dora_ctw", ub.to(dtype), *W)
                 dA = (dA.float() + s * (ctw + s * torch.mm(torch.mm(ub.t(), Bf), Af))).to(dtype)
         if db is not None:
             db = db.to(bias.dtype)
@@ -267,7 +267,7 @@ def _colsums(dy, W, g, y, bias, need_b):
     if _triton_usable(dy):
         for lo, hi in _int32_row_chunks(M, N):
             d = dy[lo:hi]  # dyb / lora_A / g / keep are not read without dx: placeholders
-            _, db_i, c_i = torch.ops.deltakern.dora_bwd(d, *W, d, d, g, None, None if y is None else y[lo:hi], bias,
+            _, db_i, c_i = registry.run("dora_bwd", d, *W, d, d, g, None, None if y is None else y[lo:hi], bias,
                                                         1.0, 1.0, 0, int(need_b))
             if need_b:
                 db += db_i
@@ -291,7 +291,7 @@ def _colsum_z(dy, x, W, keep, xa, B, s, ms, cols, fused):
         M, N, K = dy.shape[0], dy.shape[1], x.shape[1]
         out = None
         for lo, hi in _int32_row_chunks(M, max(N, K)):
-            c = torch.ops.deltakern.dora_colsum(dy[lo:hi], x[lo:hi], *W, None if keep is None else keep[lo:hi],
+            c = registry.run("dora_colsum", dy[lo:hi], x[lo:hi], *W, None if keep is None else keep[lo:hi],
                                                 xa[lo:hi], B, s, ms, cols)
             out = c if out is None else out.add_(c)
         return out

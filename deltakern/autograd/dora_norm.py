@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 import deltakern.ops.dora  # noqa: F401  (defines torch.ops.deltakern.dora_*)
+from deltakern.backends import registry
 
 # A row whose expanded squared norm is below this fraction of its parts (||W_j||^2 + s^2 ||(BA)_j||^2)
 # lost too many digits to cancellation and is recomputed exactly from W_j + s B_j A.
@@ -111,7 +112,7 @@ def dora_weight_norm(weight: FrozenWeight, lora_A: torch.Tensor, lora_B: torch.T
     """
     with torch.no_grad(), torch.autocast(lora_A.device.type, enabled=False):
         A, B = lora_A.detach(), lora_B.detach()
-        wa, sq = torch.ops.deltakern.dora_norm_parts(*weight.args, A, int(sumsq is None))
+        wa, sq = registry.run("dora_norm_parts", *weight.args, A, int(sumsq is None))
         if sumsq is not None:
             sq = sumsq
         Af, Bf = A.float(), B.float()

@@ -54,7 +54,7 @@ class FrozenLinearFunction(torch.autograd.Function):
             is_nf4 = absmax is not None
             fused = _fused(x, M, N, K, "nf4" if is_nf4 else "dense")
             if fused:
-                y = torch.ops.deltakern.linear_fwd(x, weight, absmax, code, N, K, blocksize, bias)
+                y = registry.run("linear_fwd", x, weight, absmax, code, N, K, blocksize, bias)
             else:
                 w = dense_weight(weight, absmax, code, N, K, blocksize, x.dtype)
                 y = torch.mm(x, w.t()) if bias is None else torch.addmm(bias, x, w.t())
@@ -71,7 +71,7 @@ class FrozenLinearFunction(torch.autograd.Function):
         with torch.autocast(dy.device.type, enabled=False):
             dy = dy.contiguous() if dy.stride(-1) != 1 else dy
             if need_x and fused:
-                dx, db = torch.ops.deltakern.linear_bwd(dy, weight, absmax, code, N, K, blocksize, int(need_b))
+                dx, db = registry.run("linear_bwd", dy, weight, absmax, code, N, K, blocksize, int(need_b))
                 db = db if need_b else None
             elif need_x:
                 w = dense_weight(weight, absmax, code, N, K, blocksize, dy.dtype)

@@ -82,9 +82,9 @@ class LoRALinearFunction(torch.autograd.Function):
         xa = compose.small_mm_t(xd, lora_A)
 
         if is_nf4 and fused:
-            out = torch.ops.deltakern.lora_fwd_nf4(x2, weight, absmax, code, N, K, blocksize, bias, xa, lora_B, scaling)
+            out = registry.run("lora_fwd_nf4", x2, weight, absmax, code, N, K, blocksize, bias, xa, lora_B, scaling)
         elif fused:
-            out = torch.ops.deltakern.lora_fwd(x2, weight, bias, xa, lora_B, scaling)
+            out = registry.run("lora_fwd", x2, weight, bias, xa, lora_B, scaling)
         else:
             w = dense_weight(weight, absmax, code, N, K, blocksize, x.dtype)
             out = compose.lora_out(x2, w, bias, xa, lora_B, scaling)
@@ -108,10 +108,10 @@ class LoRALinearFunction(torch.autograd.Function):
         dyb = compose.small_mm_t(dy2, lora_B.t()) if (need_x or need_A) else None
         if need_x:
             if is_nf4 and fused:
-                dx = torch.ops.deltakern.lora_dx_nf4(dy2, weight, absmax, code, N, K, blocksize, dyb, lora_A, s,
+                dx = registry.run("lora_dx_nf4", dy2, weight, absmax, code, N, K, blocksize, dyb, lora_A, s,
                                                      keep, keep_scale)
             elif fused:
-                dx = torch.ops.deltakern.lora_dx(dy2, weight, dyb, lora_A, s, keep, keep_scale)
+                dx = registry.run("lora_dx", dy2, weight, dyb, lora_A, s, keep, keep_scale)
             else:
                 w = dense_weight(weight, absmax, code, N, K, blocksize, dy.dtype)
                 dx = compose.lora_dx(dy2, w, dyb, lora_A, s, keep, keep_scale)

@@ -137,6 +137,19 @@ def call(op: str, *args):
     return implementation(op, device)(*args)
 
 
+def run(op: str, *args):
+    """`torch.ops.deltakern.<op>(*args)`, minus the op dispatch in eager mode: the layers call their
+    ops through this. In eager mode on a real device it is `call` (the custom-op layer costs ~50 us a
+    call on the CPU, several times per layer and step); under torch.compile, and on the meta device,
+    it goes through torch.ops so that the fake kernels trace."""
+    import torch
+
+    device = next(a.device.type for a in args if hasattr(a, "device"))
+    if device == "meta" or torch.compiler.is_compiling():
+        return getattr(torch.ops.deltakern, op)(*args)
+    return implementation(op, device)(*args)
+
+
 KINDS = {"torch": "pure-torch reference ops", "triton": "Triton kernels", "cuda": "CUDA C++ kernels",
          "cpu": "native CPU kernels"}
 

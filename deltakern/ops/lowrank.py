@@ -11,9 +11,8 @@ Results are in the operands' dtype (the references: torch's matmul). On the CPU,
 R <= 64 run the native kernels of deltakern._cpu (csrc/cpu/cpu_lowrank.h): one streaming pass over the
 large operand instead of a BLAS call shaped for square products (2-3x faster at these shapes).
 
-The layer functions call them through `xat`, `gtx` and `gb` below: in eager mode straight through the
-registry (no op-dispatch overhead: these run several times per layer per step), under torch.compile
-through `torch.ops.deltakern.*`, whose fake kernels let it trace.
+The layer functions call them through `xat`, `gtx` and `gb` below (`registry.run`: in eager mode
+straight through the registry, under torch.compile through `torch.ops.deltakern.*`).
 """
 
 from typing import Optional
@@ -60,22 +59,15 @@ def _(g, bt, scale, bias):
 
 def xat(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """x a^T (see the module docstring)."""
-    if torch.compiler.is_compiling():
-        return torch.ops.deltakern.lowrank_xat(x, a)
-    return registry.call("lowrank_xat", x, a)
+    return registry.run("lowrank_xat", x, a)
 
 
 def gtx(g: torch.Tensor, x: torch.Tensor, scale: float = 1.0, colsum: bool = False, transpose: bool = False):
     """(scale g^T x [R, K] or [K, R], sum of x's rows or None)."""
-    if torch.compiler.is_compiling():
-        out, cs = torch.ops.deltakern.lowrank_gtx(g, x, scale, colsum, transpose)
-    else:
-        out, cs = registry.call("lowrank_gtx", g, x, scale, colsum, transpose)
+    out, cs = registry.run("lowrank_gtx", g, x, scale, colsum, transpose)
     return out, (cs if colsum else None)
 
 
 def gb(g: torch.Tensor, bt: torch.Tensor, scale: float = 1.0, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """bias + scale g bt."""
-    if torch.compiler.is_compiling():
-        return torch.ops.deltakern.lowrank_gb(g, bt, scale, bias)
-    return registry.call("lowrank_gb", g, bt, scale, bias)
+    return registry.run("lowrank_gb", g, bt, scale, bias)
