@@ -946,3 +946,34 @@ def test_gpu_vs_peft(impl, kind, dropout, monkeypatch):
 @pytest.mark.parametrize("i", range(11))
 def test_gpu_opcheck(i):
     opcheck_sample(_op_samples(), i, "cuda")
+
+
+def test_cpu_norm_recompute_skips_a_clean_repair_with_the_same_result(monkeypatch):
+    """On CPU tensors the steady-state norm skips the fixed-size repair when no row is cancelled:
+    bit-identical to running it; a cancelled row still goes through the repair."""
+    from deltakern.autograd import dora_norm
+    from deltakern.autograd.dora_norm import FrozenWeight, dora_weight_norm
+
+    g = torch.Generator().manual_seed(3)
+    N, K, r = 70, 48, 4
+    W, A, B = torch.randn(N, K, generator=g), torch.randn(r, K, generator=g), torch.randn(N, r, generator=g)
+    fw = FrozenWeight(W, None, None, N, K, 0)
+    calls = []
+    topk = torch.topk
+    monkeypatch.setattr(torch, "topk", lambda *a, **k: calls.append(1) or topk(*a, **k))
+    fast = dora_weight_norm(fw, A, B, 0.5, None, sync=False)
+    assert not calls  # nothing cancelled: no repair ran
+    monkeypatch.setattr(dora_norm, "CPU_SKIP_CLEAN_REPAIR", False)
+    full = dora_weight_norm(fw, A, B, 0.5, None, sync=False)
+    assert calls and all(torch.equal(a, b) for a, b in zip(fast, full))
+    monkeypatch.setattr(dora_norm, "CPU_SKIP_CLEAN_REPAIR", True)
+    calls.clear()
+    A2 = A.clone()
+    A2[:, :] = 0
+    A2[0] = -W[5] / 0.5  # s (B A)_5 = -W_5 when B_5 = e_0: row 5 cancels exactly
+    B2 = B.clone()
+    B2[5] = torch.tensor([1.0, 0, 0, 0])
+    dora_weight_norm(fw, A2, B2, 0.5, None, sync=False)
+    assert calls  # a cancelled row: the repair ran
+    with pytest.raises(ValueError, match="became zero"):
+        dora_norm.check_dora_norms()

@@ -26,6 +26,13 @@ from deltakern import nf4
 from deltakern.autograd.dora import _W, check_dora_norms, dora_weight_norm
 from deltakern.nn import DoRALinear, LoRALinear, NF4Linear
 from deltakern.backends.reference.nf4 import absmax_ref
+from deltakern.autograd import dora_norm
+
+
+@pytest.fixture(autouse=True)
+def _gpu_norm_path(monkeypatch):
+    """Run DoRA's sync-free norm recomputation as on a GPU (no CPU-only shortcut that reads `bad`)."""
+    monkeypatch.setattr(dora_norm, "CPU_SKIP_CLEAN_REPAIR", False)
 
 
 class HostSync(AssertionError):

@@ -51,6 +51,10 @@ def _row_list(rows: torch.Tensor, limit: int = 10) -> str:
 # Steady-state norm recomputations (after an optimizer step) repair at most this many cancelled rows
 # on the device, without reading anything back (see dora_weight_norm).
 REPAIR_ROWS = 32
+# On CPU tensors the sync-free recomputation first checks whether any row is cancelled at all and
+# skips the fixed-size repair when none is (same result, ~0.2 ms less per DoRA layer and step at
+# N = K = 1024). Tests set it False to run the GPU's sync-free path on the CPU.
+CPU_SKIP_CLEAN_REPAIR = True
 
 
 
@@ -123,7 +127,10 @@ def dora_weight_norm(weight: FrozenWeight, lora_A: torch.Tensor, lora_B: torch.T
         parts = sq + (scaling * scaling) * quad
         bad = n2 <= NORM_CANCELLATION_RTOL * parts
         if not sync:
-            if weight.N:
+            # On the CPU reading `bad` back costs nothing (no stream to wait for): skip the repair
+            # when no row needs it (it would change nothing: a zero row is always a cancelled row).
+            clean = CPU_SKIP_CLEAN_REPAIR and n2.device.type == "cpu" and not bool(bad.any())
+            if weight.N and not clean:
                 k = min(REPAIR_ROWS, weight.N)
                 ratio = torch.where(parts > 0, n2 / parts, torch.zeros_like(n2))  # zero parts: a zero row
                 rows = torch.topk(ratio, k, largest=False).indices
