@@ -82,11 +82,11 @@ def _cpu_tensor(name: str, t) -> None:
         raise ValueError(f"{name} is on {t.device}; the deltakern CPU kernels need CPU tensors")
 
 
-def _check(name: str, t, dtype: torch.dtype, numel: int | None = None) -> None:
+def _check(name: str, t, dtype: torch.dtype, numel: int | None = None, contiguous: bool = True) -> None:
     _cpu_tensor(name, t)
     if t.dtype != dtype:
         raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
-    if not t.is_contiguous():
+    if contiguous and not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous (got strides {tuple(t.stride())} for shape {tuple(t.shape)})")
     if numel is not None and t.numel() != numel:
         raise ValueError(f"{name} has {t.numel()} elements, expected {numel}")
@@ -247,19 +247,13 @@ MAX_LOWRANK_R = 64  # ranks the rank-r kernels take (their register tiles; beyon
 
 def _f32_matrix(name: str, t, rows: int | None = None, cols: int | None = None) -> torch.Tensor:
     """t as a 2-D fp32 CPU matrix whose rows are unit-stride (a copy only if they are not)."""
-    _check_any_f32(name, t)
+    _check(name, t, torch.float32, contiguous=False)
     if t.dim() != 2:
         raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
     if (rows is not None and t.shape[0] != rows) or (cols is not None and t.shape[1] != cols):
         raise ValueError(f"{name} has shape {tuple(t.shape)}, expected ({rows if rows is not None else 'any'}, "
                          f"{cols if cols is not None else 'any'})")
     return t if t.stride(1) == 1 or t.shape[1] <= 1 else t.contiguous()
-
-
-def _check_any_f32(name: str, t) -> None:
-    _cpu_tensor(name, t)
-    if t.dtype != torch.float32:
-        raise TypeError(f"{name} must be float32, got {t.dtype}")
 
 
 def _rank(R: int) -> int:
@@ -293,7 +287,7 @@ def lowrank_gtx(g, x, scale: float = 1.0, colsum: bool = False, transpose: bool 
     None), fp32: dA = s dyb^T x, and dB = s dY^T xa with db = sum dY in the same pass over dY.
     g any strides."""
     C = require()
-    _check_any_f32("g", g)
+    _check("g", g, torch.float32, contiguous=False)
     if g.dim() != 2:
         raise ValueError(f"g must be 2-D, got shape {tuple(g.shape)}")
     M, R = g.shape
@@ -316,7 +310,7 @@ def lowrank_gb(g, bt, scale: float = 1.0, bias=None) -> torch.Tensor:
     """out[M, N] = bias[N] + scale * g[M, R] . bt[R, N], fp32 (the rank-r term of y and of dX).
     g any strides; bias None or [N]."""
     C = require()
-    _check_any_f32("g", g)
+    _check("g", g, torch.float32, contiguous=False)
     if g.dim() != 2:
         raise ValueError(f"g must be 2-D, got shape {tuple(g.shape)}")
     M, R = g.shape
@@ -324,7 +318,7 @@ def lowrank_gb(g, bt, scale: float = 1.0, bias=None) -> torch.Tensor:
     bt = _f32_matrix("bt", bt, rows=R).contiguous()
     N = bt.shape[1]
     if bias is not None:
-        _check_any_f32("bias", bias)
+        _check("bias", bias, torch.float32, contiguous=False)
         if bias.shape != (N,):
             raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
         bias = bias.contiguous()

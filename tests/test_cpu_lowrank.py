@@ -104,17 +104,17 @@ def test_strided_rows_and_empty(ext):
 def test_bad_inputs(ext):
     x, a, g = torch.randn(4, 8), torch.randn(3, 8), torch.randn(4, 3)
     cases = [
-        (lambda: _cpu_ext.lowrank_xat(x.double(), a), TypeError, "x must be float32"),
-        (lambda: _cpu_ext.lowrank_xat(x, a.half()), TypeError, "a must be float32"),
+        (lambda: _cpu_ext.lowrank_xat(x.double(), a), TypeError, "x must be torch.float32"),
+        (lambda: _cpu_ext.lowrank_xat(x, a.half()), TypeError, "a must be torch.float32"),
         (lambda: _cpu_ext.lowrank_xat(x, torch.randn(3, 9)), ValueError, r"a has shape \(3, 9\)"),
         (lambda: _cpu_ext.lowrank_xat(x.to("meta"), a), ValueError, "on meta"),
         (lambda: _cpu_ext.lowrank_xat(x, torch.randn(65, 8)), ValueError, "r <= 64"),
         (lambda: _cpu_ext.lowrank_xat(x[None], a), ValueError, "x must be 2-D"),
         (lambda: _cpu_ext.lowrank_gtx(g, torch.randn(5, 8)), ValueError, r"x has shape \(5, 8\)"),
-        (lambda: _cpu_ext.lowrank_gtx(g.bfloat16(), x), TypeError, "g must be float32"),
+        (lambda: _cpu_ext.lowrank_gtx(g.bfloat16(), x), TypeError, "g must be torch.float32"),
         (lambda: _cpu_ext.lowrank_gb(g, torch.randn(2, 8)), ValueError, r"bt has shape \(2, 8\)"),
         (lambda: _cpu_ext.lowrank_gb(g, a, 1.0, torch.randn(7)), ValueError, r"bias must have shape \(8,\)"),
-        (lambda: _cpu_ext.lowrank_gb(g, a, 1.0, torch.randn(8).double()), TypeError, "bias must be float32"),
+        (lambda: _cpu_ext.lowrank_gb(g, a, 1.0, torch.randn(8).double()), TypeError, "bias must be torch.float32"),
     ]
     for fn, exc, msg in cases:
         with pytest.raises(exc, match=msg):
