@@ -241,6 +241,9 @@ def _spill_risk_subset(all_jobs):
         if "BLOCK_M" not in t:  # the small fixed-tile kernels: all of them
             rest.append(j)
             continue
+        if "BLOCK_K" not in t:  # the column sums: no accumulator tile
+            rest.append(j)
+            continue
         out_tile = t["BLOCK_N"] if j["kernel"].endswith("fwd") or "colsum_z" in j["kernel"] else t["BLOCK_K"]
         risk = (t["BLOCK_M"] * out_tile / (32 * j["num_warps"]), j["num_stages"])
         k = (j["kernel"], j["mode"])
@@ -310,6 +313,8 @@ def _main_loop(insns):
 def _elements_per_iteration(job):
     """Weight elements one main-loop iteration consumes (GEMM kernels: one W tile)."""
     t = job["tile"]
+    if job["kernel"] == "dora_colsums":  # no W: one [BLOCK_M, BLOCK_N] tile of dY (and y) per iteration
+        return t["BLOCK_M"] * t["BLOCK_N"]
     if job["kernel"] in ("dora_norm_parts", "dora_ctw", "nf4_decode") or "BLOCK_M" in t:
         return t["BLOCK_N"] * t["BLOCK_K"]
     return None
@@ -347,7 +352,8 @@ def analyse(job, arch):
         elems = _elements_per_iteration(job)
         loop_n = stats["loop_instructions"]
         ipe = None if (elems is None or loop_n is None) else loop_n * warps / elems
-        unit = "warp-insn per weight element per row tile (main loop)"
+        unit = ("warp-insn per dY element (main loop)" if job["kernel"] == "dora_colsums"
+                else "warp-insn per weight element per row tile (main loop)")
     return dict(
         kernel=job["kernel"], mode=job["mode"], config=job["config"], arch=f"sm_{arch}",
         registers=stats["registers"], spill_bytes=stats["spill_store_bytes"] + stats["spill_load_bytes"],

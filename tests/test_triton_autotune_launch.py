@@ -301,3 +301,29 @@ def test_fp32_dot_flags_with_torch_fp32_precision_api():
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("M,N", [(1, 1), (33, 129), (70, 300), (1030, 257)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_column_sums_kernel(M, N, dtype, monkeypatch):
+    """frozen_backward without dX runs `_colsums_kernel` (a 2-D grid over row groups and column tiles):
+    db = sum_i dy and c = sum_i dy (y - b) against float64, over more than one row group (COLSUM_ROWS
+    lowered), with and without the bias, and only what is asked for."""
+    monkeypatch.setattr(L, "COLSUM_ROWS", 64)
+    g = gen(M * 1000 + N)
+    dy, y = torch.randn(M, N, generator=g).to(dtype).to(DEV), torch.randn(M, N, generator=g).to(dtype).to(DEV)
+    b = torch.randn(N, generator=g).to(dtype).to(DEV)
+    d64, y64 = dy.double(), y.double()
+    bound = lambda t: M * 2.0**-23 * t + 1e-30  # noqa: E731  (fp32 sums of M terms)
+    for bias in (None, b):
+        dx, db, c = L.frozen_backward(dy, torch.zeros(N, 8, dtype=dtype, device=DEV), 8, compute_dx=False,
+                                      want_db=True, y=y, bias=bias)
+        want_c = (d64 * (y64 - (0 if bias is None else bias.double()))).sum(0)
+        assert dx is None and db.dtype == torch.float32 and c.shape == (N,)
+        assert ((db.double() - d64.sum(0)).abs() <= bound(d64.abs().sum(0))).all()
+        assert ((c.double() - want_c).abs() <= bound((d64 * (y64 - (0 if bias is None else bias.double()))).abs().sum(0)) * 2).all()
+    _, db, c = L.frozen_backward(dy, torch.zeros(N, 8, dtype=dtype, device=DEV), 8, compute_dx=False, want_db=True)
+    assert c is None and torch.allclose(db.double(), d64.sum(0), rtol=1e-5, atol=1e-4)
+    _, none, c2 = L.frozen_backward(dy, torch.zeros(N, 8, dtype=dtype, device=DEV), 8, compute_dx=False,
+                                    want_db=False, y=y)
+    assert none is None and c2.shape == (N,)

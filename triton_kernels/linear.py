@@ -22,7 +22,7 @@
 #   and, in the programs of the first column tile, column sums of the dy tiles they read anyway:
 #   DB            part_db[pid_m, n] = sum_i dy[i, n]
 #   CY            part_c[pid_m, n]  = sum_i dy[i, n] * (y[i, n] - b[n])       (DoRA: dm = c / m)
-#   With COMPUTE_DX = 0 the grid is one program per row tile and only the column sums run.
+#   Column sums without dX run in _colsums_kernel (a 2-D grid over row groups and column tiles).
 # Column sums go to a zero-initialised fp32 buffer [ceil(M / min BM), N], one row per row tile,
 # summed by the caller (deterministic; no atomics). Its size is bounded by pruning small-BM
 # configs at large M (see _min_block_m). A config with a larger BM writes fewer rows, so the
@@ -286,6 +286,66 @@ def _dx_kernel(
                  acc.to(dx_ptr.dtype.element_ty), mask=m_ok & k_ok)
 
 
+@triton.jit
+def _colsums_kernel(
+    dy_ptr, y_ptr, bias_ptr, db_ptr, c_ptr, M, N, ROWS,
+    stride_dym, stride_dyn, stride_ym, stride_yn,
+    DB: tl.constexpr, CY: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Column sums alone (frozen_backward without dX): program (i, j) sums rows [i ROWS, (i + 1) ROWS)
+    of columns [j BLOCK_N, (j + 1) BLOCK_N) in BLOCK_M-row steps, fp32:
+        part_db[i, n] = sum dy[m, n]          part_c[i, n] = sum dy[m, n] (y[m, n] - b[n])
+    A 2-D grid (row groups x column tiles) fills the GPU at any M; the partial rows are summed after."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = ns < N
+    sdb = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    sc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if CY and HAS_BIAS:
+        b = tl.load(bias_ptr + ns, mask=n_ok, other=0.0).to(tl.float32)
+    row0 = pid_m * ROWS
+    for m0 in range(row0, tl.minimum(row0 + ROWS, M), BLOCK_M):
+        offs_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)  # 64-bit offsets: any M x N
+        ok = (offs_m[:, None] < M) & n_ok[None, :]
+        dyf = tl.load(dy_ptr + offs_m[:, None] * stride_dym + ns[None, :] * stride_dyn, mask=ok, other=0.0)
+        dyf = dyf.to(tl.float32)
+        if DB:
+            sdb += tl.sum(dyf, axis=0)
+        if CY:
+            yv = tl.load(y_ptr + offs_m[:, None] * stride_ym + ns[None, :] * stride_yn, mask=ok, other=0.0)
+            yv = yv.to(tl.float32)
+            if HAS_BIAS:
+                yv = yv - b[None, :]
+            sc += tl.sum(dyf * yv, axis=0)
+    if DB:
+        tl.store(db_ptr + pid_m * N + ns, sdb, mask=n_ok)
+    if CY:
+        tl.store(c_ptr + pid_m * N + ns, sc, mask=n_ok)
+
+
+COLSUM_TILE = (32, 128, 4)  # BLOCK_M, BLOCK_N, warps of _colsums_kernel
+COLSUM_ROWS = 1024  # rows per program (a multiple of BLOCK_M): M / 1024 partial rows to sum after
+
+
+def column_sums(dy, y=None, bias=None, want_db=True):
+    """(sum_i dy [N] or None, sum_i dy * (y - bias) [N] or None), fp32, by `_colsums_kernel`."""
+    M, N = dy.shape
+    want_c = y is not None
+    bm, bn, warps = COLSUM_TILE
+    groups = max(triton.cdiv(M, COLSUM_ROWS), 1)
+    db = torch.zeros((groups, N), device=dy.device, dtype=torch.float32) if want_db else None
+    c = torch.zeros((groups, N), device=dy.device, dtype=torch.float32) if want_c else None
+    if M and N and (want_db or want_c):
+        yy = y if want_c else dy
+        launch(_colsums_kernel, (groups, triton.cdiv(N, bn)), dy.device,
+               dy, yy, bias if bias is not None else dy, db if want_db else c, c if want_c else db, M, N, COLSUM_ROWS,
+               dy.stride(0), dy.stride(1), yy.stride(0), yy.stride(1),
+               DB=int(want_db), CY=int(want_c), HAS_BIAS=int(bias is not None), BLOCK_M=bm, BLOCK_N=bn,
+               num_warps=warps)
+    return (db.sum(0) if want_db else None), (c.sum(0) if want_c else None)
+
+
 def _tuned(fn, kernel, weight, flags, pre_hook):
     return autotuned(fn, _CONFIGS, kernel, weight, flags, _prune(kernel, weight == "nf4"), pre_hook)
 
@@ -428,6 +488,9 @@ def frozen_backward(dy, weight, K, nf4=None, compute_dx=True, g=None, lora=None,
     _same("bias", bias, dtype, device, (N,))
     bias = bias.contiguous() if bias is not None else None
     want_c = y is not None
+    if not (compute_dx and K > 0) and M and N:  # column sums alone: their own kernel (2-D grid)
+        db, c = column_sums(dy, y, bias, want_db)
+        return (torch.zeros((M, K), device=device, dtype=dtype) if compute_dx else None), db, c
     dx = torch.empty((M, K), device=device, dtype=dtype) if compute_dx else None
     rows = max(-(-M // _min_block_m("dx", "nf4" if is_nf4 else "dense", M)), 1)
     db = torch.zeros((rows, N), device=device, dtype=torch.float32) if want_db else None
