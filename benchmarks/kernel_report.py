@@ -73,6 +73,7 @@ except ImportError:  # older trees
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # opt-in shared memory per block
+ARCHS = (90, 80)  # the archs whose pruning the jobs are recorded for
 CACHE = Path(os.environ.get("DELTAKERN_REPORT_CACHE", Path.home() / ".cache" / "deltakern" / "kernel_report"))
 
 # the benchmark shapes: a 4096 -> 14336 projection, rank 16, NF4 blocksize 64
@@ -198,7 +199,7 @@ def jobs(subset=False, only=None):
 
 
 def _jobs(subset, only):
-    seen, out = set(), []
+    seen, out = {}, []
     for M in (M_TRAIN, M_DECODE):
         for name, mode, thunk in _modes(M):
             with _recording() as rec:
@@ -207,49 +208,55 @@ def _jobs(subset, only):
                 if isinstance(kernel, triton.runtime.autotuner.Autotuner):
                     fn = kernel.fn
                     named = dict(zip(fn.arg_names, args))
-                    cfgs = kernel.configs
-                    if kernel.early_config_prune:
-                        cfgs = kernel.early_config_prune(cfgs, named, **kwargs)
-                    variants = [(dict(c.kwargs), c.num_warps, c.num_stages) for c in cfgs]
+                    variants = []
+                    for arch in ARCHS:  # the pruning depends on the target's registers (sm_8x: smaller tiles)
+                        cfgs = kernel.configs
+                        if kernel.early_config_prune:
+                            with _common.pruning_arch(arch):
+                                cfgs = kernel.early_config_prune(cfgs, named, **kwargs)
+                        variants += [(dict(c.kwargs), c.num_warps, c.num_stages, arch) for c in cfgs]
                 else:
                     fn = kernel
                     tiles = {k: kwargs[k] for k in ("BLOCK", "BLOCK_M", "BLOCK_N", "BLOCK_K") if k in kwargs}
-                    variants = [(tiles, kwargs.get("num_warps", 4), kwargs.get("num_stages", 3))]
-                for cfg, warps, stages in variants:
+                    variants = [(tiles, kwargs.get("num_warps", 4), kwargs.get("num_stages", 3), a) for a in ARCHS]
+                for cfg, warps, stages, arch in variants:
                     cname = _config_name(cfg, warps, stages)
                     key = (name, mode, cname)
                     if key in seen:
+                        seen[key]["archs"].add(arch)
                         continue
-                    seen.add(key)
                     if only and not re.search(only, f"{name} {mode} {cname}"):
                         continue
                     launch_kw = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
                     launch_kw.update(cfg)
-                    out.append(dict(kernel=name, mode=mode, config=cname, fn=fn, args=args, kwargs=launch_kw,
-                                    num_warps=warps, num_stages=stages, tile=cfg))
+                    seen[key] = dict(kernel=name, mode=mode, config=cname, fn=fn, args=args, kwargs=launch_kw,
+                                     num_warps=warps, num_stages=stages, tile=cfg, archs={arch})
+                    out.append(seen[key])
     if subset:
         out = _spill_risk_subset(out)
     return out
 
 
 def _spill_risk_subset(all_jobs):
-    """Per (kernel, mode): the configs holding the most fp32 accumulator values per thread (the
-    spill risk: BLOCK_M x out tile / threads), then the most pipeline stages."""
+    """Per (kernel, mode, arch): the config, among those pruned for that arch, holding the most fp32
+    accumulator values per thread (the spill risk: BLOCK_M x out tile / threads), then the most
+    pipeline stages; each returned job carries the archs it was picked for."""
     best, rest = {}, []
     for j in all_jobs:
         t = j["tile"]
-        if "BLOCK_M" not in t:  # the small fixed-tile kernels: all of them
-            rest.append(j)
-            continue
-        if "BLOCK_K" not in t:  # the column sums: no accumulator tile
+        if "BLOCK_M" not in t or "BLOCK_K" not in t:  # the small fixed-tile kernels and the column sums: all
             rest.append(j)
             continue
         out_tile = t["BLOCK_N"] if j["kernel"].endswith("fwd") or "colsum_z" in j["kernel"] else t["BLOCK_K"]
         risk = (t["BLOCK_M"] * out_tile / (32 * j["num_warps"]), j["num_stages"])
-        k = (j["kernel"], j["mode"])
-        if k not in best or risk > best[k][0]:
-            best[k] = (risk, j)
-    return [j for _, j in best.values()] + rest
+        for arch in j["archs"]:
+            k = (j["kernel"], j["mode"], arch)
+            if k not in best or risk > best[k][0]:
+                best[k] = (risk, j)
+    picked = {}
+    for (_, _, arch), (_, j) in best.items():
+        picked.setdefault(id(j), dict(j, archs=set()))["archs"].add(arch)
+    return list(picked.values()) + rest
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,7 +381,7 @@ def _analyse_indexed(i, arch, subset, only):
 def report(archs=(90, 80), subset=False, workers=1, only=None):
     """All records, in job order, for the given archs."""
     js = jobs(subset, only)
-    work = [(i, a) for a in archs for i in range(len(js))]
+    work = [(i, a) for a in archs for i in range(len(js)) if a in js[i]["archs"]]
     if workers <= 1 or len(work) <= 1:
         return [analyse(js[i], a) for i, a in work]
     n = len(work)

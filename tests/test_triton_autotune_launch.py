@@ -191,6 +191,37 @@ def test_prune_functions(dtype, kernel, weight):
             assert all(c.kwargs["BLOCK_M"] >= min_bm for c in kept)
 
 
+@pytest.mark.parametrize("kernel", ["fwd", "dx"])
+@pytest.mark.parametrize("weight", ["dense", "nf4"])
+def test_sm8x_pruning_fits_registers(kernel, weight):
+    """On sm_8x the pruners shrink the sm_90 tiles until the accumulators (and, for DoRA's NF4 dX, the
+    decoded W tile) fit the budget the kernel report's sm_80 compiles showed; sm_90 is unchanged. The
+    column-sum buffer bound (BLOCK_M) is untouched, and the pruned lists stay non-empty."""
+    nf = weight == "nf4"
+    t = torch.empty(1, dtype=torch.bfloat16)
+    out_key = "BLOCK_N" if kernel == "fwd" else "BLOCK_K"
+    acc = lambda c: c.kwargs["BLOCK_M"] * c.kwargs[out_key] // (32 * c.num_warps)  # noqa: E731
+    for M in (100, 5000):
+        for flags, accs, heavy in [({}, 1, False), ({"DROP": 1, "HAS_SCALE": 1}, 2, kernel == "dx"),
+                                   ({"HAS_SCALE": 1}, 1, kernel == "dx")]:
+            named = {"x_ptr": t, "dy_ptr": t, "M": M}
+            prune = L._prune(kernel, nf)["early_config_prune"]
+            with C.pruning_arch(90):
+                sm90 = prune(_configs(L._CONFIGS[(kernel, weight)]), named, **flags)
+            with C.pruning_arch(80):
+                sm80 = prune(_configs(L._CONFIGS[(kernel, weight)]), named, **flags)
+            assert sm80 and {c.kwargs["BLOCK_M"] for c in sm80} <= {c.kwargs["BLOCK_M"] for c in sm90}
+            limit = C.SM8X_ACC[weight] // accs // (2 if nf and heavy else 1)
+            assert all(acc(c) <= limit or c.kwargs[out_key] == 16 for c in sm80), (kernel, weight, flags)
+            if nf and heavy:
+                assert all(c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] // (32 * c.num_warps) <= C.SM8X_W_TILE
+                           for c in sm80)
+        with C.pruning_arch(80):
+            lo = LO._fit_smem(kernel, nf)["early_config_prune"](_configs(LO._CONFIGS[(kernel, weight)]), named)
+        assert lo and all(acc(c) <= C.SM8X_ACC[weight] for c in lo)
+    assert C.target_arch(t) == 90  # a CPU tensor (interpreter lane) keeps the sm_90 lists
+
+
 # ---- launcher details --------------------------------------------------------------------------
 
 

@@ -129,6 +129,62 @@ def smem_estimate(kernel, cfg, elem, nf4, drop=False):
     return operands + max(stages - 1, 0) * (a_tile + red * other * 8)
 
 
+# ---- registers on sm_8x --------------------------------------------------------------------------
+# The config lists are tuned on sm_90, where wgmma keeps the MMA operands out of the registers. On
+# sm_8x (mma.sync) the same tiles need more: the kernel report's sm_80 compiles spill above these
+# fp32 accumulator values per thread (output tile rows x columns / threads); an NF4 kernel with a
+# heavy epilogue (DoRA's dX: g, db, c) at half that and at most SM8X_W_TILE decoded weight values
+# per thread.
+SM8X_ACC = {"dense": 64, "nf4": 32}
+SM8X_W_TILE = 32
+_ARCH = None  # set by `pruning_arch` (the kernel report prunes for archs it compiles but does not run)
+
+
+def target_arch(t: torch.Tensor) -> int:
+    """The compute capability (major * 10 + minor) the autotuner prunes for: `pruning_arch`'s, else
+    t's CUDA device's, else 90 (the interpreter lane keeps the sm_90 lists)."""
+    if _ARCH is not None:
+        return _ARCH
+    if t.device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(t.device)
+        return 10 * major + minor
+    return 90
+
+
+@contextlib.contextmanager
+def pruning_arch(arch: int):
+    """Prune configs as for compute capability `arch` inside the block (the kernel report)."""
+    global _ARCH
+    old, _ARCH = _ARCH, arch
+    try:
+        yield
+    finally:
+        _ARCH = old
+
+
+def fit_registers(configs, arch, nf4, out_key, red_key, accumulators=1, heavy=False):
+    """sm_90 and up: `configs` unchanged. sm_8x: each config with its output tile (out_key: BLOCK_N for
+    a forward, BLOCK_K for a dX) halved until its `accumulators` fp32 tiles hold at most
+    SM8X_ACC / accumulators values per thread (half again for NF4 with a `heavy` epilogue, whose
+    reduction tile red_key is also halved until the decoded W tile holds at most SM8X_W_TILE values
+    per thread); duplicates dropped, order kept."""
+    if arch >= 90:
+        return configs
+    limit = SM8X_ACC["nf4" if nf4 else "dense"] // accumulators // (2 if nf4 and heavy else 1)
+    out, seen = [], set()
+    for cfg in configs:
+        kw, threads = dict(cfg.kwargs), 32 * cfg.num_warps
+        while kw["BLOCK_M"] * kw[out_key] // threads > limit and kw[out_key] > 16:
+            kw[out_key] //= 2
+        while nf4 and heavy and kw["BLOCK_N"] * kw["BLOCK_K"] // threads > SM8X_W_TILE and kw[red_key] > 16:
+            kw[red_key] //= 2
+        sig = (tuple(sorted(kw.items())), cfg.num_warps, cfg.num_stages)
+        if sig not in seen:
+            seen.add(sig)
+            out.append(triton.Config(kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    return out
+
+
 def fit_smem(configs, estimate):
     """The configs that fit SMEM_BUDGET (estimate(cfg) bytes), each with as many of its pipeline
     stages as fit, duplicates dropped; may be empty."""

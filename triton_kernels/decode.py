@@ -26,7 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DTYPES, INTERPRET, PIN, check, check_int32, dot_flags, launch, mma, pair_table  # noqa: F401
+from ._common import (  # noqa: F401
+    DTYPES, INTERPRET, PIN, check, check_int32, dot_flags, launch, mma, pair_table, target_arch,
+)
 
 MAX_M = 16
 
@@ -39,9 +41,16 @@ elif PIN:
     _CONFIGS = _CONFIGS[:1]
 
 
+def _prune(configs, named_args, **kwargs):
+    """sm_8x: row tiles of at most 32 (the kernel report's sm_80 compiles spill at BLOCK_N = 64)."""
+    if target_arch(named_args["x_ptr"]) >= 90:
+        return configs
+    return [c for c in configs if c.kwargs["BLOCK_N"] <= 32] or configs[-1:]
+
+
 @triton.autotune(
     configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bn, bk, w, s in _CONFIGS],
-    key=["M_PAD", "N", "K", "NF4_BLOCK", "HAS_BIAS"],
+    key=["M_PAD", "N", "K", "NF4_BLOCK", "HAS_BIAS"], prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
 def _decode_kernel(

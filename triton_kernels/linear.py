@@ -42,8 +42,8 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    DTYPES, autotuned, check, check_int32, config_shapes, dot_flags, fit_smem, grouped_tile, launch, m_bucket,
-    mma, nf4_aligned, nf4_rows_tile, r_pad, smem_estimate, w_tile, weight_args, zero_when,
+    DTYPES, autotuned, check, check_int32, config_shapes, dot_flags, fit_registers, fit_smem, grouped_tile, launch, m_bucket,
+    mma, nf4_aligned, nf4_rows_tile, r_pad, smem_estimate, target_arch, w_tile, weight_args, zero_when,
 )
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages); the first entry is the pinned one.
@@ -86,6 +86,11 @@ def _prune(kernel, nf4):
             # spill (the kernel report's sm_90 compiles)
             fit = [c for c in candidates if _acc_per_thread(kernel, c) <= (32 if nf4 else 64)]
             candidates = fit or candidates
+        two = drop and not kwargs.get("COLSUM", named_args.get("COLSUM", 0))  # two fp32 accumulators
+        scale = bool(kwargs.get("HAS_SCALE", named_args.get("HAS_SCALE", 0)))
+        out_key, red_key = ("BLOCK_N", "BLOCK_K") if kernel == "fwd" else ("BLOCK_K", "BLOCK_N")
+        candidates = fit_registers(candidates, target_arch(named_args["x_ptr" if kernel == "fwd" else "dy_ptr"]),
+                                   nf4, out_key, red_key, 2 if two else 1, heavy=scale and kernel == "dx")
         kept = fit_smem(candidates, lambda cfg: smem_estimate(kernel, cfg, elem, nf4, drop))
         if not kept:  # nothing fits: the largest BLOCK_M (keeps the column-sum buffer large enough), 1 stage
             cfg = max(configs, key=lambda c: c.kwargs["BLOCK_M"])

@@ -30,8 +30,8 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    DTYPES, autotuned, check, check_int32, dot_flags, fit_smem, grouped_tile, launch, m_bucket, mma, nf4_aligned,
-    nf4_rows_tile, r_pad, smem_estimate, w_tile, weight_args,
+    DTYPES, autotuned, check, check_int32, dot_flags, fit_registers, fit_smem, grouped_tile, launch, m_bucket, mma, nf4_aligned,
+    nf4_rows_tile, r_pad, smem_estimate, target_arch, w_tile, weight_args,
 )
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages); the first entry is the pinned one.
@@ -60,8 +60,10 @@ _CONFIGS = {
 
 def _fit_smem(kernel, nf4):
     def prune(configs, named_args, **kwargs):
-        elem = named_args["x_ptr" if kernel == "fwd" else "dy_ptr"].element_size()
-        return fit_smem(configs, lambda cfg: smem_estimate(kernel, cfg, elem, nf4)) or configs[-1:]
+        t = named_args["x_ptr" if kernel == "fwd" else "dy_ptr"]
+        out_key, red_key = ("BLOCK_N", "BLOCK_K") if kernel == "fwd" else ("BLOCK_K", "BLOCK_N")
+        configs = fit_registers(configs, target_arch(t), nf4, out_key, red_key)
+        return fit_smem(configs, lambda cfg: smem_estimate(kernel, cfg, t.element_size(), nf4)) or configs[-1:]
 
     return {"early_config_prune": prune}
 
