@@ -162,3 +162,16 @@ def test_run_is_the_op_without_dispatch_and_traces_under_compile(clean_env):
     assert meta.device.type == "meta" and meta.shape == (40, 5)
     compiled = torch.compile(lambda u, v: registry.run("lowrank_xat", u, v) * 2, fullgraph=True, backend="eager")
     assert torch.equal(compiled(x, a), want * 2)
+
+
+def test_autocast_off_is_a_no_op_without_autocast_and_disables_it_within():
+    from deltakern._autocast import autocast_off
+
+    a = torch.randn(4, 4)
+    with autocast_off("cpu"):
+        assert torch.mm(a, a).dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.mm(a, a).dtype == torch.bfloat16
+        with autocast_off("cpu"):
+            assert torch.mm(a, a).dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+        assert torch.is_autocast_enabled("cpu")

@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 
+from deltakern._autocast import autocast_off
 from deltakern.autograd._common import (
     autocast_dtype, check_dropout_p, check_features, check_float_dtype, check_input, check_param, check_weight,
     dense_weight, dropped, frozen_weight_kind,
@@ -112,7 +113,7 @@ class DoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, absmax, code, bias, lora_A, lora_B, magnitude, norm, wa, N, scaling, dropout_p,
                 blocksize, exact_norm_grad):
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             M, K = x.shape
             r = lora_A.shape[0]
             is_nf4 = absmax is not None
@@ -143,7 +144,7 @@ class DoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        with torch.autocast(dy.device.type, enabled=False):
+        with autocast_off(dy.device.type):
             return DoRALinearFunction._backward(ctx, dy)
 
     @staticmethod

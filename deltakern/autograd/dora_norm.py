@@ -9,6 +9,8 @@ from typing import Optional
 
 import torch
 
+from deltakern._autocast import autocast_off
+
 import deltakern.ops.dora  # noqa: F401  (defines torch.ops.deltakern.dora_*)
 from deltakern.backends import registry
 
@@ -114,7 +116,7 @@ def dora_weight_norm(weight: FrozenWeight, lora_A: torch.Tensor, lora_B: torch.T
 
     Returns (norm [N], W A^T [N, r], ||W_j||^2 [N]), all fp32.
     """
-    with torch.no_grad(), torch.autocast(lora_A.device.type, enabled=False):
+    with torch.no_grad(), autocast_off(lora_A.device.type):
         A, B = lora_A.detach(), lora_B.detach()
         wa, sq = registry.run("dora_norm_parts", *weight.args, A, int(sumsq is None))
         if sumsq is not None:

@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 
+from deltakern._autocast import autocast_off
 from deltakern.autograd._common import (
     FLOAT_DTYPES, autocast_dtype, check_features, check_float_dtype, check_input, dense_weight, frozen_weight_kind,
     weight_shape,
@@ -49,7 +50,7 @@ class FrozenLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, absmax, code, bias, N, blocksize):
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             M, K = x.shape
             is_nf4 = absmax is not None
             fused = _fused(x, M, N, K, "nf4" if is_nf4 else "dense")
@@ -68,7 +69,7 @@ class FrozenLinearFunction(torch.autograd.Function):
         M, N, K, blocksize, fused = ctx.meta
         need_x, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[4]
         dx = db = None
-        with torch.autocast(dy.device.type, enabled=False):
+        with autocast_off(dy.device.type):
             dy = dy.contiguous() if dy.stride(-1) != 1 else dy
             if need_x and fused:
                 dx, db = registry.run("linear_bwd", dy, weight, absmax, code, N, K, blocksize, int(need_b))

@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 
+from deltakern._autocast import autocast_off
 from deltakern.autograd._common import (
     autocast_dtype, check_dropout_p, check_features, check_float_dtype, check_input, check_param, check_weight,
     dense_weight, dropped, frozen_weight_kind,
@@ -56,13 +57,13 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, absmax, code, bias, lora_A, lora_B, scaling, dropout_p, blocksize):
-        with torch.autocast(x.device.type, enabled=False):  # lora_linear already cast the inputs
+        with autocast_off(x.device.type):  # lora_linear already cast the inputs
             return LoRALinearFunction._forward(ctx, x, weight, absmax, code, bias, lora_A, lora_B, scaling,
                                                dropout_p, blocksize)
 
     @staticmethod
     def backward(ctx, dy):
-        with torch.autocast(dy.device.type, enabled=False):
+        with autocast_off(dy.device.type):
             return LoRALinearFunction._backward(ctx, dy)
 
     @staticmethod

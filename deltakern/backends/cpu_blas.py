@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from deltakern._autocast import autocast_off
 from deltakern import _cpu_ext
 from deltakern.backends import compose
 from deltakern.backends.reference import dora as ref_dora
@@ -82,7 +83,7 @@ def linear_fwd(x, weight, absmax, code, N, K, blocksize, bias):
         return _cpu_ext.nf4_matmul(x, weight, absmax, code, N, K, blocksize, bias)
     w, _ = _weight(weight, absmax, code, N, K, blocksize, x.dtype)
     xf, bf = f32(x), f32(bias)
-    with torch.autocast("cpu", enabled=False):
+    with autocast_off("cpu"):
         y = torch.mm(xf, w.t()) if bf is None else torch.addmm(bf, xf, w.t())
     return _round(y, x.dtype)
 
@@ -90,7 +91,7 @@ def linear_fwd(x, weight, absmax, code, N, K, blocksize, bias):
 @_cpu("linear_bwd")
 def linear_bwd(dy, weight, absmax, code, N, K, blocksize, compute_db):
     dyf = f32(dy)
-    with torch.autocast("cpu", enabled=False):
+    with autocast_off("cpu"):
         if absmax is not None and _decode(dy.shape[0], K, blocksize, dy.dtype):
             dx = _cpu_ext.nf4_matmul_dx(dy, weight, absmax, code, N, K, blocksize)
         else:
@@ -102,13 +103,13 @@ def linear_bwd(dy, weight, absmax, code, N, K, blocksize, compute_db):
 
 
 def _lora_fwd(x, w, bias, xa, lora_B, scaling):
-    with torch.autocast("cpu", enabled=False):
+    with autocast_off("cpu"):
         return _round(compose.lora_out(f32(x), w, f32(bias), f32(xa), f32(lora_B), scaling), x.dtype)
 
 
 def _lora_dx(dy, w, dyb, lora_A, scaling, mask, mask_scale):
     keep = None if mask is None else mask.bool()
-    with torch.autocast("cpu", enabled=False):
+    with autocast_off("cpu"):
         return _round(compose.lora_dx(f32(dy), w, f32(dyb), f32(lora_A), scaling, keep, mask_scale), dy.dtype)
 
 
@@ -121,7 +122,7 @@ def lora_fwd(x, weight, bias, xa, lora_B, scaling):
 def lora_fwd_nf4(x, packed, absmax, code, N, K, blocksize, bias, xa, lora_B, scaling):
     if _decode(x.shape[0], K, blocksize, x.dtype):  # fp32 x W^T + b by the native matmul, then + s xa B^T
         acc = _cpu_ext.nf4_matmul(x, packed, absmax, code, N, K, blocksize, bias, out_dtype=torch.float32)
-        with torch.autocast("cpu", enabled=False):
+        with autocast_off("cpu"):
             return _round(acc.addmm_(f32(xa), f32(lora_B).t(), alpha=scaling), x.dtype)
     return _lora_fwd(x, _weight(packed, absmax, code, N, K, blocksize, x.dtype)[0], bias, xa, lora_B, scaling)
 
@@ -135,7 +136,7 @@ def lora_dx(dy, weight, dyb, lora_A, scaling, mask, mask_scale):
 def lora_dx_nf4(dy, packed, absmax, code, N, K, blocksize, dyb, lora_A, scaling, mask, mask_scale):
     if _decode(dy.shape[0], K, blocksize, dy.dtype):  # fp32 dY W by the native matmul, then + the LoRA term
         acc = _cpu_ext.nf4_matmul_dx(dy, packed, absmax, code, N, K, blocksize, out_dtype=torch.float32)
-        with torch.autocast("cpu", enabled=False):
+        with autocast_off("cpu"):
             lora = torch.mm(f32(dyb), f32(lora_A))
             if mask is not None:
                 lora = torch.where(mask.bool(), lora * mask_scale, 0.0)
@@ -151,7 +152,7 @@ def lora_dx_nf4(dy, packed, absmax, code, N, K, blocksize, dyb, lora_A, scaling,
 def dora_norm_parts(weight, absmax, code, N, K, blocksize, lora_A, compute_sumsq):
     """W A^T as (A W^T)^T (the fast BLAS layout), fp32; ||W_j||^2 as the reference."""
     w, _ = _weight(weight, absmax, code, N, K, blocksize, lora_A.dtype)
-    with torch.autocast("cpu", enabled=False):
+    with autocast_off("cpu"):
         wa = compose.small_mm_t(w, f32(lora_A)).contiguous().float()
         sq = w.square().sum(1).float() if compute_sumsq else wa.new_empty((0,))
     return wa, sq
@@ -163,7 +164,7 @@ def dora_fwd(x, weight, absmax, code, N, K, blocksize, bias, xa, lora_B, g, keep
         w = dense_weight_ref(weight, absmax, code, N, K, blocksize, x.dtype)
         return ref_dora.dora_fwd_ref(x, w, bias, xa, lora_B, g, keep, scaling, mask_scale)
     w, scratch = _weight(weight, absmax, code, N, K, blocksize, x.dtype)
-    with torch.autocast("cpu", enabled=False):
+    with autocast_off("cpu"):
         y = compose.dora_out(f32(x), w, f32(bias), f32(xa), f32(lora_B), g.to(w.dtype), scaling, scratch)
     return _round(y, x.dtype)
 
@@ -174,7 +175,7 @@ def dora_bwd(dy, weight, absmax, code, N, K, blocksize, dyb, lora_A, g, keep, y,
     """dx = dY (g W) + s dyb A (compose.dora_dx; the reference with a mask), and db, c from one
     cache-resident pass over dY and y (compose.col_sums)."""
     dx = dy.new_empty((0,))
-    with torch.autocast("cpu", enabled=False):
+    with autocast_off("cpu"):
         if compute_dx and keep is not None:
             w = dense_weight_ref(weight, absmax, code, N, K, blocksize, dy.dtype)
             dx = ref_dora.dora_bwd_ref(dy, w, dyb, lora_A, g, keep, None, None, scaling, mask_scale, True, False)[0]

@@ -8,6 +8,7 @@ dtype before their matmul (as the kernels do, in registers).
 
 import torch
 
+from deltakern._autocast import autocast_off
 from deltakern.backends.reference._util import dense_weight_ref, f32
 from deltakern.backends.registry import register
 
@@ -17,14 +18,14 @@ def _mask_scale(keep, x, mask_scale):
 
 
 def dora_norm_parts_ref(weight, lora_A, compute_sumsq: bool = True):
-    with torch.autocast(weight.device.type, enabled=False):
+    with autocast_off(weight.device.type):
         wf = f32(weight)
         wa = torch.mm(wf, f32(lora_A).t())
         return wa, (wf.square().sum(1) if compute_sumsq else wf.new_empty((0,)))
 
 
 def dora_fwd_ref(x, weight, bias, xa, lora_B, g, keep, scaling: float, mask_scale: float):
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         wt = f32(weight).t()
         acc = torch.mm(f32(_mask_scale(keep, x, mask_scale)), wt)
         z = acc + scaling * torch.mm(f32(xa), f32(lora_B).t())
@@ -38,7 +39,7 @@ def dora_fwd_ref(x, weight, bias, xa, lora_B, g, keep, scaling: float, mask_scal
 
 def dora_bwd_ref(dy, weight, dyb, lora_A, g, keep, y, bias, scaling: float, mask_scale: float,
                  compute_dx: bool = True, compute_db: bool = True):
-    with torch.autocast(dy.device.type, enabled=False):
+    with autocast_off(dy.device.type):
         dyf = f32(dy)
         dx = dy.new_empty((0,))
         if compute_dx:
@@ -60,7 +61,7 @@ def dora_bwd_ref(dy, weight, dyb, lora_A, g, keep, y, bias, scaling: float, mask
 
 
 def dora_colsum_ref(dy, x, weight, keep, xa, lora_B, scaling: float, mask_scale: float, cols=None):
-    with torch.autocast(dy.device.type, enabled=False):
+    with autocast_off(dy.device.type):
         z = torch.mm(f32(_mask_scale(keep, x, mask_scale)), f32(weight).t())
         z += scaling * torch.mm(f32(xa), f32(lora_B).t())
         c = (f32(dy) * z).sum(0)
@@ -68,7 +69,7 @@ def dora_colsum_ref(dy, x, weight, keep, xa, lora_B, scaling: float, mask_scale:
 
 
 def dora_ctw_ref(c, weight):
-    with torch.autocast(c.device.type, enabled=False):
+    with autocast_off(c.device.type):
         return torch.mm(f32(c).t(), f32(weight))
 
 

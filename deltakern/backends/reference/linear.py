@@ -8,13 +8,14 @@ fp32 accumulation (float64 for float64 inputs), one rounding to the input dtype.
 
 import torch
 
+from deltakern._autocast import autocast_off
 from deltakern.backends.reference._util import dense_weight_ref, f32
 from deltakern.backends.registry import register
 
 
 def linear_fwd_ref(x, weight, bias) -> torch.Tensor:
     """x . W^T (+ b) with an fp32 accumulator, one rounding to x.dtype (W dense, x.dtype)."""
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         acc = torch.mm(f32(x), f32(weight).t())
         if bias is not None:
             acc += f32(bias)
@@ -23,7 +24,7 @@ def linear_fwd_ref(x, weight, bias) -> torch.Tensor:
 
 def linear_bwd_ref(dy, weight, compute_db: bool = True):
     """(dy . W, sum_rows dy or an empty tensor), fp32 accumulation, rounded once to dy.dtype."""
-    with torch.autocast(dy.device.type, enabled=False):
+    with autocast_off(dy.device.type):
         dyf = f32(dy)
         dx = torch.mm(dyf, f32(weight)).to(dy.dtype)
         db = dyf.sum(0).to(dy.dtype) if compute_db else dy.new_empty((0,))

@@ -8,13 +8,14 @@ fp32 accumulation, one rounding to the input dtype. The `_nf4` variants decode W
 
 import torch
 
+from deltakern._autocast import autocast_off
 from deltakern.backends.reference._util import dense_weight_ref
 from deltakern.backends.registry import register
 
 
 def lora_fwd_ref(x, weight, bias, xa, lora_B, scaling: float) -> torch.Tensor:
     """Reference of `lora_fwd`: fp32 accumulation, one rounding to x.dtype."""
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         acc = torch.mm(x.float(), weight.float().t())
         acc.addmm_(xa.float(), lora_B.float().t(), alpha=scaling)
         if bias is not None:
@@ -24,7 +25,7 @@ def lora_fwd_ref(x, weight, bias, xa, lora_B, scaling: float) -> torch.Tensor:
 
 def lora_dx_ref(dy, weight, dyb, lora_A, scaling: float, mask=None, mask_scale: float = 1.0) -> torch.Tensor:
     """Reference of `lora_dx`: fp32 accumulation, one rounding to dy.dtype."""
-    with torch.autocast(dy.device.type, enabled=False):
+    with autocast_off(dy.device.type):
         lora = torch.mm(dyb.float(), lora_A.float())
         if mask is not None:
             lora = torch.where(mask.bool(), lora * mask_scale, 0.0)
