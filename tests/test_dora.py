@@ -856,6 +856,7 @@ def ptrs(fn, dt, nf4, extra):
     t.update(extra)
     if nf4:
         t["w_ptr"] = "*u8"
+        t["code_ptr"] = "*i64"  # NF4_ALIGNED: the byte-indexed pair table
     return t
 
 for weight in ("dense", "nf4"):

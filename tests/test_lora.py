@@ -360,6 +360,7 @@ for kernel, weight, dt, prec in [("fwd", "dense", "bf16", "tf32"), ("fwd", "nf4"
     types.update(absmax_ptr="*fp32", code_ptr="*fp32", mask_ptr="*u8")
     if nf4:
         types["w_ptr"] = "*u8"
+        types["code_ptr"] = "*i64"  # NF4_ALIGNED: the byte-indexed pair table
     flag = "HAS_BIAS" if kernel == "fwd" else "HAS_MASK"
     consts = {"IS_NF4": nf4, "NF4_BLOCK": 64, "NF4_ALIGNED": nf4, flag: 1, "R_PAD": 16, "DOT_FP32": 0, "INPUT_PRECISION": prec,
               "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group}

@@ -202,8 +202,10 @@ def test_sm8x_pruning_fits_registers(kernel, weight):
     out_key = "BLOCK_N" if kernel == "fwd" else "BLOCK_K"
     acc = lambda c: c.kwargs["BLOCK_M"] * c.kwargs[out_key] // (32 * c.num_warps)  # noqa: E731
     for M in (100, 5000):
-        for flags, accs, heavy in [({}, 1, False), ({"DROP": 1, "HAS_SCALE": 1}, 2, kernel == "dx"),
-                                   ({"HAS_SCALE": 1}, 1, kernel == "dx")]:
+        cases = [({}, 1, False), ({"DROP": 1, "HAS_SCALE": 1}, 2, kernel == "dx"), ({"HAS_SCALE": 1}, 1, kernel == "dx")]
+        if kernel == "fwd":
+            cases.append(({"DROP": 1, "COLSUM": 1}, 2, True))  # DoRA's dropout column sums of z
+        for flags, accs, heavy in cases:
             named = {"x_ptr": t, "dy_ptr": t, "M": M}
             prune = L._prune(kernel, nf)["early_config_prune"]
             with C.pruning_arch(90):
@@ -214,7 +216,7 @@ def test_sm8x_pruning_fits_registers(kernel, weight):
             limit = C.SM8X_ACC[weight] // accs // (2 if nf and heavy else 1)
             assert all(acc(c) <= limit or c.kwargs[out_key] == 16 for c in sm80), (kernel, weight, flags)
             if nf and heavy:
-                assert all(c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] // (32 * c.num_warps) <= C.SM8X_W_TILE
+                assert all(c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] // (32 * c.num_warps) <= C.SM8X_W_TILE // accs
                            for c in sm80)
         with C.pruning_arch(80):
             lo = LO._fit_smem(kernel, nf)["early_config_prune"](_configs(LO._CONFIGS[(kernel, weight)]), named)

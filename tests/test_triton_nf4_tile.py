@@ -19,17 +19,17 @@ tl = triton.language
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("needs the Triton interpreter or a GPU", allow_module_level=True)
 
-from deltakern.triton_kernels._common import nf4_aligned, nf4_rows_tile  # noqa: E402
+from deltakern.triton_kernels._common import nf4_aligned, nf4_rows_tile, pair_table  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @triton.jit
-def _tile_kernel(w_ptr, absmax_ptr, code_ptr, out_ptr, N, K,
+def _tile_kernel(w_ptr, absmax_ptr, pair_ptr, out_ptr, N, K,
                  ROWS: tl.constexpr, BK: tl.constexpr, NF4_BLOCK: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     k0 = tl.program_id(1) * BK
-    w = nf4_rows_tile(w_ptr, absmax_ptr, code_ptr, rows, k0, N, K, ROWS, BK, NF4_BLOCK, tl.float32)
+    w = nf4_rows_tile(w_ptr, absmax_ptr, pair_ptr, rows, k0, N, K, ROWS, BK, NF4_BLOCK, tl.float32)
     cols = k0 + tl.arange(0, BK)
     # store the whole tile, out of range included: an [N_pad, K_pad] output shows the zeros too
     tl.store(out_ptr + rows[:, None] * (tl.cdiv(K, BK) * BK) + cols[None, :], w)
@@ -50,7 +50,7 @@ def test_nf4_rows_tile_is_bit_exact(N, K, blocksize, rows, bk, nested):
     tiles_k = triton.cdiv(K, bk)
     n_pad = triton.cdiv(N, rows) * rows
     out = torch.full((n_pad, tiles_k * bk), float("nan"), device=DEV)
-    _tile_kernel[(triton.cdiv(N, rows), tiles_k)](q.packed_bytes(), q.absmax_fp32(), q.code, out, N, K,
+    _tile_kernel[(triton.cdiv(N, rows), tiles_k)](q.packed_bytes(), q.absmax_fp32(), pair_table(q.code), out, N, K,
                                                   ROWS=rows, BK=bk, NF4_BLOCK=blocksize)
     want = q.dequantize(torch.float32)
     assert torch.equal(out[:N, :K], want)  # bit for bit: cast(fp32(code * absmax))

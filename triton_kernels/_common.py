@@ -51,15 +51,16 @@ def w_tile(w_ptr, absmax_ptr, code_ptr, rows, cols, N, K, stride_wn, stride_wk,
 
 
 @triton.jit
-def nf4_rows_tile(w_ptr, absmax_ptr, code_ptr, rows, k0, N, K,
+def nf4_rows_tile(w_ptr, absmax_ptr, pair_ptr, rows, k0, N, K,
                   ROWS: tl.constexpr, BK: tl.constexpr, NF4_BLOCK: tl.constexpr, OUT_DTYPE: tl.constexpr):
     """W[rows, k0 : k0 + BK] as [ROWS, BK] in OUT_DTYPE (0 outside [N, K]) for an NF4 weight whose rows
     start on a block (K % NF4_BLOCK == 0, so K is even and no block or byte straddles two rows).
 
-    One vector load of the BK / 2 packed bytes of each row, split into (high, low) nibbles and
-    joined back in element order; one fp32 absmax per (row, block), broadcast over the block's
-    columns (BK / NF4_BLOCK of them per row when BK > NF4_BLOCK, else one); the code value gathered
-    from the 64-byte table (L1-resident). w = cast(fp32(code[nibble] * absmax)), the dequantize rule.
+    One vector load of the BK / 2 packed bytes of each row; both levels of a byte from one 8-byte load
+    of the 2 KB pair table (pair_table: one gather per byte, not per element), joined back in element
+    order; one fp32 absmax per (row, block), broadcast over the block's columns (BK / NF4_BLOCK of
+    them per row when BK > NF4_BLOCK, else one). w = cast(fp32(code[nibble] * absmax)), the
+    dequantize rule.
     k0 is a multiple of BK, and BK and NF4_BLOCK are powers of two, so a tile never straddles a block
     unless it covers whole blocks.
     """
@@ -68,8 +69,10 @@ def nf4_rows_tile(w_ptr, absmax_ptr, code_ptr, rows, k0, N, K,
     row_ok = rows < N
     b = tl.load(w_ptr + rows[:, None] * half_k + kb[None, :], mask=row_ok[:, None] & (kb[None, :] < half_k),
                 other=0).to(tl.int32)
-    nib = tl.reshape(tl.join(b >> 4, b & 15), (ROWS, BK))  # element 2j: high nibble of byte j
-    level = tl.load(code_ptr + nib)
+    pair = tl.load(pair_ptr + b)  # int64: level(high nibble) | level(low nibble) << 32
+    hi = (pair & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
+    lo = (pair >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
+    level = tl.reshape(tl.join(hi, lo), (ROWS, BK))  # element 2j: high nibble of byte j
     NB: tl.constexpr = BK // NF4_BLOCK if BK > NF4_BLOCK else 1
     WIDTH: tl.constexpr = BK // NB
     cb = k0 + tl.arange(0, NB) * WIDTH  # first column of each block in the tile
@@ -133,8 +136,8 @@ def smem_estimate(kernel, cfg, elem, nf4, drop=False):
 # The config lists are tuned on sm_90, where wgmma keeps the MMA operands out of the registers. On
 # sm_8x (mma.sync) the same tiles need more: the kernel report's sm_80 compiles spill above these
 # fp32 accumulator values per thread (output tile rows x columns / threads); an NF4 kernel with a
-# heavy epilogue (DoRA's dX: g, db, c) at half that and at most SM8X_W_TILE decoded weight values
-# per thread.
+# heavy epilogue (DoRA's dX: g, db, c; the dropout column sums of z) at half that and at most
+# SM8X_W_TILE decoded weight values per thread (half with two accumulators).
 SM8X_ACC = {"dense": 64, "nf4": 32}
 SM8X_W_TILE = 32
 _ARCH = None  # set by `pruning_arch` (the kernel report prunes for archs it compiles but does not run)
@@ -166,8 +169,8 @@ def fit_registers(configs, arch, nf4, out_key, red_key, accumulators=1, heavy=Fa
     """sm_90 and up: `configs` unchanged. sm_8x: each config with its output tile (out_key: BLOCK_N for
     a forward, BLOCK_K for a dX) halved until its `accumulators` fp32 tiles hold at most
     SM8X_ACC / accumulators values per thread (half again for NF4 with a `heavy` epilogue, whose
-    reduction tile red_key is also halved until the decoded W tile holds at most SM8X_W_TILE values
-    per thread); duplicates dropped, order kept."""
+    reduction tile red_key is also halved until the decoded W tile holds at most
+    SM8X_W_TILE / accumulators values per thread); duplicates dropped, order kept."""
     if arch >= 90:
         return configs
     limit = SM8X_ACC["nf4" if nf4 else "dense"] // accumulators // (2 if nf4 and heavy else 1)
@@ -176,7 +179,8 @@ def fit_registers(configs, arch, nf4, out_key, red_key, accumulators=1, heavy=Fa
         kw, threads = dict(cfg.kwargs), 32 * cfg.num_warps
         while kw["BLOCK_M"] * kw[out_key] // threads > limit and kw[out_key] > 16:
             kw[out_key] //= 2
-        while nf4 and heavy and kw["BLOCK_N"] * kw["BLOCK_K"] // threads > SM8X_W_TILE and kw[red_key] > 16:
+        while nf4 and heavy and kw["BLOCK_N"] * kw["BLOCK_K"] // threads > SM8X_W_TILE // accumulators \
+                and kw[red_key] > 16:
             kw[red_key] //= 2
         sig = (tuple(sorted(kw.items())), cfg.num_warps, cfg.num_stages)
         if sig not in seen:
@@ -340,7 +344,8 @@ def check_int32(name, t):
 
 def weight_args(weight, nf4, N, K, dtype, device):
     """(w tensor, absmax, code, stride_wn, stride_wk, IS_NF4, NF4_BLOCK) for a dense [N, K] weight
-    or, with nf4=(absmax_fp32, code, blocksize), the packed bytes of one."""
+    or, with nf4=(absmax_fp32, code, blocksize), the packed bytes of one; for NF4 rows that start on a
+    block (nf4_aligned) `code` is the byte-indexed pair table (pair_table) that nf4_rows_tile reads."""
     if nf4 is None:
         check(isinstance(weight, torch.Tensor) and weight.dim() == 2 and tuple(weight.shape) == (N, K),
               f"weight must be [N, K] = [{N}, {K}], got {tuple(getattr(weight, 'shape', ()))}")
@@ -360,4 +365,6 @@ def weight_args(weight, nf4, N, K, dtype, device):
     check(blocksize > 0 and blocksize & (blocksize - 1) == 0, f"blocksize {blocksize} must be a power of two")
     for name, t in (("packed", packed), ("absmax", absmax), ("code", code)):
         check(t.device == device, f"{name} is on {t.device}, expected {device}")
-    return packed, absmax.reshape(-1).contiguous(), code.reshape(-1).contiguous(), 0, 0, 1, int(blocksize)
+    # rows that start on a block take nf4_rows_tile, which reads both levels of a byte from the pair table
+    table = pair_table(code) if nf4_aligned(1, K, blocksize) else code.reshape(-1).contiguous()
+    return packed, absmax.reshape(-1).contiguous(), table, 0, 0, 1, int(blocksize)

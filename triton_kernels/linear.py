@@ -78,19 +78,22 @@ def _prune(kernel, nf4):
     def prune(configs, named_args, **kwargs):
         elem = named_args["x_ptr" if kernel == "fwd" else "dy_ptr"].element_size()
         drop = bool(kwargs.get("DROP", named_args.get("DROP", 0)))
+        colsum = bool(kwargs.get("COLSUM", named_args.get("COLSUM", 0)))
+        scale = bool(kwargs.get("HAS_SCALE", named_args.get("HAS_SCALE", 0)))
         candidates = configs
         if named_args["M"] > _SMALL_M and any(c.kwargs["BLOCK_M"] >= 64 for c in configs):
             candidates = [c for c in configs if c.kwargs["BLOCK_M"] >= 64]
-        if drop and not kwargs.get("COLSUM", named_args.get("COLSUM", 0)):
+        if drop and not colsum:
             # two fp32 accumulators: more than 64 values each per thread (32 beside the NF4 decode)
             # spill (the kernel report's sm_90 compiles)
             fit = [c for c in candidates if _acc_per_thread(kernel, c) <= (32 if nf4 else 64)]
             candidates = fit or candidates
-        two = drop and not kwargs.get("COLSUM", named_args.get("COLSUM", 0))  # two fp32 accumulators
-        scale = bool(kwargs.get("HAS_SCALE", named_args.get("HAS_SCALE", 0)))
+        # DROP: two fp32 tiles live (two accumulators, or the column sums' z beside the dY tile);
+        # heavy: epilogues the sm_80 compiles spill in (DoRA's dX; the dropout column sums of z)
+        heavy = (scale and kernel == "dx") or (colsum and drop)
         out_key, red_key = ("BLOCK_N", "BLOCK_K") if kernel == "fwd" else ("BLOCK_K", "BLOCK_N")
         candidates = fit_registers(candidates, target_arch(named_args["x_ptr" if kernel == "fwd" else "dy_ptr"]),
-                                   nf4, out_key, red_key, 2 if two else 1, heavy=scale and kernel == "dx")
+                                   nf4, out_key, red_key, 2 if drop else 1, heavy=heavy)
         kept = fit_smem(candidates, lambda cfg: smem_estimate(kernel, cfg, elem, nf4, drop))
         if not kept:  # nothing fits: the largest BLOCK_M (keeps the column-sum buffer large enough), 1 stage
             cfg = max(configs, key=lambda c: c.kwargs["BLOCK_M"])

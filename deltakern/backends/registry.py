@@ -35,6 +35,7 @@ BACKENDS = ("triton", "cuda", "cpu", "torch")
 SERVES = {"triton": ("cuda",), "cuda": ("cuda",), "cpu": ("cpu",), "torch": None}  # None: every device
 DEFAULT_ORDER = {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")}
 MAX_FUSED_R = 128  # the Triton kernels pad r to a power of two >= 16 held in registers
+NF4_FUSED_M = {"lora": 1024, "dora": 384}  # rows up to which an NF4 layer fuses on CUDA (see prefer_fused)
 
 
 @dataclass(frozen=True)
@@ -197,18 +198,20 @@ def prefer_fused(family: str, M: int, N: int, K: int, weight_kind: str, r: int =
     model; the defaults below are UNTUNED (no GPU has measured them) and read only M, the weight kind
     and r (N and K enter `fused_path`'s int32 check):
     * lora, dora: Triton for M <= 64 with a dense W (fusing saves a launch and an [M, N] pass; above,
-      cuBLAS is the stronger GEMM) and M <= 512 with NF4; r > MAX_FUSED_R always composes. The NF4
-      bound is the crossover of a cost model fed by the static kernel report
+      cuBLAS is the stronger GEMM), and with NF4 for M <= NF4_FUSED_M[family]; r > MAX_FUSED_R always
+      composes. The NF4 bounds are the crossovers of a cost model fed by the static kernel report
       (benchmarks/kernel_report.py, sm_90 SASS; H100 figures: 132 SMs x 4 warp-instructions per cycle
       at 1.755 GHz, 708 TFLOP/s bf16, 3.02 TB/s copy), for one training step's forward + dX:
-          fused(kernel) = max(ceil(M / 128) N K ipe / (132 * 4 * 1.755e9), 2 M N K / 708e12)
-              (ipe: warp-instructions per weight element per 128-row tile, 0.41 forward, 0.53 dX;
-              max() because the decoded tile is the wgmma's register operand and the loop does not
-              wait on its MMA)
+          fused(kernel) = max(ceil(M / 128) N K ipe / (132 * 4 * 1.755e9), 2 M N K / (0.8 * 708e12))
+              (ipe: warp-instructions per weight element per 128-row tile; max() because the decoded
+              tile is the wgmma's register operand and the loop does not wait on its MMA; 0.8: an
+              assumed Triton wgmma efficiency against cuBLAS)
           composition(GEMM) = (N K / 2 + N K / 16 + 2 N K) / (0.9 * 3.02e12)          dequantize
                               + max(2 M N K / 708e12, (2 N K + 2 M K + 2 M N) / 3.02e12)  cuBLAS
-      For N = 14336, K = 4096, fused(fwd) + fused(dX) < 2 composition(GEMM) below M ~ 530 (M ~ 144
-      with the old element-wise NF4 loader). Predictions, to be replaced by measured crossovers.
+      For N = 14336, K = 4096: LoRA (ipe 0.27 forward, 0.31 dX: both kernels MMA-bound) fuses below
+      M ~ 1300 -> 1024; DoRA (0.25 forward, 0.82 dX, which still waits on its MMA) below M ~ 390
+      -> 384. (With the element-wise NF4 loader the LoRA crossover was M ~ 144, with the per-element
+      code gather M ~ 530.) Predictions, to be replaced by measured crossovers.
     * linear (BitFit): dense -> composition (cuBLAS; the extra read of dY for db is ~1/K of the GEMM's
       traffic); NF4 -> Triton (no transient dense W).
     """
@@ -219,7 +222,7 @@ def prefer_fused(family: str, M: int, N: int, K: int, weight_kind: str, r: int =
         return weight_kind == "nf4"
     if r > MAX_FUSED_R:
         return False
-    return M <= (512 if weight_kind == "nf4" else 64)
+    return M <= (NF4_FUSED_M[family] if weight_kind == "nf4" else 64)
 
 
 def fused_path(family: str, x, M: int, N: int, K: int, weight_kind: str, r: int = 0) -> bool:
