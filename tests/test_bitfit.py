@@ -53,10 +53,12 @@ def test_linear_vs_float64(impl, kind, dtype, M_shape, K, N, monkeypatch):
 
 
 def test_nothing_saved_but_the_weight():
-    """x is not needed by any gradient of a frozen linear: only W (or its NF4 parts) is saved."""
+    """x is not needed by any gradient of a frozen linear: only W (or its NF4 parts) is saved (a dense
+    fp32 W on the CPU runs torch's own F.linear, which saves the transposed view W^T)."""
     x, W, _, b = problem((7,), 24, 10, torch.float32)
     q = nf4.quantize(W, blocksize=32)
-    for weight, allowed in ((W, {(10, 24)}), (q, {tuple(q.packed_bytes().shape), tuple(q.absmax_fp32().shape), (16,)})):
+    for weight, allowed in ((W, {(10, 24), (24, 10)}),
+                            (q, {tuple(q.packed_bytes().shape), tuple(q.absmax_fp32().shape), (16,)})):
         saved = []
         xg, bg = x.clone().requires_grad_(True), b.clone().requires_grad_(True)
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
@@ -279,3 +281,18 @@ def test_gpu_vs_torch_bias_only(impl, kind, monkeypatch):
 @pytest.mark.parametrize("i", range(5))
 def test_gpu_opcheck(i):
     opcheck_sample(_op_samples("cuda"), i)
+
+
+def test_dense_fp32_cpu_is_torch_linear_and_backend_torch_keeps_the_op(monkeypatch):
+    """A dense fp32 W on the CPU (cpu backend) runs torch's F.linear itself: the same addmm as the cpu
+    backend's op, without the Function's overhead; DELTAKERN_BACKEND=torch still runs the reference op."""
+    x, W, _, b = problem((5,), 16, 8, torch.float32)
+    b.requires_grad_(True)
+    monkeypatch.delenv("DELTAKERN_BACKEND", raising=False)
+    y = linear(x, W, b)
+    assert y.grad_fn is not None and "Addmm" in type(y.grad_fn).__name__
+    assert torch.equal(y, torch.nn.functional.linear(x, W, b))
+    monkeypatch.setenv("DELTAKERN_BACKEND", "torch")
+    y2 = linear(x, W, b)
+    assert "FrozenLinearFunction" in type(y2.grad_fn.next_functions[0][0]).__name__  # under the output's view
+    torch.testing.assert_close(y2, y)
