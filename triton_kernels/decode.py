@@ -33,8 +33,9 @@ from ._common import (  # noqa: F401
 MAX_M = 16
 
 # (BLOCK_N, BLOCK_K, warps, stages)
-# (the kernel report's sm_90 compiles: none spills; wider tiles did)
-_CONFIGS = [(64, 256, 4, 1), (32, 512, 4, 3), (32, 256, 4, 1)]
+# (the kernel report's sm_90 compiles: none spills; wider tiles did, and so did 32 x 512 once x is
+# loaded as one contiguous tile)
+_CONFIGS = [(64, 256, 4, 1), (32, 256, 4, 1), (64, 128, 4, 1)]
 if INTERPRET:
     _CONFIGS = [(16, 64, 4, 1)]
 elif PIN:
@@ -42,10 +43,10 @@ elif PIN:
 
 
 def _prune(configs, named_args, **kwargs):
-    """sm_8x: row tiles of at most 32 (the kernel report's sm_80 compiles spill at BLOCK_N = 64)."""
+    """sm_8x: W tiles of at most 8192 elements (the kernel report's sm_80 compiles spill at 64 x 256)."""
     if target_arch(named_args["x_ptr"]) >= 90:
         return configs
-    return [c for c in configs if c.kwargs["BLOCK_N"] <= 32] or configs[-1:]
+    return [c for c in configs if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 8192] or configs[-1:]
 
 
 @triton.autotune(
@@ -83,11 +84,10 @@ def _decode_kernel(
                         mask=row_ok[:, None] & (cb[None, :] < K), other=0.0)[:, :, None]
         w_hi = tl.reshape(tl.reshape(hi, (BLOCK_N, NB, WIDTH)) * scale, (BLOCK_N, HALF)).to(cdt)
         w_lo = tl.reshape(tl.reshape(lo, (BLOCK_N, NB, WIDTH)) * scale, (BLOCK_N, HALF)).to(cdt)
-        xk = k0 + 2 * j
-        x_even = tl.load(x_ptr + offs_m[:, None] * stride_xm + xk[None, :] * stride_xk,
-                         mask=m_ok & k_ok[None, :], other=0.0)
-        x_odd = tl.load(x_ptr + offs_m[:, None] * stride_xm + (xk + 1)[None, :] * stride_xk,
-                        mask=m_ok & k_ok[None, :], other=0.0)
+        xk = k0 + tl.arange(0, BLOCK_K)  # one contiguous load of the x tile, split into even / odd columns
+        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + xk[None, :] * stride_xk,
+                     mask=m_ok & (xk < K)[None, :], other=0.0)
+        x_even, x_odd = tl.split(tl.reshape(xt, (M_PAD, HALF, 2)))
         acc = mma(x_even, tl.trans(w_hi), acc, DOT_FP32, INPUT_PRECISION)
         acc = mma(x_odd, tl.trans(w_lo), acc, DOT_FP32, INPUT_PRECISION)
     if HAS_BIAS:
