@@ -30,8 +30,8 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    DTYPES, autotuned, check, check_int32, dot_flags, fit_registers, fit_smem, grouped_tile, launch, m_bucket, mma, nf4_aligned,
-    nf4_rows_tile, r_pad, smem_estimate, target_arch, w_tile, weight_args,
+    DTYPES, autotuned, check, check_int32, dot_flags, fit_registers, fit_smem, grouped_tile, launch, m_bucket, mma,
+    nf4_aligned, nf4_rows_tile, r_pad, smem_estimate, target_arch, w_tile, weight_args,
 )
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages); the first entry is the pinned one.

@@ -164,9 +164,9 @@ class DoRALinearFunction(torch.autograd.Function):
         c = None
         if fused:
             if need_x or need_b or want_cy:
-                dx_, db_, c_ = registry.run("dora_bwd", 
-                    dy, *W, dyb if need_x else dy[:, :0], A, g, keep, y if want_cy else None, bias, s, ms,
-                    int(need_x), int(need_b))
+                dx_, db_, c_ = registry.run(
+                    "dora_bwd", dy, *W, dyb if need_x else dy[:, :0], A, g, keep, y if want_cy else None, bias, s,
+                    ms, int(need_x), int(need_b))
                 dx = dx_ if need_x else None
                 db = db_ if need_b else None
                 c = c_ if want_cy else None

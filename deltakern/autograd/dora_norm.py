@@ -9,9 +9,8 @@ from typing import Optional
 
 import torch
 
-from deltakern._autocast import autocast_off
-
 import deltakern.ops.dora  # noqa: F401  (defines torch.ops.deltakern.dora_*)
+from deltakern._autocast import autocast_off
 from deltakern.backends import registry
 
 # A row whose expanded squared norm is below this fraction of its parts (||W_j||^2 + s^2 ||(BA)_j||^2)
