@@ -175,6 +175,13 @@ def test_missing_extension_is_reported_when_used(monkeypatch):
     assert registry.resolve("linear_fwd", "cpu") == "cpu"  # the BLAS compositions need no extension
     out = torch.ops.deltakern.nf4_dequantize(*state[:2], None, None, 0.0, CODE, 100, 64, torch.float32)
     assert torch.equal(out, _ref(state, 100, 64, torch.float32))
+    # the rank-r products fall back to their BLAS references, and a LoRA layer trains as before
+    assert {registry.resolve(op, "cpu") for op in ("lowrank_xat", "lowrank_gtx", "lowrank_gb")} == {"torch"}
+    x = torch.randn(300, 64, requires_grad=True)
+    A, B = torch.randn(8, 64, requires_grad=True), torch.randn(32, 8, requires_grad=True)
+    W = torch.randn(32, 64)
+    deltakern.lora_linear(x, W, None, A, B, 0.5).sum().backward()
+    torch.testing.assert_close(A.grad, 0.5 * (torch.ones(300, 32) @ B.detach()).t() @ x.detach())
     # naming the backend explicitly raises its own error
     monkeypatch.setenv("DELTAKERN_BACKEND", "cpu")
     with pytest.raises(RuntimeError, match=msg):
