@@ -16,6 +16,7 @@ import torch
 from deltakern import nf4
 from deltakern.backends import compose
 from deltakern.backends import cpu_blas as cb
+from deltakern.ops import lowrank
 
 U32 = 2.0**-24
 U_OUT = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
@@ -66,7 +67,7 @@ def test_lora_fwd_and_dx(M, K, N, r, kind, dtype, bias):
     (w, absmax, code, bs), W = weight(N, K, kind, dtype)
     x, A, B = rnd((M, K), 1, dtype=dtype), rnd((r, K), 2, K**-0.5, dtype), rnd((N, r), 3, dtype=dtype)
     b = rnd((N,), 4, dtype=dtype) if bias else None
-    xa = compose.small_mm_t(x, A)  # a transposed view on the CPU, as the Function passes it
+    xa = lowrank.xat(x, A)  # as the Function computes it
     s = 0.7
     if kind == "dense":
         out = cb.lora_fwd(col_major(x), w, b, xa, B, s)
@@ -117,7 +118,7 @@ def _dora_problem(M, K, N, r, kind, dtype):
 def test_dora_fwd_bwd(M, K, N, r, kind, dtype):
     (w, absmax, code, bs), W, x, A, B, b, g = _dora_problem(M, K, N, r, kind, dtype)
     w_before = w.clone()
-    xa = compose.small_mm_t(x, A)
+    xa = lowrank.xat(x, A)
     s = 1.3
     y = cb.dora_fwd(x, w, absmax, code, N, K, bs, b, xa, B, g, None, s, 1.0)
     gd = g.double()
@@ -127,7 +128,7 @@ def test_dora_fwd_bwd(M, K, N, r, kind, dtype):
     assert torch.equal(w, w_before), "the op wrote into the frozen weight"
 
     dy = rnd((M, N), 6, dtype=dtype)
-    dyb = compose.small_mm_t(dy, (B.float() * g[:, None]).to(dtype).t())
+    dyb = lowrank.xat(dy, (B.float() * g[:, None]).to(dtype).t())
     y_before = y.clone()
     dx, db, c = cb.dora_bwd(dy, w, absmax, code, N, K, bs, dyb, A, g, None, y, b, s, 1.0, 1, 1)
     exact = (d(dy) * gd) @ d(W) + s * d(dyb) @ d(A)
@@ -150,7 +151,7 @@ def test_dora_colsum_masked_columns(kind, select):
     M, K, N, r = 9, 40, 21, 4
     (w, absmax, code, bs), W, x, A, B, b, g = _dora_problem(M, K, N, r, kind, torch.float32)
     dy = rnd((M, N), 6)
-    xa = compose.small_mm_t(x, A)
+    xa = lowrank.xat(x, A)
     cols = {"none": torch.zeros(N, dtype=torch.bool), "all": torch.ones(N, dtype=torch.bool),
             "some": torch.arange(N) % 3 == 1}[select]
     c = cb.dora_colsum(dy, x, w, absmax, code, N, K, bs, None, xa, B, 0.9, 1.0, cols)

@@ -41,12 +41,18 @@ std::string best() {
     return "scalar";
 }
 
-// The kernels for `isa` ("" = the best this CPU runs); ValueError if this CPU or build lacks it.
-const dk::Kernels& pick(const std::string& isa) {
+// `isa`, or this CPU's best for ""; ValueError if it is unknown or this CPU or build lacks it.
+std::string checked_isa(const std::string& isa) {
     const std::string name = isa.empty() ? best() : isa;
     if (name != "scalar" && name != "avx2" && name != "avx512")
         throw py::value_error("unknown ISA '" + name + "' (expected scalar, avx2 or avx512)");
     if (!supports(name)) throw py::value_error("this CPU or build does not support ISA '" + name + "'");
+    return name;
+}
+
+// The kernels for `isa` ("" = the best this CPU runs); ValueError as `checked_isa`.
+const dk::Kernels& pick(const std::string& isa) {
+    const std::string name = checked_isa(isa);
 #ifdef DK_HAVE_AVX512
     if (name == "avx512") return dk::kernels_avx512;
 #endif
@@ -173,10 +179,7 @@ namespace {
 // The quantize kernels for `isa` ("" = the best this CPU runs): the AVX2 unit serves avx2 and
 // avx512 (it has no AVX-512 variant), the portable one scalar. ValueError as `pick`.
 const dk::QuantKernels& pick_quantize(const std::string& isa) {
-    const std::string name = isa.empty() ? best() : isa;
-    if (name != "scalar" && name != "avx2" && name != "avx512")
-        throw py::value_error("unknown ISA '" + name + "' (expected scalar, avx2 or avx512)");
-    if (!supports(name)) throw py::value_error("this CPU or build does not support ISA '" + name + "'");
+    const std::string name = checked_isa(isa);
 #ifdef DK_HAVE_QUANTIZE_AVX2
     if (name != "scalar" && supports("avx2")) return dk::quant_kernels_avx2;
 #endif

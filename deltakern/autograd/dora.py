@@ -124,7 +124,7 @@ class DoRALinearFunction(torch.autograd.Function):
                 xd, keep = torch.native_dropout(x, dropout_p, True)  # xd = x * keep / (1 - p), as `dropped` gives
             else:
                 keep, xd = None, x
-            xa = compose.small_mm_t(xd, lora_A)
+            xa = lowrank.xat(xd, lora_A)
             if fused:
                 y = registry.run("dora_fwd", x, weight, absmax, code, N, K, blocksize, bias, xa, lora_B, g, keep,
                                                  scaling, ms)
@@ -159,7 +159,7 @@ class DoRALinearFunction(torch.autograd.Function):
         W = (weight, absmax, code, N, K, blocksize)
         dx = db = dA = dB = dm = None
 
-        dyb = compose.small_mm_t(dy, (B.float() * g[:, None]).to(dtype).t()) if (need_x or need_A) else None
+        dyb = lowrank.xat(dy, (B.float() * g[:, None]).to(dtype).t()) if (need_x or need_A) else None
         want_cy = need_c and keep is None
         c = None
         if fused:

@@ -80,7 +80,7 @@ class LoRALinearFunction(torch.autograd.Function):
         else:
             keep = None
             xd = x2
-        xa = compose.small_mm_t(xd, lora_A)
+        xa = lowrank.xat(xd, lora_A)
 
         if is_nf4 and fused:
             out = registry.run("lora_fwd_nf4", x2, weight, absmax, code, N, K, blocksize, bias, xa, lora_B, scaling)
@@ -106,7 +106,7 @@ class LoRALinearFunction(torch.autograd.Function):
         keep_scale = 1.0 / (1.0 - p)
         dx = db = dA = dB = None
 
-        dyb = compose.small_mm_t(dy2, lora_B.t()) if (need_x or need_A) else None
+        dyb = lowrank.xat(dy2, lora_B.t()) if (need_x or need_A) else None
         if need_x:
             if is_nf4 and fused:
                 dx = registry.run("lora_dx_nf4", dy2, weight, absmax, code, N, K, blocksize, dyb, lora_A, s,

@@ -34,12 +34,6 @@ from deltakern.ops import lowrank
 _COLSUM_CHUNK = 2**16  # elements of a row chunk of [M, N] in `col_sums` (256 KiB of fp32, cache resident)
 
 
-def small_mm_t(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
-    """a @ b_t.t() for a small b (b_t [r, K], a [M, K]) -> [M, r]: `deltakern::lowrank_xat` (on the CPU
-    the native rank-r kernel, or BLAS as (b_t a^T)^T, returned as that transposed view)."""
-    return lowrank.xat(a, b_t)
-
-
 def rank_term(xa: torch.Tensor, B: torch.Tensor, s: float, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """b + s xa B^T  [M, N] (xa [M, r], B [N, r]): one rank-r product, the bias broadcast into its output."""
     bt = B.t().contiguous() if B.device.type == "cpu" else B.t()  # [r, N] rows: the fast layout for BLAS

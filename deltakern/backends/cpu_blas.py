@@ -30,6 +30,7 @@ from deltakern.backends import compose
 from deltakern.backends.reference import dora as ref_dora
 from deltakern.backends.reference._util import dense_weight_ref
 from deltakern.backends.registry import register
+from deltakern.ops import lowrank
 
 DEVICES = ("cpu",)
 
@@ -153,7 +154,7 @@ def dora_norm_parts(weight, absmax, code, N, K, blocksize, lora_A, compute_sumsq
     """W A^T as (A W^T)^T (the fast BLAS layout), fp32; ||W_j||^2 as the reference."""
     w, _ = _weight(weight, absmax, code, N, K, blocksize, lora_A.dtype)
     with autocast_off("cpu"):
-        wa = compose.small_mm_t(w, f32(lora_A)).contiguous().float()
+        wa = lowrank.xat(w, f32(lora_A)).contiguous().float()
         sq = w.square().sum(1).float() if compute_sumsq else wa.new_empty((0,))
     return wa, sq
 
