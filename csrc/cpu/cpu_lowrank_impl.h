@@ -43,8 +43,10 @@ inline int team(int64_t work, int nthreads) {
 
 // ---- xat: y = x a^T ---------------------------------------------------------------------------
 
+// pf: also prefetch the next MR rows (the next tile's), in the tile's first pass (its first JR rows of
+// a): each row starts a new page, where the hardware prefetchers start cold.
 template <int MR, int JR>
-inline void xat_tile(const float* x, int64_t ldx, const float* a, float* y, int64_t K, int64_t R) {
+inline void xat_tile(const float* x, int64_t ldx, const float* a, float* y, int64_t K, int64_t R, bool pf = false) {
     vf acc[MR][JR];
     for (int i = 0; i < MR; ++i)
         for (int j = 0; j < JR; ++j) acc[i][j] = vf{};
@@ -52,6 +54,8 @@ inline void xat_tile(const float* x, int64_t ldx, const float* a, float* y, int6
     for (; k + VW <= K; k += VW) {
         vf xv[MR];
         for (int i = 0; i < MR; ++i) xv[i] = vload(x + i * ldx + k);
+        if (pf)
+            for (int i = 0; i < MR; ++i) __builtin_prefetch(x + (MR + i) * ldx + k);
         for (int j = 0; j < JR; ++j) {
             const vf av = vload(a + j * K + k);
             for (int i = 0; i < MR; ++i) acc[i][j] += xv[i] * av;
@@ -66,10 +70,10 @@ inline void xat_tile(const float* x, int64_t ldx, const float* a, float* y, int6
 }
 
 template <int MR>
-inline void xat_rows(const float* x, int64_t ldx, const float* a, float* y, int64_t K, int64_t R) {
+inline void xat_rows(const float* x, int64_t ldx, const float* a, float* y, int64_t K, int64_t R, bool pf = false) {
     constexpr int JR = 4;
     int64_t j = 0;
-    for (; j + JR <= R; j += JR) xat_tile<MR, JR>(x, ldx, a + j * K, y + j, K, R);
+    for (; j + JR <= R; j += JR) xat_tile<MR, JR>(x, ldx, a + j * K, y + j, K, R, pf && j == 0);
     for (; j < R; ++j) xat_tile<MR, 1>(x, ldx, a + j * K, y + j, K, R);
 }
 
@@ -80,7 +84,7 @@ void xat(const float* x, int64_t ldx, const float* a, float* y, int64_t M, int64
     for (int64_t t = 0; t < tiles; ++t) {
         const int64_t m = t * MR;
         if (m + MR <= M) {
-            xat_rows<MR>(x + m * ldx, ldx, a, y + m * R, K, R);
+            xat_rows<MR>(x + m * ldx, ldx, a, y + m * R, K, R, m + 2 * MR <= M);
         } else {
             for (int64_t i = m; i < M; ++i) xat_rows<1>(x + i * ldx, ldx, a, y + i * R, K, R);
         }
@@ -93,6 +97,11 @@ void xat(const float* x, int64_t ldx, const float* a, float* y, int64_t M, int64
 // (register accumulators), the chunks added into a second sum: rounding error grows like
 // MCHUNK + M / MCHUNK terms instead of M (fp32 gradients summed over thousands of tokens).
 constexpr int64_t MCHUNK = 64;
+
+// Each row of a column strip lies in its own 4 KiB page when rows are long, and hardware prefetchers
+// stop at page boundaries: every row would be a demand miss. The strip's rows this far ahead are
+// prefetched instead (measured in the LoRA layer step at M 512, K = N 1024: 2-3% of the step).
+constexpr int64_t GTX_PREFETCH_ROWS = 16;
 
 template <int JR, int KV>
 inline void gtx_tile(const float* g, int64_t gsm, int64_t gsj, const float* x, int64_t ldx, float* out, int out_t,
@@ -112,6 +121,8 @@ inline void gtx_tile(const float* g, int64_t gsm, int64_t gsj, const float* x, i
         const float* gp = g + m0 * gsm + j0 * gsj;
         const float* xp = x + m0 * ldx + k0;
         for (int64_t m = m0; m < m1; ++m, gp += gsm, xp += ldx) {
+            if (m + GTX_PREFETCH_ROWS < M)
+                for (int v = 0; v < KV; ++v) __builtin_prefetch(xp + GTX_PREFETCH_ROWS * ldx + v * VW);
             vf xv[KV];
             for (int v = 0; v < KV; ++v) xv[v] = vload(xp + v * VW);
             for (int j = 0; j < JR; ++j) {
