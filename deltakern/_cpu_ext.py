@@ -306,9 +306,11 @@ def lowrank_gtx(g, x, scale: float = 1.0, colsum: bool = False, transpose: bool 
     return out, cs
 
 
-def lowrank_gb(g, bt, scale: float = 1.0, bias=None) -> torch.Tensor:
-    """out[M, N] = bias[N] + scale * g[M, R] . bt[R, N], fp32 (the rank-r term of y and of dX).
-    g any strides; bias None or [N]."""
+def lowrank_gb(g, bt, scale: float = 1.0, bias=None, out=None, out_scale=None) -> torch.Tensor:
+    """bias[N] + scale * g[M, R] . bt[R, N], fp32 (the rank-r term of y and of dX), as a new [M, N] tensor;
+    or, given `out` (a contiguous fp32 [M, N]), in place out = out * out_scale[N] (if given) + that,
+    returning out (DoRA's forward epilogue y = (x W^T) g + b + s xa (g B)^T in one pass). g any strides;
+    bias and out_scale None or [N]."""
     C = require()
     _check("g", g, torch.float32, contiguous=False)
     if g.dim() != 2:
@@ -317,16 +319,62 @@ def lowrank_gb(g, bt, scale: float = 1.0, bias=None) -> torch.Tensor:
     _rank(R)
     bt = _f32_matrix("bt", bt, rows=R).contiguous()
     N = bt.shape[1]
-    if bias is not None:
-        _check("bias", bias, torch.float32, contiguous=False)
-        if bias.shape != (N,):
-            raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
-        bias = bias.contiguous()
-    out = torch.empty(M, N, dtype=torch.float32)
+    vecs = {}
+    for name, t in (("bias", bias), ("out_scale", out_scale)):
+        if t is not None:
+            _check(name, t, torch.float32, contiguous=False)
+            if t.shape != (N,):
+                raise ValueError(f"{name} must have shape ({N},), got {tuple(t.shape)}")
+            t = t.contiguous()
+        vecs[name] = t
+    bias, out_scale = vecs["bias"], vecs["out_scale"]
+    accumulate = out is not None
+    if accumulate:
+        _check("out", out, torch.float32)
+        if out.shape != (M, N):
+            raise ValueError(f"out must have shape ({M}, {N}), got {tuple(out.shape)}")
+    elif out_scale is not None:
+        raise ValueError("out_scale scales the values of `out`: pass out as well")
+    else:
+        out = torch.empty(M, N, dtype=torch.float32)
     if M and N:
         C.lowrank_gb(g.data_ptr(), g.stride(0), g.stride(1), bt.data_ptr(), bias.data_ptr() if bias is not None else 0,
-                     float(scale), out.data_ptr(), M, N, R, torch.get_num_threads(), isa())
+                     out_scale.data_ptr() if out_scale is not None else 0, int(accumulate), float(scale), out.data_ptr(),
+                     M, N, R, torch.get_num_threads(), isa())
     return out
+
+
+def _ptrs(*ts) -> list:
+    """Data pointers, 0 for None."""
+    return [0 if t is None else t.data_ptr() for t in ts]
+
+
+def lowrank_colsums(d, y=None, bias=None, g=None, want_db: bool = True):
+    """DoRA's column sums over d = dY [M, N] in one pass (fp32): (d * g [M, N] or None when g is None,
+    sum_m d [N] or None unless want_db, sum_m d * (y - bias) [N] or None when y is None). Sums run in
+    64-row chunks (as lowrank_gtx); each column has one writer, so results do not depend on the thread
+    count. d and y: 2-D with unit-stride rows; bias and g: [N] or None."""
+    C = require()
+    d = _f32_matrix("d", d)
+    M, N = d.shape
+    if y is not None:
+        y = _f32_matrix("y", y, rows=M, cols=N)
+    vecs = {}
+    for name, t in (("bias", bias), ("g", g)):
+        if t is not None:
+            _check(name, t, torch.float32, contiguous=False)
+            if t.shape != (N,):
+                raise ValueError(f"{name} must have shape ({N},), got {tuple(t.shape)}")
+            t = t.contiguous()
+        vecs[name] = t
+    bias, g = vecs["bias"], vecs["g"]
+    dg = torch.empty(M, N, dtype=torch.float32) if g is not None else None
+    db = torch.zeros(N, dtype=torch.float32) if want_db else None
+    c = torch.zeros(N, dtype=torch.float32) if y is not None else None
+    if M and N:
+        C.lowrank_colsums(d.data_ptr(), d.stride(0), *_ptrs(y), y.stride(0) if y is not None else 0,
+                          *_ptrs(bias, g, dg, db, c), M, N, torch.get_num_threads(), isa())
+    return dg, db, c
 
 
 _workspace = threading.local()

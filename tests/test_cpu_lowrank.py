@@ -2,6 +2,7 @@
 `deltakern::lowrank_*` ops the LoRA / DoRA layers call.
 
   xat  y = x a^T          gtx  scale g^T x (or its transpose), column sums of x      gb  bias + scale g bt
+  (or, in place, out * cs + bias + scale g bt)      colsums  DoRA's sum dY, sum dY (y - b) and dY * g
 
 Every ISA this CPU runs, at 1 and 2 threads, on odd shapes (tails of K / N not a multiple of any
 vector width, R not a multiple of the register tiles, M not a multiple of the row tiles) and on
@@ -86,6 +87,44 @@ def test_gb_within_fp32_rounding(isa, threads, M, N, R):
     assert torch.equal(_cpu_ext.lowrank_gb(gt, bt, 1.5, bias), _cpu_ext.lowrank_gb(gt.contiguous(), bt, 1.5, bias))
 
 
+@pytest.mark.parametrize("M,N,R", SHAPES)
+def test_gb_accumulate_within_fp32_rounding(isa, threads, M, N, R):
+    """In place: out * cs + bias + scale g bt (DoRA's forward epilogue), cs and bias optional."""
+    g, bt, bias, cs, out0 = _rand(M, R, seed=M), _rand(R, N, seed=N), _rand(N, seed=7), _rand(N, seed=8), \
+        _rand(M, N, seed=9)
+    for b, c in ((None, None), (bias, None), (None, cs), (bias, cs)):
+        kept = out0.double() * (1 if c is None else c.double())
+        exact = kept + 1.5 * (g.double() @ bt.double()) + (0 if b is None else b.double())
+        prod = 1.5 * (g.double().abs() @ bt.double().abs())
+        bound = R * EPS32 * prod + 3 * EPS32 * (kept.abs() + prod + (0 if b is None else b.double().abs()))
+        got = _both_threads(lambda b=b, c=c: _cpu_ext.lowrank_gb(g, bt, 1.5, b, out=out0.clone(), out_scale=c))
+        _within(got, exact, bound, (isa, M, N, R, b is None, c is None))
+    buf = out0.clone()
+    assert _cpu_ext.lowrank_gb(g, bt, 1.5, out=buf) is buf  # in place, returned
+
+
+@pytest.mark.parametrize("M,N,_R", SHAPES)
+def test_colsums_within_fp32_rounding(isa, threads, M, N, _R):
+    """db = sum dY, c = sum dY (y - b), dY * g from one pass; every combination of the optional parts."""
+    d, y, bias, g = _rand(M, N, seed=M), _rand(M, N, seed=N), _rand(N, seed=5), _rand(N, seed=6)
+    dd, yd = d.double(), y.double()
+    for yy, b, gg, want_db in ((y, bias, g, True), (y, None, None, True), (None, None, g, False), (y, bias, None, False)):
+        dg, db, c = _both_threads(lambda yy=yy, b=b, gg=gg, w=want_db: _cpu_ext.lowrank_colsums(d, yy, b, gg, w))
+        assert (dg is None) == (gg is None) and (db is None) == (not want_db) and (c is None) == (yy is None)
+        if gg is not None:
+            assert torch.equal(dg, d * gg)  # one fp32 product per element
+        if want_db:
+            _within(db, dd.sum(0), M * EPS32 * dd.abs().sum(0), (isa, M, N, "db"))
+        if yy is not None:
+            t = yd - (0 if b is None else b.double())
+            bound = (M + 2) * EPS32 * (dd.abs() * (yd.abs() + (0 if b is None else b.double().abs()))).sum(0)
+            _within(c, (dd * t).sum(0), bound, (isa, M, N, "c"))
+    wide = _rand(M, N + 9, seed=2)  # strided rows: read in place, the same sums
+    got = _cpu_ext.lowrank_colsums(wide[:, 3:N + 3], y, bias, g)
+    ref = _cpu_ext.lowrank_colsums(wide[:, 3:N + 3].contiguous(), y, bias, g)
+    assert all(torch.equal(u, v) for u, v in zip(got, ref))
+
+
 def test_strided_rows_and_empty(ext):
     x = _rand(40, 200, seed=1)[:, 10:150]  # row stride 200, unit column stride: read in place
     a = _rand(6, 140, seed=2)
@@ -115,6 +154,15 @@ def test_bad_inputs(ext):
         (lambda: _cpu_ext.lowrank_gb(g, torch.randn(2, 8)), ValueError, r"bt has shape \(2, 8\)"),
         (lambda: _cpu_ext.lowrank_gb(g, a, 1.0, torch.randn(7)), ValueError, r"bias must have shape \(8,\)"),
         (lambda: _cpu_ext.lowrank_gb(g, a, 1.0, torch.randn(8).double()), TypeError, "bias must be torch.float32"),
+        (lambda: _cpu_ext.lowrank_gb(g, a, 1.0, out_scale=torch.randn(8)), ValueError, "pass out as well"),
+        (lambda: _cpu_ext.lowrank_gb(g, a, 1.0, out=torch.randn(4, 9)), ValueError, r"out must have shape \(4, 8\)"),
+        (lambda: _cpu_ext.lowrank_gb(g, a, 1.0, out=torch.randn(8, 4).t()), ValueError, "out must be contiguous"),
+        (lambda: _cpu_ext.lowrank_gb(g, a, 1.0, out=torch.randn(4, 8), out_scale=torch.randn(3)), ValueError,
+         r"out_scale must have shape \(8,\)"),
+        (lambda: _cpu_ext.lowrank_colsums(x, torch.randn(4, 7)), ValueError, r"y has shape \(4, 7\)"),
+        (lambda: _cpu_ext.lowrank_colsums(x, x, torch.randn(8).double()), TypeError, "bias must be torch.float32"),
+        (lambda: _cpu_ext.lowrank_colsums(x, None, None, torch.randn(9)), ValueError, r"g must have shape \(8,\)"),
+        (lambda: _cpu_ext.lowrank_colsums(x.half()), TypeError, "d must be torch.float32"),
     ]
     for fn, exc, msg in cases:
         with pytest.raises(exc, match=msg):

@@ -4,6 +4,8 @@
 //     gtx   out[R, K]  = scale * g[M, R]^T . x[M, K]           dA = s dyb^T x, dB^T = s xa^T dY
 //           colsum[K]  = sum_m x[m, :]                         (optional: db = sum of dY's rows)
 //     gb    out[M, N]  = bias[N] + scale * g[M, R] . bt[R, N]   the rank-r term of y and of dX
+//           (or, in place, out * cs[N] + that)                    DoRA's forward epilogue
+//     colsums  db = sum_m dY, c = sum_m dY (y - b), dY * g     DoRA's backward: one pass over dY and y
 //
 // R is small (the LoRA rank, <= 64 here) and M, K, N large: BLAS packs and blocks for square-ish
 // products and runs these at 25-45 GFLOP/s on two cores; each is instead one streaming pass over
@@ -31,9 +33,15 @@ struct LowRankKernels {
     // colsum (if not null)[k] = sum_m x[m * ldx + k]
     void (*gtx)(const float* g, int64_t gsm, int64_t gsj, const float* x, int64_t ldx, float* out, int out_t,
                 float* colsum, float scale, int64_t M, int64_t R, int64_t K, int nthreads);
-    // out[m * N + n] = (bias ? bias[n] : 0) + scale * sum_j g[m * gsm + j * gsj] * bt[j * N + n]
-    void (*gb)(const float* g, int64_t gsm, int64_t gsj, const float* bt, const float* bias, float scale, float* out,
-               int64_t M, int64_t N, int64_t R, int nthreads);
+    // out[m * N + n] = (bias ? bias[n] : 0) + scale * sum_j g[m * gsm + j * gsj] * bt[j * N + n]; with
+    // accumulate, out[m * N + n] * (cs ? cs[n] : 1) + that (in place: DoRA's y = (x W^T) g + b + s xa (gB)^T)
+    void (*gb)(const float* g, int64_t gsm, int64_t gsj, const float* bt, const float* bias, const float* cs,
+               int accumulate, float scale, float* out, int64_t M, int64_t N, int64_t R, int nthreads);
+    // DoRA's column sums over dY = d: db[n] = sum_m d[m, n], c[n] = sum_m d[m, n] * (y[m, n] - bias[n]) (y and
+    // c null: skipped; bias null: 0) and, if dg is not null, dg[m * N + n] = d[m, n] * g[n]; summed in
+    // MCHUNK-row chunks as gtx
+    void (*colsums)(const float* d, int64_t ldd, const float* y, int64_t ldy, const float* bias, const float* g,
+                    float* dg, float* db, float* c, int64_t M, int64_t N, int nthreads);
 };
 
 extern const LowRankKernels lowrank_scalar;

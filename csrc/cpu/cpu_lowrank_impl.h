@@ -200,10 +200,11 @@ void gtx(const float* g, int64_t gsm, int64_t gsj, const float* x, int64_t ldx, 
 
 // ---- gb: out = bias + scale g bt ----------------------------------------------------------------
 
-// Output rows 0 .. MR (row stride ldo), columns n0 .. n0 + NV * VW; bt rows have stride ldb.
+// Output rows 0 .. MR (row stride ldo), columns n0 .. n0 + NV * VW; bt rows have stride ldb. With
+// `accumulate`, the output's previous values are kept, times cs[n] when cs is given.
 template <int MR, int NV>
 inline void gb_tile(const float* g, int64_t gsm, int64_t gsj, const float* bt, int64_t ldb, const float* bias,
-                    float scale, float* out, int64_t ldo, int64_t R, int64_t n0) {
+                    const float* cs, bool accumulate, float scale, float* out, int64_t ldo, int64_t R, int64_t n0) {
     vf acc[MR][NV];
     for (int i = 0; i < MR; ++i)
         for (int v = 0; v < NV; ++v) acc[i][v] = vf{};
@@ -217,42 +218,136 @@ inline void gb_tile(const float* g, int64_t gsm, int64_t gsj, const float* bt, i
     }
     for (int v = 0; v < NV; ++v) {
         const vf bv = bias ? vload(bias + n0 + v * VW) : vf{};
-        for (int i = 0; i < MR; ++i) vstore(out + i * ldo + n0 + v * VW, bv + acc[i][v] * scale);
+        if (!accumulate) {
+            for (int i = 0; i < MR; ++i) vstore(out + i * ldo + n0 + v * VW, bv + acc[i][v] * scale);
+        } else {
+            const vf cv = cs ? vload(cs + n0 + v * VW) : vset(1.0f);
+            for (int i = 0; i < MR; ++i) {
+                float* o = out + i * ldo + n0 + v * VW;
+                vstore(o, (vload(o) * cv + bv) + acc[i][v] * scale);
+            }
+        }
     }
 }
 
-// MR rows of the output. The last N % VW columns run the same vector code on a zero-padded copy of
-// their part of bt and bias (bt_tail [R, VW], bias_tail [VW]), so every column is summed alike.
+// MR rows of the output. The last N % VW columns run the same vector code on zero-padded copies of
+// their part of bt, bias and cs (bt_tail [R, VW], tail [2 * VW]: bias, then cs) and of the output.
 template <int MR>
-inline void gb_rows(const float* g, int64_t gsm, int64_t gsj, const float* bt, const float* bias, const float* bt_tail,
-                    const float* bias_tail, float scale, float* out, int64_t N, int64_t R) {
+inline void gb_rows(const float* g, int64_t gsm, int64_t gsj, const float* bt, const float* bias, const float* cs,
+                    bool accumulate, const float* bt_tail, const float* tail, float scale, float* out, int64_t N,
+                    int64_t R) {
     constexpr int NV = 4;
     int64_t n = 0;
-    for (; n + NV * VW <= N; n += NV * VW) gb_tile<MR, NV>(g, gsm, gsj, bt, N, bias, scale, out, N, R, n);
-    for (; n + VW <= N; n += VW) gb_tile<MR, 1>(g, gsm, gsj, bt, N, bias, scale, out, N, R, n);
+    for (; n + NV * VW <= N; n += NV * VW)
+        gb_tile<MR, NV>(g, gsm, gsj, bt, N, bias, cs, accumulate, scale, out, N, R, n);
+    for (; n + VW <= N; n += VW) gb_tile<MR, 1>(g, gsm, gsj, bt, N, bias, cs, accumulate, scale, out, N, R, n);
     if (n < N) {
-        float tmp[MR * VW];
-        gb_tile<MR, 1>(g, gsm, gsj, bt_tail, VW, bias ? bias_tail : nullptr, scale, tmp, VW, R, 0);
+        float tmp[MR * VW] = {};
+        if (accumulate)
+            for (int i = 0; i < MR; ++i) std::memcpy(tmp + i * VW, out + i * N + n, (N - n) * sizeof(float));
+        gb_tile<MR, 1>(g, gsm, gsj, bt_tail, VW, bias ? tail : nullptr, cs ? tail + VW : nullptr, accumulate, scale,
+                       tmp, VW, R, 0);
         for (int i = 0; i < MR; ++i) std::memcpy(out + i * N + n, tmp + i * VW, (N - n) * sizeof(float));
     }
 }
 
-void gb(const float* g, int64_t gsm, int64_t gsj, const float* bt, const float* bias, float scale, float* out,
-        int64_t M, int64_t N, int64_t R, int nthreads) {
+void gb(const float* g, int64_t gsm, int64_t gsj, const float* bt, const float* bias, const float* cs, int accumulate,
+        float scale, float* out, int64_t M, int64_t N, int64_t R, int nthreads) {
     constexpr int MR = WIDE ? 4 : 2;
     const int64_t tiles = (M + MR - 1) / MR, n_tail = N - N % VW;
-    std::vector<float> bt_tail(R * VW, 0.0f), bias_tail(VW, 0.0f);
+    std::vector<float> bt_tail(R * VW, 0.0f), tail(2 * VW, 0.0f);
     for (int64_t j = 0; j < R; ++j)
         for (int64_t n = n_tail; n < N; ++n) bt_tail[j * VW + n - n_tail] = bt[j * N + n];
-    for (int64_t n = n_tail; bias && n < N; ++n) bias_tail[n - n_tail] = bias[n];
+    for (int64_t n = n_tail; n < N; ++n) {
+        if (bias) tail[n - n_tail] = bias[n];
+        if (cs) tail[VW + n - n_tail] = cs[n];
+    }
+    const bool acc = accumulate != 0;
 #pragma omp parallel for num_threads(team(M * N * std::max<int64_t>(R, 4), nthreads)) schedule(static)
     for (int64_t t = 0; t < tiles; ++t) {
         const int64_t m = t * MR;
         if (m + MR <= M) {
-            gb_rows<MR>(g + m * gsm, gsm, gsj, bt, bias, bt_tail.data(), bias_tail.data(), scale, out + m * N, N, R);
+            gb_rows<MR>(g + m * gsm, gsm, gsj, bt, bias, cs, acc, bt_tail.data(), tail.data(), scale, out + m * N, N, R);
         } else {
             for (int64_t i = m; i < M; ++i)
-                gb_rows<1>(g + i * gsm, gsm, gsj, bt, bias, bt_tail.data(), bias_tail.data(), scale, out + i * N, N, R);
+                gb_rows<1>(g + i * gsm, gsm, gsj, bt, bias, cs, acc, bt_tail.data(), tail.data(), scale, out + i * N, N,
+                           R);
+        }
+    }
+}
+
+// ---- colsums: DoRA's per-column sums over dY (and dY * g) ---------------------------------------
+
+// Columns n0 .. n0 + KV * VW over all M rows (chunks of MCHUNK rows, as gtx): db += d, c += d (y - b),
+// dg = d * g. Each column has one writer.
+template <int KV>
+inline void colsums_strip(const float* d, int64_t ldd, const float* y, int64_t ldy, const float* bias, const float* g,
+                          float* dg, float* db, float* c, int64_t M, int64_t N, int64_t n0) {
+    vf bv[KV], gv[KV], tdb[KV], tc[KV];
+    for (int v = 0; v < KV; ++v) {
+        bv[v] = bias ? vload(bias + n0 + v * VW) : vf{};
+        gv[v] = g ? vload(g + n0 + v * VW) : vf{};
+        tdb[v] = vf{};
+        tc[v] = vf{};
+    }
+    for (int64_t m0 = 0; m0 < M; m0 += MCHUNK) {
+        vf adb[KV], ac[KV];
+        for (int v = 0; v < KV; ++v) adb[v] = ac[v] = vf{};
+        const int64_t m1 = std::min(M, m0 + MCHUNK);
+        for (int64_t m = m0; m < m1; ++m) {
+            const float* dp = d + m * ldd + n0;
+            const float* yp = y ? y + m * ldy + n0 : nullptr;
+            if (m + GTX_PREFETCH_ROWS < M)
+                for (int v = 0; v < KV; ++v) {
+                    __builtin_prefetch(dp + GTX_PREFETCH_ROWS * ldd + v * VW);
+                    if (y) __builtin_prefetch(yp + GTX_PREFETCH_ROWS * ldy + v * VW);
+                }
+            for (int v = 0; v < KV; ++v) {
+                const vf dv = vload(dp + v * VW);
+                adb[v] += dv;
+                if (y) ac[v] += dv * (vload(yp + v * VW) - bv[v]);
+                if (dg) vstore(dg + m * N + n0 + v * VW, dv * gv[v]);
+            }
+        }
+        for (int v = 0; v < KV; ++v) {
+            tdb[v] += adb[v];
+            tc[v] += ac[v];
+        }
+    }
+    for (int v = 0; v < KV; ++v) {
+        if (db) vstore(db + n0 + v * VW, tdb[v]);
+        if (c) vstore(c + n0 + v * VW, tc[v]);
+    }
+}
+
+void colsums(const float* d, int64_t ldd, const float* y, int64_t ldy, const float* bias, const float* g, float* dg,
+             float* db, float* c, int64_t M, int64_t N, int nthreads) {
+    constexpr int KV = 4;
+    const int64_t wide = N / (KV * VW), narrow = (N - wide * KV * VW) / VW, n_tail = wide * KV * VW + narrow * VW;
+#pragma omp parallel num_threads(team(4 * M * N, nthreads))
+    {
+#pragma omp for schedule(static) nowait
+        for (int64_t t = 0; t < wide + narrow; ++t) {
+            if (t < wide) colsums_strip<KV>(d, ldd, y, ldy, bias, g, dg, db, c, M, N, t * KV * VW);
+            else colsums_strip<1>(d, ldd, y, ldy, bias, g, dg, db, c, M, N, wide * KV * VW + (t - wide) * VW);
+        }
+#pragma omp single
+        for (int64_t n = n_tail; n < N; ++n) {  // the last N % VW columns, summed in the same order
+            const float b = bias ? bias[n] : 0.0f;
+            float tdb = 0.0f, tc = 0.0f;
+            for (int64_t m0 = 0; m0 < M; m0 += MCHUNK) {
+                float adb = 0.0f, ac = 0.0f;
+                for (int64_t m = m0; m < std::min(M, m0 + MCHUNK); ++m) {
+                    const float dv = d[m * ldd + n];
+                    adb += dv;
+                    if (y) ac += dv * (y[m * ldy + n] - b);
+                    if (dg) dg[m * N + n] = dv * g[n];
+                }
+                tdb += adb;
+                tc += ac;
+            }
+            if (db) db[n] = tdb;
+            if (c) c[n] = tc;
         }
     }
 }
@@ -261,5 +356,5 @@ void gb(const float* g, int64_t gsm, int64_t gsj, const float* bt, const float* 
 
 namespace dk {
 extern const LowRankKernels DK_LOWRANK_NAME;
-const LowRankKernels DK_LOWRANK_NAME = {DK_LOWRANK_ISA, xat, gtx, gb};
+const LowRankKernels DK_LOWRANK_NAME = {DK_LOWRANK_ISA, xat, gtx, gb, colsums};
 }  // namespace dk

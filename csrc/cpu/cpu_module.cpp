@@ -159,14 +159,24 @@ PYBIND11_MODULE(_cpu, m) {
         "out[R, K] (out_t: [K, R]) = scale * g[M, R]^T . x[M, K]; colsum[K] = sum of x's rows (if not 0), fp32");
     m.def(
         "lowrank_gb",
-        [](uintptr_t g, int64_t gsm, int64_t gsj, uintptr_t bt, uintptr_t bias, float scale, uintptr_t out, int64_t M,
-           int64_t N, int64_t R, int nthreads, const std::string& isa) {
+        [](uintptr_t g, int64_t gsm, int64_t gsj, uintptr_t bt, uintptr_t bias, uintptr_t cs, int accumulate, float scale,
+           uintptr_t out, int64_t M, int64_t N, int64_t R, int nthreads, const std::string& isa) {
             const dk::LowRankKernels& k = pick_lowrank(isa);
             py::gil_scoped_release nogil;
-            k.gb(ptr<const float>(g), gsm, gsj, ptr<const float>(bt), ptr<const float>(bias), scale, ptr<float>(out), M, N,
-                 R, nthreads);
+            k.gb(ptr<const float>(g), gsm, gsj, ptr<const float>(bt), ptr<const float>(bias), ptr<const float>(cs),
+                 accumulate, scale, ptr<float>(out), M, N, R, nthreads);
         },
-        "out[M, N] = bias[N] (if not 0) + scale * g[M, R] . bt[R, N], fp32");
+        "out[M, N] = (accumulate: out * cs[N] (if not 0)) + bias[N] (if not 0) + scale * g[M, R] . bt[R, N], fp32");
+    m.def(
+        "lowrank_colsums",
+        [](uintptr_t d, int64_t ldd, uintptr_t y, int64_t ldy, uintptr_t bias, uintptr_t g, uintptr_t dg, uintptr_t db,
+           uintptr_t c, int64_t M, int64_t N, int nthreads, const std::string& isa) {
+            const dk::LowRankKernels& k = pick_lowrank(isa);
+            py::gil_scoped_release nogil;
+            k.colsums(ptr<const float>(d), ldd, ptr<const float>(y), ldy, ptr<const float>(bias), ptr<const float>(g),
+                      ptr<float>(dg), ptr<float>(db), ptr<float>(c), M, N, nthreads);
+        },
+        "db[N] = sum of d's rows, c[N] = sum_m d * (y - bias), dg[M, N] = d * g (each if not 0), fp32");
     bind_quantize(m);
 }
 

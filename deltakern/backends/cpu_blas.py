@@ -8,8 +8,9 @@ so a CPU call runs them by default (`DELTAKERN_BACKEND=torch` still runs the ref
 
 * The products are composed as in `deltakern.backends.compose`: the rank-r term (and the bias) first,
   the big GEMM adding into it (beta = 1); DoRA's column scale g folded into W or into the [M, N]
-  operand, whichever is smaller; db and c = sum dY (y - b) in one cache-resident pass; dora_colsum
-  with a column mask computes only those columns.
+  operand, whichever is smaller; db and c = sum dY (y - b) in one pass (the native kernel, which
+  also forms dY * g when g goes into dY; else a cache-resident torch loop); dora_colsum with a column
+  mask computes only those columns.
 * Everything is computed in fp32: fp16 / bf16 inputs are upcast and the outputs rounded once (what
   the references do; a CPU without half-precision units runs fp32 BLAS far faster). float64 inputs
   (tests) stay float64.
@@ -166,24 +167,51 @@ def dora_fwd(x, weight, absmax, code, N, K, blocksize, bias, xa, lora_B, g, keep
         return ref_dora.dora_fwd_ref(x, w, bias, xa, lora_B, g, keep, scaling, mask_scale)
     w, scratch = _weight(weight, absmax, code, N, K, blocksize, x.dtype)
     with autocast_off("cpu"):
-        y = compose.dora_out(f32(x), w, f32(bias), f32(xa), f32(lora_B), g.to(w.dtype), scaling, scratch)
+        xf, gw = f32(x), g.to(w.dtype)
+        if w.dtype == torch.float32 and _cpu_ext.lowrank_supported(xa, xa.shape[1]) \
+                and not compose.scale_w(x.shape[0], K, scratch):
+            # g goes into the [M, N] output: y = x W^T, then y = y * g + b + s xa (g B)^T in one native pass
+            # (compose.dora_out spends three: y *= g, a rank-r BLAS addmm_, y += b)
+            gbt = (f32(lora_B) * gw[:, None]).t().contiguous()
+            y = _cpu_ext.lowrank_gb(f32(xa), gbt, scaling, f32(bias), out=torch.mm(xf, w.t()), out_scale=gw)
+        else:
+            y = compose.dora_out(xf, w, f32(bias), f32(xa), f32(lora_B), gw, scaling, scratch)
     return _round(y, x.dtype)
+
+
+def _col_sums(dy, y, bias, want_db: bool, g=None):
+    """(dY * g or None, sum_rows dY or None, sum_rows dY * (y - b) or None), fp32: one pass of the native
+    kernel (dY * g only when g is given) for fp32 operands with the extension loaded, else
+    compose.col_sums (no dY * g)."""
+    if _cpu_ext.available() and dy.dtype == torch.float32 and (y is None or y.dtype == torch.float32):
+        return _cpu_ext.lowrank_colsums(dy, y, f32(bias), g, want_db)
+    return (None, *compose.col_sums(dy, y, bias, want_db))
 
 
 @_cpu("dora_bwd")
 def dora_bwd(dy, weight, absmax, code, N, K, blocksize, dyb, lora_A, g, keep, y, bias, scaling, mask_scale,
              compute_dx, compute_db):
-    """dx = dY (g W) + s dyb A (compose.dora_dx; the reference with a mask), and db, c from one
-    cache-resident pass over dY and y (compose.col_sums)."""
+    """dx = dY (g W) + s dyb A (compose.dora_dx; the reference with a mask), and db, c from one pass
+    over dY and y (`_col_sums`: the native kernel, which also writes dY * g when g goes into the [M, N]
+    operand rather than into W; else compose.col_sums)."""
     dx = dy.new_empty((0,))
     with autocast_off("cpu"):
         if compute_dx and keep is not None:
             w = dense_weight_ref(weight, absmax, code, N, K, blocksize, dy.dtype)
             dx = ref_dora.dora_bwd_ref(dy, w, dyb, lora_A, g, keep, None, None, scaling, mask_scale, True, False)[0]
+            _, db, c = _col_sums(dy, y, bias, bool(compute_db))
         elif compute_dx:
             w, scratch = _weight(weight, absmax, code, N, K, blocksize, dy.dtype)
-            dx = _round(compose.dora_dx(f32(dy), w, f32(dyb), f32(lora_A), g.to(w.dtype), scaling, scratch), dy.dtype)
-        db, c = compose.col_sums(dy, y, bias, bool(compute_db))
+            gw = g.to(w.dtype)
+            fold = not compose.scale_w(dy.shape[0], K, scratch)  # g into dY (as dY * g), not into W
+            dyg, db, c = _col_sums(dy, y, bias, bool(compute_db), gw if fold and gw.dtype == torch.float32 else None)
+            if dyg is not None:
+                dx = compose.lora_dx(dyg, w, f32(dyb), f32(lora_A), scaling)
+            else:
+                dx = compose.dora_dx(f32(dy), w, f32(dyb), f32(lora_A), gw, scaling, scratch)
+            dx = _round(dx, dy.dtype)
+        else:
+            _, db, c = _col_sums(dy, y, bias, bool(compute_db))
     empty = lambda: dy.new_empty((0,), dtype=torch.float32)  # noqa: E731  (outputs must not alias)
     return dx, (db if db is not None else empty()), (c if c is not None else empty())
 
