@@ -262,6 +262,21 @@ def _rank(R: int) -> int:
     return R
 
 
+def _f32_vector(name: str, t, n: int):
+    """None, or t as a contiguous fp32 CPU vector of n elements (TypeError / ValueError otherwise)."""
+    if t is None:
+        return None
+    _check(name, t, torch.float32, contiguous=False)
+    if t.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
+    return t.contiguous()
+
+
+def _ptrs(*ts) -> list:
+    """Data pointers, 0 for None."""
+    return [0 if t is None else t.data_ptr() for t in ts]
+
+
 def lowrank_supported(t: torch.Tensor, r: int) -> bool:
     """Whether the rank-r kernels serve a product with operand `t` and rank r (fp32 CPU, r <= 64)."""
     return t.dtype == torch.float32 and t.device.type == "cpu" and 0 < r <= MAX_LOWRANK_R and available()
@@ -319,15 +334,7 @@ def lowrank_gb(g, bt, scale: float = 1.0, bias=None, out=None, out_scale=None) -
     _rank(R)
     bt = _f32_matrix("bt", bt, rows=R).contiguous()
     N = bt.shape[1]
-    vecs = {}
-    for name, t in (("bias", bias), ("out_scale", out_scale)):
-        if t is not None:
-            _check(name, t, torch.float32, contiguous=False)
-            if t.shape != (N,):
-                raise ValueError(f"{name} must have shape ({N},), got {tuple(t.shape)}")
-            t = t.contiguous()
-        vecs[name] = t
-    bias, out_scale = vecs["bias"], vecs["out_scale"]
+    bias, out_scale = _f32_vector("bias", bias, N), _f32_vector("out_scale", out_scale, N)
     accumulate = out is not None
     if accumulate:
         _check("out", out, torch.float32)
@@ -338,15 +345,9 @@ def lowrank_gb(g, bt, scale: float = 1.0, bias=None, out=None, out_scale=None) -
     else:
         out = torch.empty(M, N, dtype=torch.float32)
     if M and N:
-        C.lowrank_gb(g.data_ptr(), g.stride(0), g.stride(1), bt.data_ptr(), bias.data_ptr() if bias is not None else 0,
-                     out_scale.data_ptr() if out_scale is not None else 0, int(accumulate), float(scale), out.data_ptr(),
-                     M, N, R, torch.get_num_threads(), isa())
+        C.lowrank_gb(g.data_ptr(), g.stride(0), g.stride(1), bt.data_ptr(), *_ptrs(bias, out_scale), int(accumulate),
+                     float(scale), out.data_ptr(), M, N, R, torch.get_num_threads(), isa())
     return out
-
-
-def _ptrs(*ts) -> list:
-    """Data pointers, 0 for None."""
-    return [0 if t is None else t.data_ptr() for t in ts]
 
 
 def lowrank_colsums(d, y=None, bias=None, g=None, want_db: bool = True):
@@ -359,15 +360,7 @@ def lowrank_colsums(d, y=None, bias=None, g=None, want_db: bool = True):
     M, N = d.shape
     if y is not None:
         y = _f32_matrix("y", y, rows=M, cols=N)
-    vecs = {}
-    for name, t in (("bias", bias), ("g", g)):
-        if t is not None:
-            _check(name, t, torch.float32, contiguous=False)
-            if t.shape != (N,):
-                raise ValueError(f"{name} must have shape ({N},), got {tuple(t.shape)}")
-            t = t.contiguous()
-        vecs[name] = t
-    bias, g = vecs["bias"], vecs["g"]
+    bias, g = _f32_vector("bias", bias, N), _f32_vector("g", g, N)
     dg = torch.empty(M, N, dtype=torch.float32) if g is not None else None
     db = torch.zeros(N, dtype=torch.float32) if want_db else None
     c = torch.zeros(N, dtype=torch.float32) if y is not None else None
