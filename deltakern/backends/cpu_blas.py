@@ -167,15 +167,15 @@ def dora_fwd(x, weight, absmax, code, N, K, blocksize, bias, xa, lora_B, g, keep
         return ref_dora.dora_fwd_ref(x, w, bias, xa, lora_B, g, keep, scaling, mask_scale)
     w, scratch = _weight(weight, absmax, code, N, K, blocksize, x.dtype)
     with autocast_off("cpu"):
-        xf, gw = f32(x), g.to(w.dtype)
-        if w.dtype == torch.float32 and _cpu_ext.lowrank_supported(xa, xa.shape[1]) \
+        xf, gw, xaf = f32(x), g.to(w.dtype), f32(xa)
+        if w.dtype == torch.float32 and _cpu_ext.lowrank_supported(xaf, xaf.shape[1]) \
                 and not compose.scale_w(x.shape[0], K, scratch):
             # g goes into the [M, N] output: y = x W^T, then y = y * g + b + s xa (g B)^T in one native pass
             # (compose.dora_out spends three: y *= g, a rank-r BLAS addmm_, y += b)
             gbt = (f32(lora_B) * gw[:, None]).t().contiguous()
-            y = _cpu_ext.lowrank_gb(f32(xa), gbt, scaling, f32(bias), out=torch.mm(xf, w.t()), out_scale=gw)
+            y = _cpu_ext.lowrank_gb(xaf, gbt, scaling, f32(bias), out=torch.mm(xf, w.t()), out_scale=gw)
         else:
-            y = compose.dora_out(xf, w, f32(bias), f32(xa), f32(lora_B), gw, scaling, scratch)
+            y = compose.dora_out(xf, w, f32(bias), xaf, f32(lora_B), gw, scaling, scratch)
     return _round(y, x.dtype)
 
 
