@@ -8,7 +8,10 @@ Sections (`--sections`, default all):
            dense nn.Linear fp32 and bf16, bitsandbytes Linear4bit (fp32 compute), deltakern's frozen
            linear (`deltakern.autograd.linear.linear`, the op the LoRA / BitFit layers run: decode
            kernels where built) fp32 and bf16, and
-           deltakern's NF4Linear module fp32.
+           deltakern's NF4Linear module fp32. The caches are flushed before every timed call (a 96 MiB
+           write): weights come from memory, as when a model's layers stream through a decode step,
+           and no contender finds the 4-bit weight the one before it read (the same weight serves
+           the three deltakern rows).
   layer    one training step of one layer (fwd + bwd, x requires grad), fp32, r = 16, alpha = 32,
            bias, at (M, K, N) = (512, 1024, 1024) and (1024, 2048, 2048): the frozen nn.Linear (the
            floor), torch nn.Linear with only its bias trainable, and for each method deltakern vs PEFT
@@ -49,7 +52,7 @@ from torch import nn
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import BitFit, Holder, environment, round_robin, table, write_json  # noqa: E402
+from benchmarks.common import BitFit, Holder, environment, evict_caches, round_robin, table, write_json  # noqa: E402
 
 SECTIONS = ("dequant", "decode", "layer", "mainjob")
 DEQUANT_SHAPE = (4096, 4096)
@@ -226,8 +229,8 @@ def run_decode(reps: int, with_bnb: bool) -> list:
                    "deltakern NF4Linear fp32": lambda: q(x)}  # noqa: B023
             if bq is not None:
                 fns["bnb Linear4bit fp32"] = lambda: bq(x)  # noqa: B023
-            with torch.no_grad():
-                ms = round_robin(fns, reps)
+            with torch.no_grad():  # weights cold for every contender, as in a model's decode step
+                ms = round_robin(fns, reps, before=evict_caches)
             for name, t in ms.items():
                 rows.append({"case": f"decode M={M} K={K} N={N}", "contender": name, "ms": t,
                              "vs": ms.ratio(name, "dense fp32"), "vs_bf16": ms.ratio(name, "dense bf16"),

@@ -154,6 +154,17 @@ def table(rows: list[dict], columns: list[str]) -> str:
 # ---- CPU timing (round-robin: load that comes and goes hits every contender alike) ----------------
 
 
+_EVICT: list = []
+
+
+def evict_caches(nbytes: int = 96 << 20) -> None:
+    """Write a buffer larger than the last-level cache (96 MiB), so what a previous call read is gone
+    from every cache level: the state in which a model's weights stream through a decode step."""
+    if not _EVICT:
+        _EVICT.append(torch.zeros(nbytes // 4))
+    _EVICT[0].add_(1.0)
+
+
 class Timings(dict):
     """name -> median milliseconds; `rounds[name]` holds every round's time, and `ratio(a, b)` is the
     median over rounds of a's time / b's time in the same round (robust to load that drifts during a
@@ -167,8 +178,10 @@ class Timings(dict):
         return statistics.median(x / y for x, y in zip(self.rounds[a], self.rounds[b]))
 
 
-def round_robin(fns: dict, reps: int, warmup: int = 2) -> Timings:
-    """Each fn timed one rep of each in turn (the first one rotating every round), after a warmup."""
+def round_robin(fns: dict, reps: int, warmup: int = 2, before=None) -> Timings:
+    """Each fn timed one rep of each in turn (the first one rotating every round), after a warmup.
+    `before` (untimed) runs before every timed call, e.g. `evict_caches` so that no contender finds
+    data the one before it left in cache."""
     names = list(fns)
     for name in names:
         for _ in range(warmup):
@@ -176,6 +189,8 @@ def round_robin(fns: dict, reps: int, warmup: int = 2) -> Timings:
     times = {name: [] for name in names}
     for i in range(reps):
         for name in names[i % len(names):] + names[:i % len(names)]:
+            if before is not None:
+                before()
             t = time.perf_counter()
             fns[name]()
             times[name].append((time.perf_counter() - t) * 1e3)
