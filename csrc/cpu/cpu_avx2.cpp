@@ -113,18 +113,6 @@ void dequantize(const dk::DequantArgs& a, int nthreads) {
     }
 }
 
-// x rows -> dst[chunk][m][16]: per 16-element chunk and row, the 8 even elements, then the 8 odd ones.
-void permute_rows(const float* src, int64_t rows, int64_t K, int64_t pad_rows, float* dst) {
-    for (int64_t c = 0; c < K; c += CH)
-        for (int64_t m = 0; m < pad_rows; ++m) {
-            float* d = dst + c * pad_rows + m * CH;
-            for (int j = 0; j < CH / 2; ++j) {
-                d[j] = m < rows ? src[m * K + c + 2 * j] : 0.f;
-                d[CH / 2 + j] = m < rows ? src[m * K + c + 2 * j + 1] : 0.f;
-            }
-        }
-}
-
 inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -162,29 +150,22 @@ inline void gemv_rows(const dk::MatArgs& a, const float* xp, int64_t n0, int64_t
 
 template <int MB, int NR>
 void gemv_mb(const dk::MatArgs& a, const float* xp, int64_t m0, int nthreads) {
-    const int64_t groups = a.N / NR;
-#pragma omp parallel num_threads(nthreads)
-    {
-#pragma omp for schedule(dynamic, 8) nowait
-        for (int64_t g = 0; g < groups; ++g) gemv_rows<MB, NR>(a, xp, g * NR, m0);
-#pragma omp for schedule(static)
-        for (int64_t n = groups * NR; n < a.N; ++n) gemv_rows<MB, 1>(a, xp, n, m0);
-    }
+    for_row_groups<NR>(a.N, nthreads, [&](int64_t n0) { gemv_rows<MB, NR>(a, xp, n0, m0); },
+                       [&](int64_t n) { gemv_rows<MB, 1>(a, xp, n, m0); });
 }
 
 // Rows of x in passes of at most 4; each pass decodes every W row once and feeds 2 rows of W per
 // load of x (16 ymm registers: at most 8 accumulators beside the two rows' tables).
 void gemv(const dk::MatArgs& a, int nthreads) {
-    for (int64_t m0 = 0; m0 < a.M; m0 += 4) {
-        const int64_t rows = std::min<int64_t>(4, a.M - m0), mb = rows <= 1 ? 1 : rows <= 2 ? 2 : 4;
+    row_passes<4>(a.M, [&](int64_t m0, int64_t rows, int64_t mb) {
         std::vector<float> xp(mb * a.K);
-        permute_rows(a.a + m0 * a.K, rows, a.K, mb, xp.data());
+        permute_rows<CH>(a.a + m0 * a.K, rows, a.K, mb, xp.data());
         switch (mb) {
             case 1: gemv_mb<1, 2>(a, xp.data(), m0, nthreads); break;
             case 2: gemv_mb<2, 2>(a, xp.data(), m0, nthreads); break;
             default: gemv_mb<4, 2>(a, xp.data(), m0, nthreads); break;
         }
-    }
+    });
 }
 
 // dx[m0 + m, k] for m < MB: dyT is [N][MB]. A task owns SUB chunks (one 64-byte line of each W row)
@@ -235,17 +216,14 @@ void dx_mb(const dk::MatArgs& a, const float* dyT, int64_t m0, int nthreads) {
 }
 
 void dx(const dk::MatArgs& a, int nthreads) {
-    for (int64_t m0 = 0; m0 < a.M; m0 += 4) {
-        const int64_t rows = std::min<int64_t>(4, a.M - m0), mb = rows <= 1 ? 1 : rows <= 2 ? 2 : 4;
-        std::vector<float> dyT(a.N * mb, 0.f);
-        for (int64_t n = 0; n < a.N; ++n)
-            for (int64_t m = 0; m < rows; ++m) dyT[n * mb + m] = a.a[(m0 + m) * a.N + n];
+    row_passes<4>(a.M, [&](int64_t m0, int64_t rows, int64_t mb) {
+        const std::vector<float> dyT = transpose_rows(a.a, m0, rows, a.N, mb);
         switch (mb) {
             case 1: dx_mb<1>(a, dyT.data(), m0, nthreads); break;
             case 2: dx_mb<2>(a, dyT.data(), m0, nthreads); break;
             default: dx_mb<4>(a, dyT.data(), m0, nthreads); break;
         }
-    }
+    });
 }
 
 }  // namespace

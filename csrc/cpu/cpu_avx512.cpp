@@ -96,19 +96,6 @@ void dequantize(const dk::DequantArgs& a, int nthreads) {
     }
 }
 
-// x rows (K floats each) -> dst[chunk][m][32]: per 32-element chunk and row, the 16 even elements, then
-// the 16 odd ones (the order the decoder yields; rows of a chunk adjacent, rows >= `rows` zero).
-void permute_rows(const float* src, int64_t rows, int64_t K, int64_t pad_rows, float* dst) {
-    for (int64_t c = 0; c < K; c += CH)
-        for (int64_t m = 0; m < pad_rows; ++m) {
-            float* d = dst + c * pad_rows + m * CH;
-            for (int j = 0; j < CH / 2; ++j) {
-                d[j] = m < rows ? src[m * K + c + 2 * j] : 0.f;
-                d[CH / 2 + j] = m < rows ? src[m * K + c + 2 * j + 1] : 0.f;
-            }
-        }
-}
-
 // y[m, n0 + r] for r < NR, m < MB (rows of xp beyond M are zero and not written).
 template <int MB, int NR>
 inline void gemv_rows(const dk::MatArgs& a, const float* xp, int64_t n0, int64_t m0) {
@@ -142,30 +129,23 @@ inline void gemv_rows(const dk::MatArgs& a, const float* xp, int64_t n0, int64_t
 
 template <int MB, int NR>
 void gemv_mb(const dk::MatArgs& a, const float* xp, int64_t m0, int nthreads) {
-    const int64_t groups = a.N / NR;
-#pragma omp parallel num_threads(nthreads)
-    {
-#pragma omp for schedule(dynamic, 8) nowait
-        for (int64_t g = 0; g < groups; ++g) gemv_rows<MB, NR>(a, xp, g * NR, m0);
-#pragma omp for schedule(static)
-        for (int64_t n = groups * NR; n < a.N; ++n) gemv_rows<MB, 1>(a, xp, n, m0);
-    }
+    for_row_groups<NR>(a.N, nthreads, [&](int64_t n0) { gemv_rows<MB, NR>(a, xp, n0, m0); },
+                       [&](int64_t n) { gemv_rows<MB, 1>(a, xp, n, m0); });
 }
 
 // Rows of x in passes of at most 8; each pass decodes every W row once and feeds NR rows of W per
 // load of x (NR * MB accumulators: 16 or 24 of the 32 zmm registers).
 void gemv(const dk::MatArgs& a, int nthreads) {
-    for (int64_t m0 = 0; m0 < a.M; m0 += 8) {
-        const int64_t rows = std::min<int64_t>(8, a.M - m0), mb = rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : 8;
+    row_passes<8>(a.M, [&](int64_t m0, int64_t rows, int64_t mb) {
         std::vector<float> xp(mb * a.K);
-        permute_rows(a.a + m0 * a.K, rows, a.K, mb, xp.data());
+        permute_rows<CH>(a.a + m0 * a.K, rows, a.K, mb, xp.data());
         switch (mb) {
             case 1: gemv_mb<1, 4>(a, xp.data(), m0, nthreads); break;
             case 2: gemv_mb<2, 4>(a, xp.data(), m0, nthreads); break;
             case 4: gemv_mb<4, 4>(a, xp.data(), m0, nthreads); break;
             default: gemv_mb<8, 2>(a, xp.data(), m0, nthreads); break;
         }
-    }
+    });
 }
 
 // dx[m0 + m, k] for m < MB: dyT is [N][MB] (rows past M are zero). A task owns SUB chunks (one 64-byte
@@ -218,18 +198,15 @@ void dx_mb(const dk::MatArgs& a, const float* dyT, int64_t m0, int nthreads) {
 }
 
 void dx(const dk::MatArgs& a, int nthreads) {
-    for (int64_t m0 = 0; m0 < a.M; m0 += 8) {
-        const int64_t rows = std::min<int64_t>(8, a.M - m0), mb = rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : 8;
-        std::vector<float> dyT(a.N * mb, 0.f);
-        for (int64_t n = 0; n < a.N; ++n)
-            for (int64_t m = 0; m < rows; ++m) dyT[n * mb + m] = a.a[(m0 + m) * a.N + n];
+    row_passes<8>(a.M, [&](int64_t m0, int64_t rows, int64_t mb) {
+        const std::vector<float> dyT = transpose_rows(a.a, m0, rows, a.N, mb);
         switch (mb) {
             case 1: dx_mb<1>(a, dyT.data(), m0, nthreads); break;
             case 2: dx_mb<2>(a, dyT.data(), m0, nthreads); break;
             case 4: dx_mb<4>(a, dyT.data(), m0, nthreads); break;
             default: dx_mb<8>(a, dyT.data(), m0, nthreads); break;
         }
-    }
+    });
 }
 
 }  // namespace

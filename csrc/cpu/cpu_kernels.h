@@ -19,8 +19,10 @@
 // weight, so small M is bound by the 16-entry lookups and M = 16 by FMA throughput.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace dk {
 
@@ -147,5 +149,55 @@ inline void dequant_scalar_range(const dk::DequantArgs& a, const float* tab32, c
 }
 
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---- the small-M matmul drivers shared by the vector units (cpu_avx2.cpp, cpu_avx512.cpp) -------
+
+// x rows (K floats each) -> dst[chunk][m][CH]: per CH-element chunk and row, the CH / 2 even elements,
+// then the odd ones (the order the decoders yield: high nibbles, then low; rows of a chunk adjacent,
+// rows >= `rows` zero).
+template <int CH>
+void permute_rows(const float* src, int64_t rows, int64_t K, int64_t pad_rows, float* dst) {
+    for (int64_t c = 0; c < K; c += CH)
+        for (int64_t m = 0; m < pad_rows; ++m) {
+            float* d = dst + c * pad_rows + m * CH;
+            for (int j = 0; j < CH / 2; ++j) {
+                d[j] = m < rows ? src[m * K + c + 2 * j] : 0.f;
+                d[CH / 2 + j] = m < rows ? src[m * K + c + 2 * j + 1] : 0.f;
+            }
+        }
+}
+
+// The M rows of the activations in passes of at most PASS rows: pass(m0, rows, mb) with mb the pass
+// padded to a power of two (1, 2, 4, ... PASS), the register tile the kernels are instantiated for.
+template <int PASS, class Pass>
+void row_passes(int64_t M, Pass&& pass) {
+    for (int64_t m0 = 0; m0 < M; m0 += PASS) {
+        const int64_t rows = std::min<int64_t>(PASS, M - m0);
+        int64_t mb = 1;
+        while (mb < rows) mb *= 2;
+        pass(m0, rows, mb);
+    }
+}
+
+// group(n0) for each full group of NR W rows (dynamic schedule), then one(n) for the N % NR rest.
+template <int NR, class Group, class One>
+void for_row_groups(int64_t N, int nthreads, Group&& group, One&& one) {
+    const int64_t groups = N / NR;
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for schedule(dynamic, 8) nowait
+        for (int64_t g = 0; g < groups; ++g) group(g * NR);
+#pragma omp for schedule(static)
+        for (int64_t n = groups * NR; n < N; ++n) one(n);
+    }
+}
+
+// dy rows m0 .. m0 + rows as dyT[N][mb] (columns past `rows` zero): the dX kernels' broadcast order.
+inline std::vector<float> transpose_rows(const float* dy, int64_t m0, int64_t rows, int64_t N, int64_t mb) {
+    std::vector<float> dyT(N * mb, 0.f);
+    for (int64_t n = 0; n < N; ++n)
+        for (int64_t m = 0; m < rows; ++m) dyT[n * mb + m] = dy[(m0 + m) * N + n];
+    return dyT;
+}
 
 }  // namespace
