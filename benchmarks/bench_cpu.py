@@ -334,7 +334,8 @@ def markdown(result: dict) -> str:
              f"transformers {env.get('transformers')}; deltakern's native CPU extension {env.get('deltakern_cpu_ext')}. Contenders of one case timed round-robin in one run, "
              f"median of {result['reps']} rounds (main job: {result['mainjob_reps']}; ratios: median of per-round ratios). {result.get('note', '')}", ""]
     titles = {"dequant": ("NF4 dequantize (vs: ÷ clone of the same output)", ["case", "dtype", "contender", "ms", "vs", "vs_bnb"]),
-              "decode": ("NF4 decode forward (vs: ÷ dense fp32 nn.Linear)", ["case", "contender", "ms", "vs", "vs_bf16", "vs_bnb"]),
+              "decode": (("NF4 decode forward, weights cold: caches flushed before every timed call "
+                         "(vs: ÷ dense fp32 nn.Linear)"), ["case", "contender", "ms", "vs", "vs_bf16", "vs_bnb"]),
               "layer": ("Layer fwd+bwd (vs: ÷ frozen dense layer; vs_lora: DoRA ÷ the same library's LoRA)",
                         ["case", "contender", "ms", "vs", "vs_lora"]),
               "mainjob": ("Main job training step (vs: ÷ the matching PEFT run)", ["case", "contender", "ms", "vs"])}
