@@ -126,8 +126,12 @@ inline void gemv_rows(const dk::MatArgs& a, const float* xp, int64_t n0, int64_t
     __m256 acc[NR][MB];
     for (int r = 0; r < NR; ++r)
         for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_setzero_ps();
+    const bool spread = n0 + 2 * NR <= a.N;  // a next group exists: prefetch it (prefetch_group_block)
+    const char* nextp = spread ? (const char*)(a.packed + (n0 + NR) * K / 2) : nullptr;
     for (int64_t kb = 0; kb < bpr; ++kb) {
         Tab tab[NR];
+        if (spread)
+            prefetch_group_block(nextp, (const char*)(a.absmax + (n0 + NR) * bpr), NR * bs / 2, NR * bpr * 4, kb);
         for (int r = 0; r < NR; ++r) tab[r] = scaled_table(a.code, a.absmax[(n0 + r) * bpr + kb], a.wdtype);
         for (int64_t k = kb * bs; k < (kb + 1) * bs; k += CH) {
 #pragma GCC unroll 4

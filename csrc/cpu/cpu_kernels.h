@@ -192,6 +192,17 @@ void for_row_groups(int64_t N, int nthreads, Group&& group, One&& one) {
     }
 }
 
+// The GEMV kernels stream each W row once, a group of NR rows at a time, and a group's rows start pages
+// the hardware prefetchers have not seen. While a group runs block kb, this asks for block kb's share
+// (`step` bytes) of the next group's packed codes, and with block 0 for its scales, into L2. Measured
+// with cold weights on the 2-core AVX-512 machine: M = 1 ran 10-20% faster (AVX-512), ~25% (AVX2).
+inline void prefetch_group_block(const char* packed, const char* scales, int64_t step, int64_t scale_bytes,
+                                 int64_t kb) {
+    for (int64_t off = kb * step; off < (kb + 1) * step; off += 64) __builtin_prefetch(packed + off, 0, 1);
+    if (kb == 0)
+        for (int64_t off = 0; off < scale_bytes; off += 64) __builtin_prefetch(scales + off, 0, 1);
+}
+
 // dy rows m0 .. m0 + rows as dyT[N][mb] (columns past `rows` zero): the dX kernels' broadcast order.
 inline std::vector<float> transpose_rows(const float* dy, int64_t m0, int64_t rows, int64_t N, int64_t mb) {
     std::vector<float> dyT(N * mb, 0.f);
