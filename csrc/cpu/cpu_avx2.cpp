@@ -191,6 +191,7 @@ void dx_mb(const dk::MatArgs& a, const float* dyT, int64_t m0, int nthreads) {
                 __m256 ah[MB], al[MB];
                 for (int m = 0; m < MB; ++m) ah[m] = al[m] = _mm256_setzero_ps();
                 for (int64_t n = n0; n < n1; ++n) {
+                    if (c == c0 && n + DX_PREFETCH_ROWS < N) prefetch_dx_row(a, n + DX_PREFETCH_ROWS, k, kb);
                     Tab tab = scaled_table(a.code, a.absmax[n * bpr + kb], a.wdtype);
                     __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(a.packed + (n * K + k) / 2)));
                     __m256 whi = lookup(tab, _mm256_srli_epi32(b, 4), _mm256_slli_epi32(b, 24));

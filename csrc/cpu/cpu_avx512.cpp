@@ -175,6 +175,7 @@ void dx_mb(const dk::MatArgs& a, const float* dyT, int64_t m0, int nthreads) {
                 __m512 ah[MB], al[MB];
                 for (int m = 0; m < MB; ++m) ah[m] = al[m] = _mm512_setzero_ps();
                 for (int64_t n = n0; n < n1; ++n) {
+                    if (c == c0 && n + DX_PREFETCH_ROWS < N) prefetch_dx_row(a, n + DX_PREFETCH_ROWS, k, kb);
                     __m512 tab = round_table(_mm512_mul_ps(code, _mm512_set1_ps(a.absmax[n * bpr + kb])), a.wdtype);
                     __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(a.packed + (n * K + k) / 2)));
                     __m512 whi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), tab);
