@@ -370,6 +370,76 @@ def lowrank_colsums(d, y=None, bias=None, g=None, want_db: bool = True):
     return dg, db, c
 
 
+# ---- the fp32 GEMM with a rank-r term (csrc/cpu/cpu_gemm_impl.h) ------------------------------------
+
+GEMM_MIN_M = MAX_DECODE_M + 1  # rows below which the decode kernels (NF4) or BLAS's GEMV serve better
+
+
+def gemm_fast() -> bool:
+    """Whether `gemm` runs a vector unit here (AVX2 / AVX-512); the portable build is correct but slower
+    than BLAS."""
+    return available() and load().lowrank_isa(isa()) != "scalar"
+
+
+def _gemm_operand(name: str, t, shape: tuple) -> torch.Tensor:
+    t = _f32_matrix(name, t)
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shape}")
+    return t
+
+
+def gemm(a, b=None, *, b_t: bool, nf4=None, bias=None, a2=None, b2=None, b2_t: bool = False, scale2: float = 1.0,
+         out=None) -> torch.Tensor:
+    """out[M, N] = (out, if given: accumulated into) + bias[N] + a[M, K] . op(b) + scale2 * a2[M, R] . op2(b2),
+    fp32, by the native packed GEMM (one pass writes out: the rank-R term rides along as R more steps).
+
+    op(b) = b^T for b_t (b [N, K]: y = x W^T) else b [K, N] (dX = dY W). `nf4` = (packed, absmax,
+    code, rows, cols, blocksize) replaces b by an NF4 W [rows, cols] (fp32 absmax; cols % 8 == 0),
+    decoded to fp32 code[nibble] * absmax while packed (never built dense): b_t reads it as [N, K] =
+    [rows, cols], else as [K, N]. op2(b2) = b2^T for b2_t (b2 [N, R]) else b2 [R, N]; R <= 64.
+    Sums are fp32 FMAs in a fixed order (thread count does not change them); operands' rows must be
+    unit-stride (else copied); `out` contiguous fp32 [M, N]."""
+    C = require()
+    a = _f32_matrix("a", a)
+    M, K = a.shape
+    if (b is None) == (nf4 is None):
+        raise ValueError("gemm takes exactly one of b (fp32) and nf4 (an NF4 weight)")
+    if nf4 is not None:
+        packed, absmax, code, rows, cols, blocksize = nf4
+        packed, rows, cols, blocksize = _check_weight(packed, absmax, code, rows, cols, blocksize)
+        if cols % 8:
+            raise ValueError(f"gemm decodes NF4 rows in runs of 8: the weight's columns ({cols}) must be a multiple of 8")
+        N = rows if b_t else cols
+        if (cols if b_t else rows) != K:
+            raise ValueError(f"the NF4 weight [{rows}, {cols}] does not match a's K={K} (b_t={b_t})")
+        bptr, ldb, nf4_ptrs = 0, cols, (packed.data_ptr(), absmax.data_ptr(), code.data_ptr(), blocksize)
+    else:
+        b = _f32_matrix("b", b, cols=K if b_t else None, rows=None if b_t else K)
+        N = b.shape[0] if b_t else b.shape[1]
+        bptr, ldb, nf4_ptrs = b.data_ptr(), b.stride(0), (0, 0, 0, 0)
+    bias = _f32_vector("bias", bias, N)
+    R = 0
+    if (a2 is None) != (b2 is None):
+        raise ValueError("the rank-r term needs both a2 and b2")
+    if a2 is not None:
+        a2 = _f32_matrix("a2", a2, rows=M)
+        R = _rank(a2.shape[1])
+        b2 = _gemm_operand("b2", b2, (N, R) if b2_t else (R, N))
+    if out is None:
+        out = torch.empty(M, N, dtype=torch.float32)
+        accumulate = 0
+    else:
+        _check("out", out, torch.float32)
+        if tuple(out.shape) != (M, N):
+            raise ValueError(f"out must have shape ({M}, {N}), got {tuple(out.shape)}")
+        accumulate = 1
+    if M and N:
+        C.gemm(a.data_ptr(), a.stride(0), bptr, ldb, int(b_t), *nf4_ptrs, *_ptrs(a2), a2.stride(0) if R else 0,
+               *_ptrs(b2), b2.stride(0) if R else 0, int(b2_t), R, float(scale2), *_ptrs(bias), out.data_ptr(), N,
+               accumulate, M, N, K, _threads(M * N * (K + R) // 4), isa())
+    return out
+
+
 _workspace = threading.local()
 
 

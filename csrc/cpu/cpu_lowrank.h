@@ -25,6 +25,22 @@
 
 namespace dk {
 
+// C[M, N] = (accumulate ? C : 0) + bias[N] + A[M, K] . op(B) + scale2 * A2[M, R] . op2(B2), fp32
+// (cpu_gemm_impl.h). op(B) = B^T for b_nt (B [N, K] rows, stride ldb) else B ([K, N] rows); B is
+// fp32 at b, or (b_nf4 not null) NF4: 4-bit codes of W with absmax[e / blocksize] per element
+// e = row * ldb + column of its row-major [rows, ldb] layout (fp32 scales, code[16]; blocksize %
+// 8 == 0 and each run of 8 aligned elements within one block). op2(B2) = B2^T for b2_nt (B2 [N, R],
+// stride ldb2) else B2 ([R, N]); a2 null: no rank-R term. R <= 64.
+struct GemmArgs {
+    const float* a; int64_t lda;
+    const float* b; int64_t ldb; int b_nt;
+    const uint8_t* b_nf4; const float* absmax; const float* code; int64_t blocksize;
+    const float* a2; int64_t lda2; const float* b2; int64_t ldb2; int b2_nt; int64_t R; float scale2;
+    const float* bias;
+    float* c; int64_t ldc; int accumulate;
+    int64_t M, N, K;
+};
+
 struct LowRankKernels {
     const char* name;
     // y[m * R + j] = sum_k x[m * ldx + k] * a[j * K + k]
@@ -42,6 +58,7 @@ struct LowRankKernels {
     // MCHUNK-row chunks as gtx
     void (*colsums)(const float* d, int64_t ldd, const float* y, int64_t ldy, const float* bias, const float* g,
                     float* dg, float* db, float* c, int64_t M, int64_t N, int nthreads);
+    void (*gemm)(const GemmArgs& args, int nthreads);
 };
 
 extern const LowRankKernels lowrank_scalar;

@@ -354,7 +354,9 @@ void colsums(const float* d, int64_t ldd, const float* y, int64_t ldy, const flo
 
 }  // namespace
 
+#include "cpu_gemm_impl.h"
+
 namespace dk {
 extern const LowRankKernels DK_LOWRANK_NAME;
-const LowRankKernels DK_LOWRANK_NAME = {DK_LOWRANK_ISA, xat, gtx, gb, colsums};
+const LowRankKernels DK_LOWRANK_NAME = {DK_LOWRANK_ISA, xat, gtx, gb, colsums, gemm_impl::gemm};
 }  // namespace dk

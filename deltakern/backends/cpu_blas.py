@@ -62,6 +62,25 @@ def _decode(M: int, K: int, blocksize: int, dtype) -> bool:
     return _native(dtype) and _cpu_ext.decode_supported(M, K, blocksize)
 
 
+GEMM_MIN_WORK = 1 << 22  # multiply-adds below which BLAS's lower call overhead wins over the native GEMM
+
+
+def _gemm(M: int, N: int, K: int, dtype) -> bool:
+    """Whether the native packed GEMM (deltakern._cpu_ext.gemm: the rank-r term and bias in the same
+    pass, an NF4 W decoded while packed) runs an [M, K] x [K, N] product: extension loaded with a
+    vector unit (AVX2 / AVX-512; the portable build leaves GEMMs to BLAS), fp32 / fp16 / bf16
+    operands, M > 16 (smaller M: the decode kernels or BLAS's GEMV) and enough work."""
+    return _native(dtype) and M >= _cpu_ext.GEMM_MIN_M and M * N * K >= GEMM_MIN_WORK and _cpu_ext.gemm_fast()
+
+
+def _nf4_packed(packed, absmax, code, N: int, K: int, blocksize: int, dtype):
+    """The `nf4=` operand of _cpu_ext.gemm (W decoded while packed), or None when W must be decoded to
+    the workspace first: inputs not fp32 (W rounded to their dtype) or K % 8 != 0."""
+    if dtype != torch.float32 or K % 8:
+        return None
+    return (packed, absmax, code, N, K, blocksize)
+
+
 def _weight(weight, absmax, code, N: int, K: int, blocksize: int, dtype):
     """(W [N, K] as an fp32 (float64) GEMM operand, whether it is a scratch copy the caller may overwrite).
     Dense: W itself (upcast when half). NF4: the native extension's per-thread workspace (valid until
@@ -78,46 +97,79 @@ def _weight(weight, absmax, code, N: int, K: int, blocksize: int, dtype):
 # ---- frozen linear (BitFit) -------------------------------------------------------------------
 
 
+def _dense_product(a, w, b_t: bool, bias=None, a2=None, b2=None, b2_t: bool = False, scale2: float = 1.0, nf4=None):
+    """fp32 bias + a . op(W) + scale2 * a2 . op2(b2) for a ready fp32 (float64) W [N, K] (or `nf4`, the
+    native GEMM's NF4 operand, with w None), op(W) = W^T (b_t: y = x W^T) or W (dX = dY W), op2(b2) =
+    b2^T (b2_t) or b2: the native GEMM when `_gemm` says so (the rank-r term as r more steps, the bias
+    in its first pass), else BLAS (the rank-r term and bias first, then the big product adds into
+    them)."""
+    M, (N, K) = a.shape[0], (nf4[3:5] if w is None else w.shape)
+    if w is None or (w.dtype == torch.float32 and _gemm(M, N, K, a.dtype)):
+        return _cpu_ext.gemm(f32(a), w, nf4=nf4, b_t=b_t, bias=f32(bias), a2=f32(a2), b2=f32(b2), b2_t=b2_t,
+                             scale2=scale2)
+    wt = w.t() if b_t else w
+    if a2 is None:
+        return torch.mm(f32(a), wt) if bias is None else torch.addmm(f32(bias), f32(a), wt)
+    term = lowrank.gb(f32(a2), f32(b2).t().contiguous() if b2_t else f32(b2), scale2, f32(bias))
+    return term.addmm_(f32(a), wt)
+
+
+def _product(a, weight, absmax, code, N: int, K: int, blocksize: int, dtype, b_t: bool, bias=None, a2=None, b2=None,
+             b2_t: bool = False, scale2: float = 1.0):
+    """_dense_product for a dense or NF4 W [N, K] as the layer ops receive it: an NF4 W is decoded while
+    the native GEMM packs it (fp32 inputs), else into the reused workspace (`_weight`)."""
+    if absmax is not None and _gemm(a.shape[0], N, K, dtype):
+        nf4 = _nf4_packed(weight, absmax, code, N, K, blocksize, dtype)
+        if nf4 is not None:
+            return _dense_product(a, None, b_t, bias, a2, b2, b2_t, scale2, nf4=nf4)
+    w = _weight(weight, absmax, code, N, K, blocksize, dtype)[0]
+    return _dense_product(a, w, b_t, bias, a2, b2, b2_t, scale2)
+
+
 @_cpu("linear_fwd")
 def linear_fwd(x, weight, absmax, code, N, K, blocksize, bias):
-    """b + x W^T as one GEMM (the bias broadcast into C, beta = 1); NF4 decode: the native matmul."""
+    """b + x W^T as one GEMM (the bias in its first pass); NF4 decode: the native matmul."""
     if absmax is not None and _decode(x.shape[0], K, blocksize, x.dtype):
         return _cpu_ext.nf4_matmul(x, weight, absmax, code, N, K, blocksize, bias)
-    w, _ = _weight(weight, absmax, code, N, K, blocksize, x.dtype)
-    xf, bf = f32(x), f32(bias)
     with autocast_off("cpu"):
-        y = torch.mm(xf, w.t()) if bf is None else torch.addmm(bf, xf, w.t())
-    return _round(y, x.dtype)
+        return _round(_product(x, weight, absmax, code, N, K, blocksize, x.dtype, True, bias), x.dtype)
 
 
 @_cpu("linear_bwd")
 def linear_bwd(dy, weight, absmax, code, N, K, blocksize, compute_db):
-    dyf = f32(dy)
     with autocast_off("cpu"):
         if absmax is not None and _decode(dy.shape[0], K, blocksize, dy.dtype):
             dx = _cpu_ext.nf4_matmul_dx(dy, weight, absmax, code, N, K, blocksize)
         else:
-            dx = _round(torch.mm(dyf, _weight(weight, absmax, code, N, K, blocksize, dy.dtype)[0]), dy.dtype)
-        return dx, (_round(dyf.sum(0), dy.dtype) if compute_db else dy.new_empty((0,)))
+            dx = _round(_product(dy, weight, absmax, code, N, K, blocksize, dy.dtype, False), dy.dtype)
+        return dx, (_round(f32(dy).sum(0), dy.dtype) if compute_db else dy.new_empty((0,)))
 
 
 # ---- LoRA ---------------------------------------------------------------------------------------
 
 
-def _lora_fwd(x, w, bias, xa, lora_B, scaling):
+def _lora_fwd(x, weight, absmax, code, N, K, blocksize, bias, xa, lora_B, scaling):
+    """x W^T + b + s xa B^T (the rank-r term as r more steps of the native GEMM, or first by BLAS)."""
     with autocast_off("cpu"):
-        return _round(compose.lora_out(f32(x), w, f32(bias), f32(xa), f32(lora_B), scaling), x.dtype)
+        y = _product(x, weight, absmax, code, N, K, blocksize, x.dtype, True, bias, xa, lora_B, True, scaling)
+        return _round(y, x.dtype)
 
 
-def _lora_dx(dy, w, dyb, lora_A, scaling, mask, mask_scale):
-    keep = None if mask is None else mask.bool()
+def _lora_dx(dy, weight, absmax, code, N, K, blocksize, dyb, lora_A, scaling, mask, mask_scale):
+    """dY W + s dyb A [* keep * ms] (unmasked: the rank-r term rides in the GEMM as in _lora_fwd)."""
     with autocast_off("cpu"):
-        return _round(compose.lora_dx(f32(dy), w, f32(dyb), f32(lora_A), scaling, keep, mask_scale), dy.dtype)
+        if mask is None:
+            dx = _product(dy, weight, absmax, code, N, K, blocksize, dy.dtype, False, None, dyb, lora_A, False, scaling)
+        else:
+            w = _weight(weight, absmax, code, N, K, blocksize, dy.dtype)[0]
+            dx = compose.lora_dx(f32(dy), w, f32(dyb), f32(lora_A), scaling, mask.bool(), mask_scale)
+        return _round(dx, dy.dtype)
 
 
 @_cpu("lora_fwd")
 def lora_fwd(x, weight, bias, xa, lora_B, scaling):
-    return _lora_fwd(x, f32(weight), bias, xa, lora_B, scaling)
+    N, K = weight.shape
+    return _lora_fwd(x, weight, None, None, N, K, 0, bias, xa, lora_B, scaling)
 
 
 @_cpu("lora_fwd_nf4")
@@ -126,12 +178,13 @@ def lora_fwd_nf4(x, packed, absmax, code, N, K, blocksize, bias, xa, lora_B, sca
         acc = _cpu_ext.nf4_matmul(x, packed, absmax, code, N, K, blocksize, bias, out_dtype=torch.float32)
         with autocast_off("cpu"):
             return _round(acc.addmm_(f32(xa), f32(lora_B).t(), alpha=scaling), x.dtype)
-    return _lora_fwd(x, _weight(packed, absmax, code, N, K, blocksize, x.dtype)[0], bias, xa, lora_B, scaling)
+    return _lora_fwd(x, packed, absmax, code, N, K, blocksize, bias, xa, lora_B, scaling)
 
 
 @_cpu("lora_dx")
 def lora_dx(dy, weight, dyb, lora_A, scaling, mask, mask_scale):
-    return _lora_dx(dy, f32(weight), dyb, lora_A, scaling, mask, mask_scale)
+    N, K = weight.shape
+    return _lora_dx(dy, weight, None, None, N, K, 0, dyb, lora_A, scaling, mask, mask_scale)
 
 
 @_cpu("lora_dx_nf4")
@@ -143,8 +196,7 @@ def lora_dx_nf4(dy, packed, absmax, code, N, K, blocksize, dyb, lora_A, scaling,
             if mask is not None:
                 lora = torch.where(mask.bool(), lora * mask_scale, 0.0)
             return _round(acc.add_(lora, alpha=scaling), dy.dtype)
-    w, _ = _weight(packed, absmax, code, N, K, blocksize, dy.dtype)
-    return _lora_dx(dy, w, dyb, lora_A, scaling, mask, mask_scale)
+    return _lora_dx(dy, packed, absmax, code, N, K, blocksize, dyb, lora_A, scaling, mask, mask_scale)
 
 
 # ---- DoRA ---------------------------------------------------------------------------------------
@@ -173,7 +225,10 @@ def dora_fwd(x, weight, absmax, code, N, K, blocksize, bias, xa, lora_B, g, keep
             # g goes into the [M, N] output: y = x W^T, then y = y * g + b + s xa (g B)^T in one native pass
             # (compose.dora_out spends three: y *= g, a rank-r BLAS addmm_, y += b)
             gbt = (f32(lora_B) * gw[:, None]).t().contiguous()
-            y = _cpu_ext.lowrank_gb(xaf, gbt, scaling, f32(bias), out=torch.mm(xf, w.t()), out_scale=gw)
+            y = _cpu_ext.lowrank_gb(xaf, gbt, scaling, f32(bias), out=_dense_product(xf, w, True), out_scale=gw)
+        elif compose.scale_w(x.shape[0], K, scratch):  # b + s xa (g B)^T + x (g W)^T
+            gb = f32(lora_B) * gw[:, None]
+            y = _dense_product(xf, compose.scaled_rows(w, gw, scratch), True, f32(bias), xaf, gb, True, scaling)
         else:
             y = compose.dora_out(xf, w, f32(bias), xaf, f32(lora_B), gw, scaling, scratch)
     return _round(y, x.dtype)
@@ -205,10 +260,10 @@ def dora_bwd(dy, weight, absmax, code, N, K, blocksize, dyb, lora_A, g, keep, y,
             gw = g.to(w.dtype)
             fold = not compose.scale_w(dy.shape[0], K, scratch)  # g into dY (as dY * g), not into W
             dyg, db, c = _col_sums(dy, y, bias, bool(compute_db), gw if fold and gw.dtype == torch.float32 else None)
-            if dyg is not None:
-                dx = compose.lora_dx(dyg, w, f32(dyb), f32(lora_A), scaling)
-            else:
-                dx = compose.dora_dx(f32(dy), w, f32(dyb), f32(lora_A), gw, scaling, scratch)
+            if dyg is None:
+                dyg = f32(dy) if not fold else f32(dy) * gw
+                w = w if fold else compose.scaled_rows(w, gw, scratch)
+            dx = _dense_product(dyg, w, False, None, f32(dyb), f32(lora_A), False, scaling)
             dx = _round(dx, dy.dtype)
         else:
             _, db, c = _col_sums(dy, y, bias, bool(compute_db))

@@ -1,0 +1,237 @@
+// The fp32 GEMM of cpu_lowrank.h (LowRankKernels::gemm), written once over GCC vectors of VW floats;
+// included by the cpu_lowrank_*.cpp units after cpu_lowrank_impl.h (same vf, vload, vstore).
+//
+//     C[M, N] = (accumulate ? C : 0) + bias[N] + A[M, K] . op(B) + scale2 * A2[M, R] . op2(B2)
+//
+// op(B) = B^T for a [N, K] row-major B (nt: y = x W^T), else B as [K, N] rows (dX = dY W); the
+// rank-R term (the LoRA term s xa B^T or s dyb A) rides along as R extra steps of the last K block,
+// so C is written once, with no separate rank-r pass over it.
+//
+// Blocking (BLIS's loop nest): K in blocks of KC (+ R in the last), N in blocks of NC. Per block,
+// B is packed into NR-wide column panels, k-major (all threads pack panels, then a barrier); each
+// thread takes its share of M in MR-row tiles, packs MC rows of A into MR-tall panels and runs the
+// MR x NR microkernel (MR x NV vector accumulators, one broadcast of A and NV vector loads of B per
+// step) over every panel. A thread's C rows have one writer, so the sums (fp32 FMAs, K-block order,
+// k ascending within a block) never depend on the thread count.
+//
+// Packing transposes 8 x 8 tiles with AVX shuffles where the unit has them (nt B, and A); NF4 B
+// (W as 4-bit codes and fp32 block scales) is decoded while packed: W never exists dense.
+#include <cstdlib>
+
+#ifdef __AVX__
+#include <immintrin.h>
+#endif
+
+namespace {
+
+namespace gemm_impl {
+
+constexpr int G_MR = WIDE ? 12 : (VW == 8 ? 6 : 4);
+constexpr int G_NV = 2;
+constexpr int G_NR = G_NV * VW;
+constexpr int64_t G_KC = 512;
+constexpr int64_t G_MC = 8 * G_MR;
+constexpr int64_t G_NC = 4096;
+constexpr int64_t G_RMAX = 64;
+
+// acc = A-panel . B-panel over kc steps; c[i * ldc + j] = (add ? c : 0) + (bias ? bias[j] : 0) + acc
+inline void ukernel(int64_t kc, const float* __restrict ap, const float* __restrict bp, float* c, int64_t ldc,
+                    bool add, const float* bias) {
+    vf acc[G_MR][G_NV];
+    for (int i = 0; i < G_MR; ++i)
+        for (int v = 0; v < G_NV; ++v) acc[i][v] = vf{};
+    for (int64_t k = 0; k < kc; ++k) {
+        vf b[G_NV];
+        for (int v = 0; v < G_NV; ++v) b[v] = vload(bp + v * VW);
+        __builtin_prefetch(bp + 8 * G_NR);
+        for (int i = 0; i < G_MR; ++i) {
+            const float a = ap[i];
+            for (int v = 0; v < G_NV; ++v) acc[i][v] += b[v] * a;
+        }
+        ap += G_MR;
+        bp += G_NR;
+    }
+    for (int i = 0; i < G_MR; ++i)
+        for (int v = 0; v < G_NV; ++v) {
+            float* p = c + i * ldc + v * VW;
+            vf r = acc[i][v];
+            if (bias) r += vload(bias + v * VW);
+            vstore(p, add ? vload(p) + r : r);
+        }
+}
+
+// An edge tile (mr <= MR rows, nr <= NR columns): the full microkernel into a scratch tile.
+inline void ukernel_edge(int64_t kc, const float* ap, const float* bp, float* c, int64_t ldc, bool add,
+                         const float* bias, int mr, int nr) {
+    alignas(64) float t[G_MR * G_NR];
+    ukernel(kc, ap, bp, t, G_NR, false, nullptr);
+    for (int i = 0; i < mr; ++i)
+        for (int j = 0; j < nr; ++j) {
+            const float r = bias ? t[i * G_NR + j] + bias[j] : t[i * G_NR + j];
+            c[i * ldc + j] = add ? c[i * ldc + j] + r : r;
+        }
+}
+
+// dst[c * ldd + r] = src[r * lds + c] for an 8 x 8 tile
+inline void transpose8(const float* src, int64_t lds, float* dst, int64_t ldd) {
+#ifdef __AVX__
+    __m256 r[8], t[8];
+    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    const __m256 u0 = _mm256_shuffle_ps(t[0], t[2], 0x44), u1 = _mm256_shuffle_ps(t[0], t[2], 0xEE);
+    const __m256 u2 = _mm256_shuffle_ps(t[1], t[3], 0x44), u3 = _mm256_shuffle_ps(t[1], t[3], 0xEE);
+    const __m256 u4 = _mm256_shuffle_ps(t[4], t[6], 0x44), u5 = _mm256_shuffle_ps(t[4], t[6], 0xEE);
+    const __m256 u6 = _mm256_shuffle_ps(t[5], t[7], 0x44), u7 = _mm256_shuffle_ps(t[5], t[7], 0xEE);
+    _mm256_storeu_ps(dst + 0 * ldd, _mm256_permute2f128_ps(u0, u4, 0x20));
+    _mm256_storeu_ps(dst + 1 * ldd, _mm256_permute2f128_ps(u1, u5, 0x20));
+    _mm256_storeu_ps(dst + 2 * ldd, _mm256_permute2f128_ps(u2, u6, 0x20));
+    _mm256_storeu_ps(dst + 3 * ldd, _mm256_permute2f128_ps(u3, u7, 0x20));
+    _mm256_storeu_ps(dst + 4 * ldd, _mm256_permute2f128_ps(u0, u4, 0x31));
+    _mm256_storeu_ps(dst + 5 * ldd, _mm256_permute2f128_ps(u1, u5, 0x31));
+    _mm256_storeu_ps(dst + 6 * ldd, _mm256_permute2f128_ps(u2, u6, 0x31));
+    _mm256_storeu_ps(dst + 7 * ldd, _mm256_permute2f128_ps(u3, u7, 0x31));
+#else
+    for (int i = 0; i < 8; ++i)
+        for (int j = 0; j < 8; ++j) dst[j * ldd + i] = src[i * lds + j];
+#endif
+}
+
+// The 8 values W[n, k .. k + 8) of an NF4 weight (k % 8 == 0, the 8 within one block): code[nibble] *
+// absmax[block], high nibble first (bitsandbytes' order).
+inline void nf4_row8(const dk::GemmArgs& g, int64_t n, int64_t k, float* out) {
+    const int64_t e = n * g.ldb + k;
+    const uint8_t* p = g.b_nf4 + e / 2;
+    const float s = g.absmax[e / g.blocksize];
+    for (int q = 0; q < 4; ++q) {
+        out[2 * q] = g.code[p[q] >> 4] * s;
+        out[2 * q + 1] = g.code[p[q] & 15] * s;
+    }
+}
+
+// Rows [p0, p0 + mr) of the A-side operand x[., ldx] over columns [k0, k0 + kc) into an MR-tall panel
+// dst[k * MR + i] (rows past mr zero).
+inline void pack_rows(const float* x, int64_t ldx, int mr, int64_t kc, float* dst) {
+    int64_t k = 0;
+    if (mr == G_MR)
+        for (; k + 8 <= kc; k += 8) {
+            int i = 0;
+            for (; i + 8 <= G_MR; i += 8) transpose8(x + i * ldx + k, ldx, dst + k * G_MR + i, G_MR);
+            for (; i < G_MR; ++i)
+                for (int q = 0; q < 8; ++q) dst[(k + q) * G_MR + i] = x[i * ldx + k + q];
+        }
+    for (; k < kc; ++k)
+        for (int i = 0; i < G_MR; ++i) dst[k * G_MR + i] = i < mr ? x[i * ldx + k] : 0.0f;
+}
+
+// One NR-wide panel of op(B): columns [n0, n0 + nr) over k in [k0, k0 + kc), then (ext) the R rows of
+// scale2 * op2(B2): dst[k * NR + j] (columns past nr zero).
+void pack_b_panel(const dk::GemmArgs& g, int64_t n0, int nr, int64_t k0, int64_t kc, bool ext, float* dst) {
+    int64_t k = 0;
+    if (g.b_nf4 && !g.b_nt) {  // W [K, N] rows as NF4 (dX = dY W): decode row segments
+        for (; k < kc; ++k) {
+            float* d = dst + k * G_NR;
+            int j = 0;
+            if (nr == G_NR)
+                for (; j < G_NR; j += 8) nf4_row8(g, k0 + k, n0 + j, d + j);
+            for (; j < G_NR; ++j) {
+                const int64_t e = (k0 + k) * g.ldb + n0 + j;
+                d[j] = j < nr ? g.code[(g.b_nf4[e / 2] >> (e % 2 ? 0 : 4)) & 15] * g.absmax[e / g.blocksize] : 0.0f;
+            }
+        }
+    } else if (g.b_nf4) {  // W [N, K] as NF4 (nt): decode 8 x 8 tiles, transpose
+        alignas(32) float tile[64];
+        if (nr == G_NR)
+            for (; k + 8 <= kc; k += 8)
+                for (int j = 0; j < G_NR; j += 8) {
+                    for (int i = 0; i < 8; ++i) nf4_row8(g, n0 + j + i, k0 + k, tile + 8 * i);
+                    transpose8(tile, 8, dst + k * G_NR + j, G_NR);
+                }
+        for (; k < kc; ++k)
+            for (int j = 0; j < G_NR; ++j) {
+                const int64_t e = (n0 + j) * g.ldb + k0 + k;
+                dst[k * G_NR + j] = j < nr ? g.code[(g.b_nf4[e / 2] >> (e % 2 ? 0 : 4)) & 15] * g.absmax[e / g.blocksize]
+                                           : 0.0f;
+            }
+    } else if (g.b_nt) {  // B [N, K]: transpose
+        const float* src = g.b + n0 * g.ldb + k0;
+        if (nr == G_NR)
+            for (; k + 8 <= kc; k += 8)
+                for (int j = 0; j < G_NR; j += 8) transpose8(src + j * g.ldb + k, g.ldb, dst + k * G_NR + j, G_NR);
+        for (; k < kc; ++k)
+            for (int j = 0; j < G_NR; ++j) dst[k * G_NR + j] = j < nr ? src[j * g.ldb + k] : 0.0f;
+    } else {  // B [K, N]: row segments
+        const float* src = g.b + k0 * g.ldb + n0;
+        for (; k < kc; ++k) {
+            float* d = dst + k * G_NR;
+            if (nr == G_NR) std::memcpy(d, src + k * g.ldb, sizeof(float) * G_NR);
+            else
+                for (int j = 0; j < G_NR; ++j) d[j] = j < nr ? src[k * g.ldb + j] : 0.0f;
+        }
+    }
+    if (!ext) return;
+    float* d = dst + kc * G_NR;
+    for (int64_t q = 0; q < g.R; ++q)
+        for (int j = 0; j < G_NR; ++j)
+            d[q * G_NR + j] = j >= nr ? 0.0f
+                              : g.scale2 * (g.b2_nt ? g.b2[(n0 + j) * g.ldb2 + q] : g.b2[q * g.ldb2 + n0 + j]);
+}
+
+void gemm(const dk::GemmArgs& g, int nthreads) {
+    const int64_t M = g.M, N = g.N, K = g.K, R = g.a2 ? g.R : 0;
+    if (M <= 0 || N <= 0) return;
+    const int64_t nkb = std::max<int64_t>(1, (K + G_KC - 1) / G_KC);
+    const int64_t nc_max = std::min<int64_t>(N, G_NC), panels_max = (nc_max + G_NR - 1) / G_NR;
+    float* bpack = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * panels_max * G_NR * (G_KC + G_RMAX)));
+    const int T = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, (M + G_MR - 1) / G_MR));
+#pragma omp parallel num_threads(T)
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        const int64_t share = ((M + nt - 1) / nt + G_MR - 1) / G_MR * G_MR;
+        const int64_t m_lo = std::min(M, t * share), m_hi = std::min(M, m_lo + share);
+        float* apack = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * G_MC * (G_KC + G_RMAX)));
+        for (int64_t n0 = 0; n0 < N; n0 += G_NC) {
+            const int64_t nc = std::min(G_NC, N - n0), panels = (nc + G_NR - 1) / G_NR;
+            for (int64_t kb = 0; kb < nkb; ++kb) {
+                const int64_t k0 = kb * G_KC, kc = std::min(G_KC, K - k0);
+                const bool last = kb == nkb - 1, ext = last && R > 0;
+                const int64_t kx = kc + (ext ? R : 0);
+#pragma omp for schedule(static)
+                for (int64_t p = 0; p < panels; ++p)
+                    pack_b_panel(g, n0 + p * G_NR, (int)std::min<int64_t>(G_NR, nc - p * G_NR), k0, kc, ext,
+                                 bpack + p * G_NR * kx);  // implicit barrier: every panel packed
+                const bool add = g.accumulate || kb > 0;
+                const float* bias = kb == 0 && g.bias ? g.bias + n0 : nullptr;
+                for (int64_t m0 = m_lo; m0 < m_hi; m0 += G_MC) {
+                    const int64_t mc = std::min(G_MC, m_hi - m0);
+                    for (int64_t i = 0; i < mc; i += G_MR) {
+                        const int mr = (int)std::min<int64_t>(G_MR, mc - i);
+                        float* dst = apack + i * kx;
+                        pack_rows(g.a + (m0 + i) * g.lda + k0, g.lda, mr, kc, dst);
+                        if (ext) pack_rows(g.a2 + (m0 + i) * g.lda2, g.lda2, mr, R, dst + kc * G_MR);
+                    }
+                    for (int64_t p = 0; p < panels; ++p) {
+                        const int nr = (int)std::min<int64_t>(G_NR, nc - p * G_NR);
+                        const float* bp = bpack + p * G_NR * kx;
+                        const float* bb = bias ? bias + p * G_NR : nullptr;
+                        for (int64_t i = 0; i < mc; i += G_MR) {
+                            const int mr = (int)std::min<int64_t>(G_MR, mc - i);
+                            float* c = g.c + (m0 + i) * g.ldc + n0 + p * G_NR;
+                            if (mr == G_MR && nr == G_NR) ukernel(kx, apack + i * kx, bp, c, g.ldc, add, bb);
+                            else ukernel_edge(kx, apack + i * kx, bp, c, g.ldc, add, bb, mr, nr);
+                        }
+                    }
+                }
+#pragma omp barrier
+            }
+        }
+        std::free(apack);
+    }
+    std::free(bpack);
+}
+
+}  // namespace gemm_impl
+
+}  // namespace
