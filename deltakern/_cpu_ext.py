@@ -389,9 +389,11 @@ def _gemm_operand(name: str, t, shape: tuple) -> torch.Tensor:
 
 
 def gemm(a, b=None, *, b_t: bool, nf4=None, bias=None, a2=None, b2=None, b2_t: bool = False, scale2: float = 1.0,
-         out=None) -> torch.Tensor:
+         col_scale=None, out=None) -> torch.Tensor:
     """out[M, N] = (out, if given: accumulated into) + bias[N] + a[M, K] . op(b) + scale2 * a2[M, R] . op2(b2),
     fp32, by the native packed GEMM (one pass writes out: the rank-R term rides along as R more steps).
+    col_scale [N] (not with out) scales the products before the bias: (a . op(b) + scale2 a2 . op2(b2))
+    * col_scale + bias, DoRA's g * (x W^T + s xa B^T) + b.
 
     op(b) = b^T for b_t (b [N, K]: y = x W^T) else b [K, N] (dX = dY W). `nf4` = (packed, absmax,
     code, rows, cols, blocksize) replaces b by an NF4 W [rows, cols] (fp32 absmax; cols % 8 == 0),
@@ -417,7 +419,9 @@ def gemm(a, b=None, *, b_t: bool, nf4=None, bias=None, a2=None, b2=None, b2_t: b
         b = _f32_matrix("b", b, cols=K if b_t else None, rows=None if b_t else K)
         N = b.shape[0] if b_t else b.shape[1]
         bptr, ldb, nf4_ptrs = b.data_ptr(), b.stride(0), (0, 0, 0, 0)
-    bias = _f32_vector("bias", bias, N)
+    bias, col_scale = _f32_vector("bias", bias, N), _f32_vector("col_scale", col_scale, N)
+    if col_scale is not None and out is not None:
+        raise ValueError("col_scale scales the whole product: it cannot be combined with accumulating into out")
     R = 0
     if (a2 is None) != (b2 is None):
         raise ValueError("the rank-r term needs both a2 and b2")
@@ -435,8 +439,8 @@ def gemm(a, b=None, *, b_t: bool, nf4=None, bias=None, a2=None, b2=None, b2_t: b
         accumulate = 1
     if M and N:
         C.gemm(a.data_ptr(), a.stride(0), bptr, ldb, int(b_t), *nf4_ptrs, *_ptrs(a2), a2.stride(0) if R else 0,
-               *_ptrs(b2), b2.stride(0) if R else 0, int(b2_t), R, float(scale2), *_ptrs(bias), out.data_ptr(), N,
-               accumulate, M, N, K, _threads(M * N * (K + R) // 4), isa())
+               *_ptrs(b2), b2.stride(0) if R else 0, int(b2_t), R, float(scale2), *_ptrs(col_scale, bias), out.data_ptr(), N,
+               accumulate, M, N, K, _threads(M * N * (K + R)), isa())  # GRAIN FMAs (~20 us) per thread
     return out
 
 

@@ -5,7 +5,7 @@ that run on it (deltakern.backends.cpu_blas):
 
 Every ISA this CPU runs, at 1 and 2 threads (bit-identical: each output row has one writer and the
 sums run in a fixed order), on shapes with tails in M, N and K against every tile and block size
-(MR = 12 / 6 / 4 rows, NR = 32 / 16 / 8 columns, KC = 512), with and without the rank-r term, bias
+(MR = 12 / 6 / 4 rows, NR = 32 / 16 / 8 columns, KC = 512, NC = 4096; threads splitting M or N), with and without the rank-r term, bias
 and accumulation. Bound: a sum of n = K + R fp32 products against float64 of the same inputs,
 |err| <= n * eps32 * (|a| . |op(b)| + |scale2| |a2| . |op2(b2)| + |bias| + |out|). An NF4 operand is
 decoded while packed to exactly the values of the bit-exact dequantize, so its result equals the
@@ -23,7 +23,7 @@ from test_cpu_lowrank import _both_threads, _rand, _within
 
 # (M, K, N, R): tails everywhere; K > 512 crosses K blocks; the larger ones split across 2 threads
 SHAPES = [(1, 1, 1, 1), (5, 7, 3, 0), (13, 9, 33, 3), (37, 600, 70, 16), (130, 1031, 47, 64), (300, 64, 1000, 8),
-          (257, 1100, 257, 0)]
+          (257, 1100, 257, 0), (20, 530, 4200, 5)]  # the last: two N blocks (NC = 4096) split across threads
 
 
 def _exact(a, b, b_t, bias, a2, b2, b2_t, s, out):
@@ -128,7 +128,7 @@ def test_layer_ops_take_the_gemm_and_match_blas(ext, monkeypatch, dtype, nf4):
     fp32 rounding of the same decoded W; the GEMM really ran (counted)."""
     if not _cpu_ext.gemm_fast():
         pytest.skip("the native GEMM serves only AVX2 / AVX-512 builds")
-    M, K, N, r, bs = 96, 512, 200, 8, 64
+    M, K, N, r, bs = 130, 512, 520, 8, 64  # M N K >= cpu_blas.GEMM_MIN_WORK
     x, dy = _rand(M, K, seed=1).to(dtype), _rand(M, N, seed=2).to(dtype)
     A, B, bias = _rand(r, K, seed=3).to(dtype), _rand(N, r, seed=4).to(dtype), _rand(N, seed=5).to(dtype)
     xa, dyb = _rand(M, r, seed=6).to(dtype), _rand(M, r, seed=7).to(dtype)

@@ -17,6 +17,7 @@
 // Packing transposes 8 x 8 tiles with AVX shuffles where the unit has them (nt B, and A); NF4 B
 // (W as 4-bit codes and fp32 block scales) is decoded while packed: W never exists dense.
 #include <cstdlib>
+#include <new>
 
 #ifdef __AVX__
 #include <immintrin.h>
@@ -34,9 +35,41 @@ constexpr int64_t G_MC = 8 * G_MR;
 constexpr int64_t G_NC = 4096;
 constexpr int64_t G_RMAX = 64;
 
-// acc = A-panel . B-panel over kc steps; c[i * ldc + j] = (add ? c : 0) + (bias ? bias[j] : 0) + acc
+// A grow-only 64-byte-aligned buffer per thread and slot (0: the calling thread's packed B block, 1: a
+// worker's packed A block), kept between calls: a fresh megabyte-sized allocation would page-fault on
+// every call, which costs as much as packing it.
+struct Scratch {
+    float* p[2] = {nullptr, nullptr};
+    size_t n[2] = {0, 0};
+    ~Scratch() { std::free(p[0]); std::free(p[1]); }
+    float* get(int slot, size_t floats) {
+        if (n[slot] < floats) {
+            std::free(p[slot]);
+            const size_t bytes = (floats * sizeof(float) + 63) / 64 * 64;
+            p[slot] = static_cast<float*>(std::aligned_alloc(64, bytes));
+            if (!p[slot]) throw std::bad_alloc();
+            n[slot] = floats;
+        }
+        return p[slot];
+    }
+};
+
+inline float* scratch(int slot, size_t floats) {
+    thread_local Scratch s;
+    return s.get(slot, floats);
+}
+
+// The epilogue of a tile: c = ((add ? c : 0) + acc) * cs[j] (if cs) + bias[j] (if bias).
+struct Epilogue {
+    bool add;
+    const float* cs;
+    const float* bias;
+    Epilogue at(int64_t j) const { return {add, cs ? cs + j : nullptr, bias ? bias + j : nullptr}; }
+};
+
+// acc = A-panel . B-panel over kc steps, then stored through the epilogue into c (row stride ldc)
 inline void ukernel(int64_t kc, const float* __restrict ap, const float* __restrict bp, float* c, int64_t ldc,
-                    bool add, const float* bias) {
+                    const Epilogue& e) {
     vf acc[G_MR][G_NV];
     for (int i = 0; i < G_MR; ++i)
         for (int v = 0; v < G_NV; ++v) acc[i][v] = vf{};
@@ -54,21 +87,24 @@ inline void ukernel(int64_t kc, const float* __restrict ap, const float* __restr
     for (int i = 0; i < G_MR; ++i)
         for (int v = 0; v < G_NV; ++v) {
             float* p = c + i * ldc + v * VW;
-            vf r = acc[i][v];
-            if (bias) r += vload(bias + v * VW);
-            vstore(p, add ? vload(p) + r : r);
+            vf r = e.add ? vload(p) + acc[i][v] : acc[i][v];
+            if (e.cs) r *= vload(e.cs + v * VW);
+            if (e.bias) r += vload(e.bias + v * VW);
+            vstore(p, r);
         }
 }
 
 // An edge tile (mr <= MR rows, nr <= NR columns): the full microkernel into a scratch tile.
-inline void ukernel_edge(int64_t kc, const float* ap, const float* bp, float* c, int64_t ldc, bool add,
-                         const float* bias, int mr, int nr) {
+inline void ukernel_edge(int64_t kc, const float* ap, const float* bp, float* c, int64_t ldc, const Epilogue& e,
+                         int mr, int nr) {
     alignas(64) float t[G_MR * G_NR];
-    ukernel(kc, ap, bp, t, G_NR, false, nullptr);
+    ukernel(kc, ap, bp, t, G_NR, Epilogue{false, nullptr, nullptr});
     for (int i = 0; i < mr; ++i)
         for (int j = 0; j < nr; ++j) {
-            const float r = bias ? t[i * G_NR + j] + bias[j] : t[i * G_NR + j];
-            c[i * ldc + j] = add ? c[i * ldc + j] + r : r;
+            float r = e.add ? c[i * ldc + j] + t[i * G_NR + j] : t[i * G_NR + j];
+            if (e.cs) r *= e.cs[j];
+            if (e.bias) r += e.bias[j];
+            c[i * ldc + j] = r;
         }
 }
 
@@ -179,57 +215,85 @@ void pack_b_panel(const dk::GemmArgs& g, int64_t n0, int nr, int64_t k0, int64_t
                               : g.scale2 * (g.b2_nt ? g.b2[(n0 + j) * g.ldb2 + q] : g.b2[q * g.ldb2 + n0 + j]);
 }
 
+// Rows [m_lo, m_hi) x panels [p_lo, p_hi) of the N block at n0 (nc columns) for K block kb; bpack holds
+// the block's packed panels (kx = kc + the rank-R steps in the last block), panel p at p * NR * kx_max
+// (a fixed place: in the N split a thread repacks its panels for the next K block while another
+// still reads its own).
+void gemm_block(const dk::GemmArgs& g, int64_t n0, int64_t nc, int64_t kb, int64_t nkb, int64_t m_lo, int64_t m_hi,
+                int64_t p_lo, int64_t p_hi, const float* bpack, int64_t kx_max, float* apack) {
+    const int64_t k0 = kb * G_KC, kc = std::min(G_KC, g.K - k0);
+    const bool last = kb == nkb - 1, ext = last && g.a2;
+    const int64_t kx = kc + (ext ? g.R : 0);
+    const Epilogue e{g.accumulate || kb > 0, last ? g.cs : nullptr, last && g.bias ? g.bias + n0 : nullptr};
+    for (int64_t m0 = m_lo; m0 < m_hi; m0 += G_MC) {
+        const int64_t mc = std::min(G_MC, m_hi - m0);
+        for (int64_t i = 0; i < mc; i += G_MR) {
+            const int mr = (int)std::min<int64_t>(G_MR, mc - i);
+            float* dst = apack + i * kx;
+            pack_rows(g.a + (m0 + i) * g.lda + k0, g.lda, mr, kc, dst);
+            if (ext) pack_rows(g.a2 + (m0 + i) * g.lda2, g.lda2, mr, g.R, dst + kc * G_MR);
+        }
+        for (int64_t p = p_lo; p < p_hi; ++p) {
+            const int nr = (int)std::min<int64_t>(G_NR, nc - p * G_NR);
+            const float* bp = bpack + p * G_NR * kx_max;
+            const Epilogue ep = e.at(p * G_NR);
+            for (int64_t i = 0; i < mc; i += G_MR) {
+                const int mr = (int)std::min<int64_t>(G_MR, mc - i);
+                float* c = g.c + (m0 + i) * g.ldc + n0 + p * G_NR;
+                if (mr == G_MR && nr == G_NR) ukernel(kx, apack + i * kx, bp, c, g.ldc, ep);
+                else ukernel_edge(kx, apack + i * kx, bp, c, g.ldc, ep, mr, nr);
+            }
+        }
+    }
+}
+
+// Threads split M (each a share of MR-row tiles over every panel; the panels of a K block are packed
+// by all threads, then a barrier) when there are enough rows for every thread to have several MC
+// blocks' worth; otherwise they split the panels of N (each packs and uses its own panels, and packs
+// all of A: no barriers). Either way each C element has one writer and one summation order.
 void gemm(const dk::GemmArgs& g, int nthreads) {
-    const int64_t M = g.M, N = g.N, K = g.K, R = g.a2 ? g.R : 0;
+    const int64_t M = g.M, N = g.N, K = g.K;
     if (M <= 0 || N <= 0) return;
     const int64_t nkb = std::max<int64_t>(1, (K + G_KC - 1) / G_KC);
     const int64_t nc_max = std::min<int64_t>(N, G_NC), panels_max = (nc_max + G_NR - 1) / G_NR;
-    float* bpack = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * panels_max * G_NR * (G_KC + G_RMAX)));
-    const int T = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, (M + G_MR - 1) / G_MR));
+    const int64_t tiles = (M + G_MR - 1) / G_MR;
+    const bool split_m = tiles >= 4 * (int64_t)nthreads;
+    const int T = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, split_m ? tiles : panels_max));
+    const int64_t kx_max = std::min(G_KC, K) + (g.a2 ? g.R : 0);
+    float* bpack = scratch(0, panels_max * G_NR * kx_max);
 #pragma omp parallel num_threads(T)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        const int64_t share = ((M + nt - 1) / nt + G_MR - 1) / G_MR * G_MR;
-        const int64_t m_lo = std::min(M, t * share), m_hi = std::min(M, m_lo + share);
-        float* apack = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * G_MC * (G_KC + G_RMAX)));
+        float* apack = scratch(1, G_MC * kx_max);
         for (int64_t n0 = 0; n0 < N; n0 += G_NC) {
             const int64_t nc = std::min(G_NC, N - n0), panels = (nc + G_NR - 1) / G_NR;
             for (int64_t kb = 0; kb < nkb; ++kb) {
                 const int64_t k0 = kb * G_KC, kc = std::min(G_KC, K - k0);
-                const bool last = kb == nkb - 1, ext = last && R > 0;
-                const int64_t kx = kc + (ext ? R : 0);
+                const bool ext = kb == nkb - 1 && g.a2;
+                const int64_t kx = kc + (ext ? g.R : 0);
+                if (split_m) {
 #pragma omp for schedule(static)
-                for (int64_t p = 0; p < panels; ++p)
-                    pack_b_panel(g, n0 + p * G_NR, (int)std::min<int64_t>(G_NR, nc - p * G_NR), k0, kc, ext,
-                                 bpack + p * G_NR * kx);  // implicit barrier: every panel packed
-                const bool add = g.accumulate || kb > 0;
-                const float* bias = kb == 0 && g.bias ? g.bias + n0 : nullptr;
-                for (int64_t m0 = m_lo; m0 < m_hi; m0 += G_MC) {
-                    const int64_t mc = std::min(G_MC, m_hi - m0);
-                    for (int64_t i = 0; i < mc; i += G_MR) {
-                        const int mr = (int)std::min<int64_t>(G_MR, mc - i);
-                        float* dst = apack + i * kx;
-                        pack_rows(g.a + (m0 + i) * g.lda + k0, g.lda, mr, kc, dst);
-                        if (ext) pack_rows(g.a2 + (m0 + i) * g.lda2, g.lda2, mr, R, dst + kc * G_MR);
-                    }
-                    for (int64_t p = 0; p < panels; ++p) {
-                        const int nr = (int)std::min<int64_t>(G_NR, nc - p * G_NR);
-                        const float* bp = bpack + p * G_NR * kx;
-                        const float* bb = bias ? bias + p * G_NR : nullptr;
-                        for (int64_t i = 0; i < mc; i += G_MR) {
-                            const int mr = (int)std::min<int64_t>(G_MR, mc - i);
-                            float* c = g.c + (m0 + i) * g.ldc + n0 + p * G_NR;
-                            if (mr == G_MR && nr == G_NR) ukernel(kx, apack + i * kx, bp, c, g.ldc, add, bb);
-                            else ukernel_edge(kx, apack + i * kx, bp, c, g.ldc, add, bb, mr, nr);
-                        }
-                    }
-                }
+                    for (int64_t p = 0; p < panels; ++p)
+                        pack_b_panel(g, n0 + p * G_NR, (int)std::min<int64_t>(G_NR, nc - p * G_NR), k0, kc, ext,
+                                     bpack + p * G_NR * kx_max);  // implicit barrier: every panel packed
+                    const int64_t share = (tiles + nt - 1) / nt * G_MR;
+                    const int64_t m_lo = std::min(M, t * share), m_hi = std::min(M, m_lo + share);
+                    gemm_block(g, n0, nc, kb, nkb, m_lo, m_hi, 0, panels, bpack, kx_max, apack);
 #pragma omp barrier
+                } else {
+                    const int64_t share = (panels + nt - 1) / nt;
+                    const int64_t p_lo = std::min(panels, t * share), p_hi = std::min(panels, p_lo + share);
+                    for (int64_t p = p_lo; p < p_hi; ++p)
+                        pack_b_panel(g, n0 + p * G_NR, (int)std::min<int64_t>(G_NR, nc - p * G_NR), k0, kc, ext,
+                                     bpack + p * G_NR * kx_max);
+                    gemm_block(g, n0, nc, kb, nkb, 0, M, p_lo, p_hi, bpack, kx_max, apack);
+                }
             }
+            if (!split_m && n0 + G_NC < N) {
+#pragma omp barrier
+            }  // the next N block's shares differ: no thread repacks a panel another still reads
         }
-        std::free(apack);
     }
-    std::free(bpack);
 }
 
 }  // namespace gemm_impl

@@ -25,8 +25,8 @@
 
 namespace dk {
 
-// C[M, N] = (accumulate ? C : 0) + bias[N] + A[M, K] . op(B) + scale2 * A2[M, R] . op2(B2), fp32
-// (cpu_gemm_impl.h). op(B) = B^T for b_nt (B [N, K] rows, stride ldb) else B ([K, N] rows); B is
+// C[M, N] = ((accumulate ? C : 0) + A[M, K] . op(B) + scale2 * A2[M, R] . op2(B2)) * cs[N] + bias[N], fp32
+// (cpu_gemm_impl.h; cs and bias optional: null = 1 and 0). op(B) = B^T for b_nt (B [N, K] rows, stride ldb) else B ([K, N] rows); B is
 // fp32 at b, or (b_nf4 not null) NF4: 4-bit codes of W with absmax[e / blocksize] per element
 // e = row * ldb + column of its row-major [rows, ldb] layout (fp32 scales, code[16]; blocksize %
 // 8 == 0 and each run of 8 aligned elements within one block). op2(B2) = B2^T for b2_nt (B2 [N, R],
@@ -36,7 +36,7 @@ struct GemmArgs {
     const float* b; int64_t ldb; int b_nt;
     const uint8_t* b_nf4; const float* absmax; const float* code; int64_t blocksize;
     const float* a2; int64_t lda2; const float* b2; int64_t ldb2; int b2_nt; int64_t R; float scale2;
-    const float* bias;
+    const float* cs; const float* bias;
     float* c; int64_t ldc; int accumulate;
     int64_t M, N, K;
 };

@@ -62,15 +62,17 @@ def _decode(M: int, K: int, blocksize: int, dtype) -> bool:
     return _native(dtype) and _cpu_ext.decode_supported(M, K, blocksize)
 
 
-GEMM_MIN_WORK = 1 << 22  # multiply-adds below which BLAS's lower call overhead wins over the native GEMM
+GEMM_MIN_WORK = 1 << 25  # multiply-adds below which BLAS (unpacked small-M kernels) beats the native GEMM
 
 
-def _gemm(M: int, N: int, K: int, dtype) -> bool:
-    """Whether the native packed GEMM (deltakern._cpu_ext.gemm: the rank-r term and bias in the same
-    pass, an NF4 W decoded while packed) runs an [M, K] x [K, N] product: extension loaded with a
-    vector unit (AVX2 / AVX-512; the portable build leaves GEMMs to BLAS), fp32 / fp16 / bf16
-    operands, M > 16 (smaller M: the decode kernels or BLAS's GEMV) and enough work."""
-    return _native(dtype) and M >= _cpu_ext.GEMM_MIN_M and M * N * K >= GEMM_MIN_WORK and _cpu_ext.gemm_fast()
+def _gemm(M: int, N: int, K: int, dtype, r: int = 0) -> bool:
+    """Whether the native packed GEMM (deltakern._cpu_ext.gemm: the rank-r term, a column scale and the
+    bias in the same pass, an NF4 W decoded while packed) runs an [M, K] x [K, N] product (+ a rank-r
+    term): extension loaded with a vector unit (AVX2 / AVX-512; the portable build leaves GEMMs to
+    BLAS), fp32 / fp16 / bf16 operands, M > 16 (smaller M: the decode kernels or BLAS's GEMV), r <= 64
+    and at least GEMM_MIN_WORK multiply-adds (smaller products run faster in BLAS)."""
+    return _native(dtype) and M >= _cpu_ext.GEMM_MIN_M and M * N * K >= GEMM_MIN_WORK \
+        and r <= _cpu_ext.MAX_LOWRANK_R and _cpu_ext.gemm_fast()
 
 
 def _nf4_packed(packed, absmax, code, N: int, K: int, blocksize: int, dtype):
@@ -97,17 +99,25 @@ def _weight(weight, absmax, code, N: int, K: int, blocksize: int, dtype):
 # ---- frozen linear (BitFit) -------------------------------------------------------------------
 
 
-def _dense_product(a, w, b_t: bool, bias=None, a2=None, b2=None, b2_t: bool = False, scale2: float = 1.0, nf4=None):
-    """fp32 bias + a . op(W) + scale2 * a2 . op2(b2) for a ready fp32 (float64) W [N, K] (or `nf4`, the
-    native GEMM's NF4 operand, with w None), op(W) = W^T (b_t: y = x W^T) or W (dX = dY W), op2(b2) =
-    b2^T (b2_t) or b2: the native GEMM when `_gemm` says so (the rank-r term as r more steps, the bias
-    in its first pass), else BLAS (the rank-r term and bias first, then the big product adds into
-    them)."""
+def _dense_product(a, w, b_t: bool, bias=None, a2=None, b2=None, b2_t: bool = False, scale2: float = 1.0, nf4=None,
+                   col_scale=None):
+    """fp32 (a . op(W) + scale2 * a2 . op2(b2)) * col_scale + bias for a ready fp32 (float64) W [N, K]
+    (or `nf4`, the native GEMM's NF4 operand, with w None), op(W) = W^T (b_t: y = x W^T) or W (dX =
+    dY W), op2(b2) = b2^T (b2_t) or b2; col_scale and bias optional. The native GEMM when `_gemm` says
+    so (the rank-r term as r more steps, scale and bias in its last pass), else BLAS (the rank-r term
+    and bias first, then the big product adds into them)."""
     M, (N, K) = a.shape[0], (nf4[3:5] if w is None else w.shape)
-    if w is None or (w.dtype == torch.float32 and _gemm(M, N, K, a.dtype)):
+    r = 0 if a2 is None else a2.shape[1]
+    if w is None or (w.dtype == torch.float32 and _gemm(M, N, K, a.dtype, r)):
         return _cpu_ext.gemm(f32(a), w, nf4=nf4, b_t=b_t, bias=f32(bias), a2=f32(a2), b2=f32(b2), b2_t=b2_t,
-                             scale2=scale2)
+                             scale2=scale2, col_scale=f32(col_scale))
     wt = w.t() if b_t else w
+    if col_scale is not None:  # (a W + s a2 b2) * cs + b: the product, then scale and bias in place
+        y = torch.mm(f32(a), wt)
+        if a2 is not None:
+            y.addmm_(f32(a2), f32(b2).t() if b2_t else f32(b2), alpha=scale2)
+        y.mul_(col_scale.to(y.dtype))
+        return y if bias is None else y.add_(f32(bias).to(y.dtype))
     if a2 is None:
         return torch.mm(f32(a), wt) if bias is None else torch.addmm(f32(bias), f32(a), wt)
     term = lowrank.gb(f32(a2), f32(b2).t().contiguous() if b2_t else f32(b2), scale2, f32(bias))
@@ -115,15 +125,16 @@ def _dense_product(a, w, b_t: bool, bias=None, a2=None, b2=None, b2_t: bool = Fa
 
 
 def _product(a, weight, absmax, code, N: int, K: int, blocksize: int, dtype, b_t: bool, bias=None, a2=None, b2=None,
-             b2_t: bool = False, scale2: float = 1.0):
+             b2_t: bool = False, scale2: float = 1.0, col_scale=None):
     """_dense_product for a dense or NF4 W [N, K] as the layer ops receive it: an NF4 W is decoded while
     the native GEMM packs it (fp32 inputs), else into the reused workspace (`_weight`)."""
-    if absmax is not None and _gemm(a.shape[0], N, K, dtype):
+    r = 0 if a2 is None else a2.shape[1]
+    if absmax is not None and _gemm(a.shape[0], N, K, dtype, r):
         nf4 = _nf4_packed(weight, absmax, code, N, K, blocksize, dtype)
         if nf4 is not None:
-            return _dense_product(a, None, b_t, bias, a2, b2, b2_t, scale2, nf4=nf4)
+            return _dense_product(a, None, b_t, bias, a2, b2, b2_t, scale2, nf4=nf4, col_scale=col_scale)
     w = _weight(weight, absmax, code, N, K, blocksize, dtype)[0]
-    return _dense_product(a, w, b_t, bias, a2, b2, b2_t, scale2)
+    return _dense_product(a, w, b_t, bias, a2, b2, b2_t, scale2, col_scale=col_scale)
 
 
 @_cpu("linear_fwd")
@@ -217,8 +228,12 @@ def dora_fwd(x, weight, absmax, code, N, K, blocksize, bias, xa, lora_B, g, keep
     if keep is not None:
         w = dense_weight_ref(weight, absmax, code, N, K, blocksize, x.dtype)
         return ref_dora.dora_fwd_ref(x, w, bias, xa, lora_B, g, keep, scaling, mask_scale)
-    w, scratch = _weight(weight, absmax, code, N, K, blocksize, x.dtype)
     with autocast_off("cpu"):
+        if _gemm(x.shape[0], N, K, x.dtype, lora_B.shape[1]):  # y = (x W^T + s xa B^T) * g + b in one GEMM pass
+            y = _product(x, weight, absmax, code, N, K, blocksize, x.dtype, True, bias, xa, lora_B, True, scaling,
+                         col_scale=g)
+            return _round(y, x.dtype)
+        w, scratch = _weight(weight, absmax, code, N, K, blocksize, x.dtype)
         xf, gw, xaf = f32(x), g.to(w.dtype), f32(xa)
         if w.dtype == torch.float32 and _cpu_ext.lowrank_supported(xaf, xaf.shape[1]) \
                 and not compose.scale_w(x.shape[0], K, scratch):
@@ -226,9 +241,6 @@ def dora_fwd(x, weight, absmax, code, N, K, blocksize, bias, xa, lora_B, g, keep
             # (compose.dora_out spends three: y *= g, a rank-r BLAS addmm_, y += b)
             gbt = (f32(lora_B) * gw[:, None]).t().contiguous()
             y = _cpu_ext.lowrank_gb(xaf, gbt, scaling, f32(bias), out=_dense_product(xf, w, True), out_scale=gw)
-        elif compose.scale_w(x.shape[0], K, scratch):  # b + s xa (g B)^T + x (g W)^T
-            gb = f32(lora_B) * gw[:, None]
-            y = _dense_product(xf, compose.scaled_rows(w, gw, scratch), True, f32(bias), xaf, gb, True, scaling)
         else:
             y = compose.dora_out(xf, w, f32(bias), xaf, f32(lora_B), gw, scaling, scratch)
     return _round(y, x.dtype)
@@ -255,15 +267,22 @@ def dora_bwd(dy, weight, absmax, code, N, K, blocksize, dyb, lora_A, g, keep, y,
             w = dense_weight_ref(weight, absmax, code, N, K, blocksize, dy.dtype)
             dx = ref_dora.dora_bwd_ref(dy, w, dyb, lora_A, g, keep, None, None, scaling, mask_scale, True, False)[0]
             _, db, c = _col_sums(dy, y, bias, bool(compute_db))
+        elif compute_dx and _gemm(dy.shape[0], N, K, dy.dtype, lora_A.shape[0]):
+            # dX = (dY * g) W + s dyb A in one GEMM pass (an NF4 W decoded while packed); dY * g comes from
+            # the pass that sums db and c
+            dyg, db, c = _col_sums(dy, y, bias, bool(compute_db), f32(g))
+            dyg = f32(dy) * f32(g) if dyg is None else dyg
+            dx = _product(dyg, weight, absmax, code, N, K, blocksize, dy.dtype, False, None, dyb, lora_A, False, scaling)
+            dx = _round(dx, dy.dtype)
         elif compute_dx:
             w, scratch = _weight(weight, absmax, code, N, K, blocksize, dy.dtype)
             gw = g.to(w.dtype)
             fold = not compose.scale_w(dy.shape[0], K, scratch)  # g into dY (as dY * g), not into W
             dyg, db, c = _col_sums(dy, y, bias, bool(compute_db), gw if fold and gw.dtype == torch.float32 else None)
-            if dyg is None:
-                dyg = f32(dy) if not fold else f32(dy) * gw
-                w = w if fold else compose.scaled_rows(w, gw, scratch)
-            dx = _dense_product(dyg, w, False, None, f32(dyb), f32(lora_A), False, scaling)
+            if dyg is not None:
+                dx = compose.lora_dx(dyg, w, f32(dyb), f32(lora_A), scaling)
+            else:
+                dx = compose.dora_dx(f32(dy), w, f32(dyb), f32(lora_A), gw, scaling, scratch)
             dx = _round(dx, dy.dtype)
         else:
             _, db, c = _col_sums(dy, y, bias, bool(compute_db))
