@@ -14,7 +14,10 @@ Kernels (fp32 arithmetic throughout; NF4 layout and rounding as in deltakern/ops
     nf4_matmul       y[M, N] = x[M, K] . W[N, K]^T (+ bias),   M <= 16 (decode): W is read as 4-bit,
                      never built; w = round_{x.dtype}(fp32(code[nib] * absmax)), fp32 accumulators
     nf4_matmul_dx    dx[M, K] = dy[M, N] . W[N, K],            M <= 16, same w
-    dense_weight_fp32  W [N, K] fp32 in a reused per-thread workspace (for M > 16: BLAS on it)
+    dense_weight_fp32  W [N, K] fp32 in a reused per-thread workspace (for M > 16: a GEMM on it)
+    gemm             out[M, N] = ((out +) a . op(b) + s2 a2 . op2(b2)) * col_scale + bias, fp32, the packed
+                     GEMM of the layers (b dense, or an NF4 W decoded while packed)
+    lowrank_*        the rank-r products of the LoRA / DoRA layers (x A^T, g^T x, bias + s g bt, sums)
 
 The matmuls need K % blocksize == 0 (no block crosses a row); `decode_supported` says when they run.
 DELTAKERN_CPU_ISA=scalar|avx2|avx512 forces an instruction set (tests); unset, the best this CPU runs.
@@ -410,7 +413,8 @@ def gemm(a, b=None, *, b_t: bool, nf4=None, bias=None, a2=None, b2=None, b2_t: b
         packed, absmax, code, rows, cols, blocksize = nf4
         packed, rows, cols, blocksize = _check_weight(packed, absmax, code, rows, cols, blocksize)
         if cols % 8:
-            raise ValueError(f"gemm decodes NF4 rows in runs of 8: the weight's columns ({cols}) must be a multiple of 8")
+            raise ValueError(f"gemm decodes NF4 rows in runs of 8: the weight's columns ({cols}) must be a "
+                             "multiple of 8")
         N = rows if b_t else cols
         if (cols if b_t else rows) != K:
             raise ValueError(f"the NF4 weight [{rows}, {cols}] does not match a's K={K} (b_t={b_t})")
@@ -438,9 +442,10 @@ def gemm(a, b=None, *, b_t: bool, nf4=None, bias=None, a2=None, b2=None, b2_t: b
             raise ValueError(f"out must have shape ({M}, {N}), got {tuple(out.shape)}")
         accumulate = 1
     if M and N:
-        C.gemm(a.data_ptr(), a.stride(0), bptr, ldb, int(b_t), *nf4_ptrs, *_ptrs(a2), a2.stride(0) if R else 0,
-               *_ptrs(b2), b2.stride(0) if R else 0, int(b2_t), R, float(scale2), *_ptrs(col_scale, bias), out.data_ptr(), N,
-               accumulate, M, N, K, _threads(M * N * (K + R)), isa())  # GRAIN FMAs (~20 us) per thread
+        lda2, ldb2 = (a2.stride(0), b2.stride(0)) if R else (0, 0)
+        C.gemm(a.data_ptr(), a.stride(0), bptr, ldb, int(b_t), *nf4_ptrs, *_ptrs(a2), lda2, *_ptrs(b2), ldb2,
+               int(b2_t), R, float(scale2), *_ptrs(col_scale, bias), out.data_ptr(), N, accumulate, M, N, K,
+               _threads(M * N * (K + R)), isa())  # GRAIN multiply-adds (~20 us) per thread
     return out
 
 

@@ -1,4 +1,5 @@
-// deltakern._cpu: the rank-r products of a LoRA layer, fp32, row-major.
+// deltakern._cpu: the rank-r products of a LoRA layer and the packed GEMM of its large products,
+// fp32, row-major.
 //
 //     xat   y[M, R]    = x[M, K] . a[R, K]^T                  xa = x A^T, dyb = dY B (a = B^T)
 //     gtx   out[R, K]  = scale * g[M, R]^T . x[M, K]           dA = s dyb^T x, dB^T = s xa^T dY
@@ -25,12 +26,13 @@
 
 namespace dk {
 
-// C[M, N] = ((accumulate ? C : 0) + A[M, K] . op(B) + scale2 * A2[M, R] . op2(B2)) * cs[N] + bias[N], fp32
-// (cpu_gemm_impl.h; cs and bias optional: null = 1 and 0). op(B) = B^T for b_nt (B [N, K] rows, stride ldb) else B ([K, N] rows); B is
-// fp32 at b, or (b_nf4 not null) NF4: 4-bit codes of W with absmax[e / blocksize] per element
-// e = row * ldb + column of its row-major [rows, ldb] layout (fp32 scales, code[16]; blocksize %
-// 8 == 0 and each run of 8 aligned elements within one block). op2(B2) = B2^T for b2_nt (B2 [N, R],
-// stride ldb2) else B2 ([R, N]); a2 null: no rank-R term. R <= 64.
+// The GEMM of the layers (cpu_gemm_impl.h), fp32, cs and bias optional (null: 1 and 0):
+//     C[M, N] = ((accumulate ? C : 0) + A[M, K] . op(B) + scale2 * A2[M, R] . op2(B2)) * cs[N] + bias[N]
+// op(B) = B^T for b_nt (B [N, K] rows, stride ldb) else B ([K, N] rows). B is fp32 at b, or (b_nf4
+// not null) an NF4 W: 4-bit codes with absmax[e / blocksize] for element e = row * ldb + column of
+// its row-major [rows, ldb] layout (fp32 scales, code[16]; ldb % 8 == 0, so each aligned run of 8
+// lies in one block). op2(B2) = B2^T for b2_nt (B2 [N, R], stride ldb2) else B2 ([R, N]); a2 null:
+// no rank-R term. R <= 64.
 struct GemmArgs {
     const float* a; int64_t lda;
     const float* b; int64_t ldb; int b_nt;

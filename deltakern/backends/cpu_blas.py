@@ -1,24 +1,28 @@
-"""CPU implementations of the layer ops by BLAS compositions (torch's fp32 matmul; no extension needed):
-registered as the `cpu` backend of
+"""CPU implementations of the layer ops, registered as the `cpu` backend of
 
     linear_fwd, linear_bwd, lora_fwd, lora_fwd_nf4, lora_dx, lora_dx_nf4,
     dora_norm_parts, dora_fwd, dora_bwd, dora_colsum
 
 so a CPU call runs them by default (`DELTAKERN_BACKEND=torch` still runs the references, the oracle).
 
-* The products are composed as in `deltakern.backends.compose`: the rank-r term (and the bias) first,
-  the big GEMM adding into it (beta = 1); DoRA's column scale g folded into W or into the [M, N]
-  operand, whichever is smaller; db and c = sum dY (y - b) in one pass (the native kernel, which
-  also forms dY * g when g goes into dY; else a cache-resident torch loop); dora_colsum with a column
-  mask computes only those columns.
+* The large products run on the native packed GEMM (`deltakern._cpu_ext.gemm`) when `_gemm` says so
+  (extension loaded, AVX2 / AVX-512, M > 16, at least GEMM_MIN_WORK multiply-adds): the rank-r term
+  rides as r more steps of its K loop and DoRA's column scale and the bias go into its last pass,
+  so y = (x W^T + s xa B^T) [* g] + b and dX = dY W + s dyb A are each one pass over their output;
+  an NF4 W is decoded while packed (fp32 inputs), never built. Otherwise they are composed of torch's
+  fp32 matmuls as in `deltakern.backends.compose`: the rank-r term (and the bias) first, the big GEMM
+  adding into it (beta = 1); DoRA's g folded into W or into the [M, N] operand, whichever is smaller.
+* DoRA's db and c = sum dY (y - b) come from one native pass (which also forms dY * g); without the
+  extension a cache-resident torch loop. dora_colsum with a column mask computes only those columns.
 * Everything is computed in fp32: fp16 / bf16 inputs are upcast and the outputs rounded once (what
-  the references do; a CPU without half-precision units runs fp32 BLAS far faster). float64 inputs
-  (tests) stay float64.
-* With the native extension loaded (deltakern._cpu_ext, fp32 / fp16 / bf16 inputs): an NF4 W is
-  decoded into its reused per-thread fp32 workspace (`_weight`; values rounded to the input dtype, as
-  every backend decodes W), and for M <= 16 rows (decode) linear_* and lora_*_nf4 run its NF4 matmuls,
-  which read W as 4-bit and never build it. Without it, the reference decode builds W per call.
-* The dropout (keep-mask) forms of dora_fwd / dora_bwd run the references.
+  the references do; a CPU without half-precision units runs fp32 far faster). float64 inputs
+  (tests) stay float64 (BLAS).
+* With the native extension loaded (fp32 / fp16 / bf16 inputs): an NF4 W that the GEMM cannot decode
+  itself (fp16 / bf16 inputs: W rounded to their dtype; K % 8 != 0; BLAS paths) is decoded into its
+  reused per-thread fp32 workspace (`_weight`), and for M <= 16 rows (decode) linear_* and
+  lora_*_nf4 run its NF4 matmuls, which read W as 4-bit. Without it, the reference decode builds W
+  per call.
+* The dropout (keep-mask) forms of dora_fwd / dora_bwd run the references; a masked lora_dx, BLAS.
 """
 
 from __future__ import annotations
@@ -272,7 +276,8 @@ def dora_bwd(dy, weight, absmax, code, N, K, blocksize, dyb, lora_A, g, keep, y,
             # the pass that sums db and c
             dyg, db, c = _col_sums(dy, y, bias, bool(compute_db), f32(g))
             dyg = f32(dy) * f32(g) if dyg is None else dyg
-            dx = _product(dyg, weight, absmax, code, N, K, blocksize, dy.dtype, False, None, dyb, lora_A, False, scaling)
+            dx = _product(dyg, weight, absmax, code, N, K, blocksize, dy.dtype, False, None, dyb, lora_A, False,
+                          scaling)
             dx = _round(dx, dy.dtype)
         elif compute_dx:
             w, scratch = _weight(weight, absmax, code, N, K, blocksize, dy.dtype)
