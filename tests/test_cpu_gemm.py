@@ -7,9 +7,12 @@ Every ISA this CPU runs, at 1 and 2 threads (bit-identical: each output row has 
 sums run in a fixed order), on shapes with tails in M, N and K against every tile and block size
 (MR = 12 / 6 / 4 rows, NR = 32 / 16 / 8 columns, KC = 512, NC = 4096; threads splitting M or N),
 with and without the rank-r term, bias and accumulation. Bound: a sum of n = K + R fp32 products
-against float64 of the same inputs, |err| <= n * eps32 * (|a| . |op(b)| + |scale2| |a2| . |op2(b2)| + |bias| + |out|). An NF4 operand is
-decoded while packed to exactly the values of the bit-exact dequantize, so its result equals the
-dense GEMM over the dequantized W bit for bit.
+against float64 of the same inputs,
+
+    |err| <= n * eps32 * (|a| . |op(b)| + |scale2| |a2| . |op2(b2)| + |bias| + |out|).
+
+An NF4 operand is decoded while packed to exactly the values of the bit-exact dequantize, so its
+result equals the dense GEMM over the dequantized W bit for bit.
 """
 
 import pytest
