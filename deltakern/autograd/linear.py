@@ -12,7 +12,7 @@ from deltakern.autograd._common import (
     weight_shape,
 )
 from deltakern.nf4 import NF4Weight
-from deltakern.backends import registry
+from deltakern.backends import cpu_blas, registry
 import deltakern.ops.linear  # noqa: F401,E402  (defines torch.ops.deltakern.linear_*)
 
 
@@ -117,12 +117,12 @@ def linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor] = None) -> torc
             raise ValueError(f"bias is on {bias.device} but x is on {device}")
         if tuple(bias.shape) != (N,):
             raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
-    if not is_nf4 and device.type == "cpu" and dtype in (torch.float32, torch.float64) \
-            and registry.resolve("linear_fwd", "cpu") == "cpu":
-        # the cpu backend's dense linear is this very addmm (and its backward dY W, sum dY): torch's
-        # own autograd runs it without the Function's Python overhead (W is frozen: no dW)
-        return torch.nn.functional.linear(x, weight, bias)
     x2 = x.reshape(-1, K)
+    if not is_nf4 and device.type == "cpu" and dtype in (torch.float32, torch.float64) \
+            and registry.resolve("linear_fwd", "cpu") == "cpu" and not cpu_blas.native_gemm(x2.shape[0], N, K, dtype):
+        # below the native GEMM's size the cpu backend's dense linear is this very addmm (and its
+        # backward dY W, sum dY): torch's own autograd runs it without the Function's Python overhead
+        return torch.nn.functional.linear(x, weight, bias)
     if is_nf4:
         y = FrozenLinearFunction.apply(x2, weight.packed_bytes(), weight.absmax_fp32(), weight.code, bias, N,
                                        int(weight.blocksize))

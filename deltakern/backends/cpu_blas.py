@@ -79,6 +79,9 @@ def _gemm(M: int, N: int, K: int, dtype, r: int = 0) -> bool:
         and r <= _cpu_ext.MAX_LOWRANK_R and _cpu_ext.gemm_fast()
 
 
+native_gemm = _gemm  # for the layers' own CPU shortcuts: whether these ops' products run the native GEMM
+
+
 def _nf4_packed(packed, absmax, code, N: int, K: int, blocksize: int, dtype):
     """The `nf4=` operand of _cpu_ext.gemm (W decoded while packed), or None when W must be decoded to
     the workspace first: inputs not fp32 (W rounded to their dtype) or K % 8 != 0."""
