@@ -392,11 +392,13 @@ def _gemm_operand(name: str, t, shape: tuple) -> torch.Tensor:
 
 
 def gemm(a, b=None, *, b_t: bool, nf4=None, bias=None, a2=None, b2=None, b2_t: bool = False, scale2: float = 1.0,
-         col_scale=None, out=None) -> torch.Tensor:
+         col_scale=None, out=None, proj=None, proj_t: bool = False):
     """out[M, N] = (out, if given: accumulated into) + bias[N] + a[M, K] . op(b) + scale2 * a2[M, R] . op2(b2),
     fp32, by the native packed GEMM (one pass writes out: the rank-R term rides along as R more steps).
     col_scale [N] (not with out) scales the products before the bias: (a . op(b) + scale2 a2 . op2(b2))
     * col_scale + bias, DoRA's g * (x W^T + s xa B^T) + b.
+    proj (instead of a2): a2 = a . op(proj) is computed by the kernel from its packed tiles of a (xa = x A^T
+    with proj = A [R, K], proj_t; dyb = dY B with proj = B [K, R]) and returned: (out, a2 [M, R]).
 
     op(b) = b^T for b_t (b [N, K]: y = x W^T) else b [K, N] (dX = dY W). `nf4` = (packed, absmax,
     code, rows, cols, blocksize) replaces b by an NF4 W [rows, cols] (fp32 absmax; cols % 8 == 0),
@@ -427,6 +429,13 @@ def gemm(a, b=None, *, b_t: bool, nf4=None, bias=None, a2=None, b2=None, b2_t: b
     if col_scale is not None and out is not None:
         raise ValueError("col_scale scales the whole product: it cannot be combined with accumulating into out")
     R = 0
+    if proj is not None:
+        if a2 is not None:
+            raise ValueError("pass a2 or proj (a2 = a . op(proj), computed), not both")
+        proj = _f32_matrix("proj", proj, cols=K if proj_t else None, rows=None if proj_t else K)
+        a2 = torch.empty(M, _rank(proj.shape[0] if proj_t else proj.shape[1]), dtype=torch.float32)
+        if b2 is None:
+            raise ValueError("proj feeds the rank-r term: pass b2 as well")
     if (a2 is None) != (b2 is None):
         raise ValueError("the rank-r term needs both a2 and b2")
     if a2 is not None:
@@ -443,10 +452,14 @@ def gemm(a, b=None, *, b_t: bool, nf4=None, bias=None, a2=None, b2=None, b2_t: b
         accumulate = 1
     if M and N:
         lda2, ldb2 = (a2.stride(0), b2.stride(0)) if R else (0, 0)
-        C.gemm(a.data_ptr(), a.stride(0), bptr, ldb, int(b_t), *nf4_ptrs, *_ptrs(a2), lda2, *_ptrs(b2), ldb2,
-               int(b2_t), R, float(scale2), *_ptrs(col_scale, bias), out.data_ptr(), N, accumulate, M, N, K,
+        a2ptr, pargs = (0, (proj.data_ptr(), proj.stride(0), int(proj_t), a2.data_ptr())) if proj is not None \
+            else (a2.data_ptr() if R else 0, (0, 0, 0, 0))
+        C.gemm(a.data_ptr(), a.stride(0), bptr, ldb, int(b_t), *nf4_ptrs, a2ptr, lda2, *_ptrs(b2), ldb2, int(b2_t), R,
+               float(scale2), *pargs, *_ptrs(col_scale, bias), out.data_ptr(), N, accumulate, M, N, K,
                _threads(M * N * (K + R)), isa())  # GRAIN multiply-adds (~20 us) per thread
-    return out
+    elif proj is not None:  # no output columns: the projection alone
+        torch.mm(a, proj.t() if proj_t else proj, out=a2)
+    return (out, a2) if proj is not None else out
 
 
 _workspace = threading.local()

@@ -156,3 +156,33 @@ def test_layer_ops_take_the_gemm_and_match_blas(ext, monkeypatch, dtype, nf4):
     tol = 1e-4 if dtype == torch.float32 else 1e-2  # fp32 sums; bf16: one rounding of the result
     torch.testing.assert_close(y.double(), y_ref, rtol=tol, atol=tol * 30)
     torch.testing.assert_close(g.double(), dx_ref, rtol=tol, atol=tol * 30)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("nf4", [False, True])
+@pytest.mark.parametrize("M", [130, 20])  # 130: the native GEMM projects (M N K >= GEMM_MIN_WORK); 20: the fallback
+def test_projecting_ops_match_the_reference(ext, dtype, nf4, M):
+    """lora_fwd_xa / lora_dx_dyb on the CPU (xa, dyb computed inside the GEMM) against their references:
+    the projections within fp32 rounding of float64, the outputs as lora_fwd / lora_dx."""
+    from deltakern.backends.reference import lora as ref
+
+    K, N, r, bs = 512, 520, 8, 64
+    x, dy = _rand(M, K, seed=1).to(dtype), _rand(M, N, seed=2).to(dtype)
+    A, B, bias = _rand(r, K, seed=3).to(dtype), _rand(N, r, seed=4).to(dtype), _rand(N, seed=5).to(dtype)
+    wq, wd = _nf4(N, K, bs, seed=8)
+    w_args = (wq[0], wq[1], wq[2], N, K, bs) if nf4 else (wd.to(dtype), None, None, N, K, 0)
+    wv = wd.to(dtype).double()  # the W every path multiplies by (an NF4 W decoded, rounded to the input dtype)
+    y, xa = cpu_blas.lora_fwd_xa(x, *w_args, bias, A, B, 0.5)
+    y_ref, xa_ref = ref.lora_fwd_xa(x, *w_args, bias, A, B, 0.5)
+    dx, dyb = cpu_blas.lora_dx_dyb(dy, *w_args, B, A, 0.5)
+    dx_ref, dyb_ref = ref.lora_dx_dyb(dy, *w_args, B, A, 0.5)
+    for got, want in ((y, y_ref), (xa, xa_ref), (dx, dx_ref), (dyb, dyb_ref)):
+        assert got.dtype == dtype and got.shape == want.shape
+    f = lambda t: t.double()  # noqa: E731
+    tol = 2e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(xa.double(), f(x) @ f(A).t(), rtol=tol, atol=tol * K**0.5)
+    torch.testing.assert_close(dyb.double(), f(dy) @ f(B), rtol=tol, atol=tol * N**0.5)
+    y_exact = f(x) @ wv.t() + f(bias) + 0.5 * (f(x) @ f(A).t()) @ f(B).t()
+    dx_exact = f(dy) @ wv + 0.5 * (f(dy) @ f(B)) @ f(A)
+    torch.testing.assert_close(y.double(), y_exact, rtol=tol, atol=tol * K**0.5)
+    torch.testing.assert_close(dx.double(), dx_exact, rtol=tol, atol=tol * N**0.5)

@@ -294,6 +294,23 @@ def test_triton_forward(tk, M, K, N, r, kind, dtype, flag):
     assert_rule(base, plain, ref, dtype, "out (reference)")
 
 
+@pytest.mark.parametrize("kind", ["dense", "nf4"])
+def test_triton_projecting_ops_compose_the_fused_ones(tk, kind):
+    """The triton backend's lora_fwd_xa / lora_dx_dyb are the rank-r op and the fused kernel, composed."""
+    from deltakern.backends import triton as triton_backend
+    from deltakern.ops import lowrank
+
+    M, K, N, r = 5, 64, 40, 4
+    x, W, b, A, B, (w, kw) = _kernel_problem(M, K, N, r, kind, torch.float32)
+    absmax, code, bs = kw.get("nf4", (None, None, 0))
+    y, xa = triton_backend.lora_fwd_xa(x, w, absmax, code, N, K, bs, b, A, B, 0.5)
+    assert torch.equal(xa, lowrank.xat(x, A)) and torch.equal(y, tk.lora_forward(x, w, b, xa, B, 0.5, **kw))
+    dy = rand((M, N), 4, dtype=torch.float32, device=DEV)
+    dx, dyb = triton_backend.lora_dx_dyb(dy, w, absmax, code, N, K, bs, B, A, 0.5)
+    assert torch.equal(dyb, lowrank.xat(dy, B.t()))
+    assert torch.equal(dx, tk.lora_backward_dx(dy, w, dyb, A, 0.5, **kw))
+
+
 @pytest.mark.parametrize("M,K,N,r,kind,dtype,flag", KERNEL_CASES)
 def test_triton_backward_dx(tk, M, K, N, r, kind, dtype, flag):
     x, W, b, A, B, (w, kw) = _kernel_problem(M, K, N, r, kind, dtype, seed=3)
@@ -416,10 +433,14 @@ def _op_samples(dtype=torch.float32, device="cpu"):
         (torch.ops.deltakern.lora_dx.default, (dy, W, dyb, A, 0.5, keep, 2.0)),
         (torch.ops.deltakern.lora_dx.default, (dy, W, dyb, A, 0.5, None, 1.0)),
         (torch.ops.deltakern.lora_dx_nf4.default, (dy, *nq, dyb, A, 0.5, keep, 2.0)),
+        (torch.ops.deltakern.lora_fwd_xa.default, (x, W, None, None, 20, 33, 0, b, A, B, 0.5)),
+        (torch.ops.deltakern.lora_fwd_xa.default, (x, *nq, None, A, B, 0.5)),
+        (torch.ops.deltakern.lora_dx_dyb.default, (dy, W, None, None, 20, 33, 0, B, A, 0.5)),
+        (torch.ops.deltakern.lora_dx_dyb.default, (dy, *nq, B, A, 0.5)),
     ]
 
 
-@pytest.mark.parametrize("i", range(6))
+@pytest.mark.parametrize("i", range(10))
 def test_opcheck_cpu(i):
     opcheck_sample(_op_samples(), i)
 

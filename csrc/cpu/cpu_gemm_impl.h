@@ -36,12 +36,12 @@ constexpr int64_t G_NC = 4096;
 constexpr int64_t G_RMAX = 64;
 
 // A grow-only 64-byte-aligned buffer per thread and slot (0: the calling thread's packed B block, 1: a
-// worker's packed A block), kept between calls: a fresh megabyte-sized allocation would page-fault on
-// every call, which costs as much as packing it.
+// worker's packed A block, 2: a worker's packed projection), kept between calls: a fresh megabyte-sized
+// allocation would page-fault on every call, which costs as much as packing it.
 struct Scratch {
-    float* p[2] = {nullptr, nullptr};
-    size_t n[2] = {0, 0};
-    ~Scratch() { std::free(p[0]); std::free(p[1]); }
+    float* p[3] = {nullptr, nullptr, nullptr};
+    size_t n[3] = {0, 0, 0};
+    ~Scratch() { std::free(p[0]); std::free(p[1]); std::free(p[2]); }
     float* get(int slot, size_t floats) {
         if (n[slot] < floats) {
             std::free(p[slot]);
@@ -67,25 +67,27 @@ struct Epilogue {
     Epilogue at(int64_t j) const { return {add, cs ? cs + j : nullptr, bias ? bias + j : nullptr}; }
 };
 
-// acc = A-panel . B-panel over kc steps, then stored through the epilogue into c (row stride ldc)
+// acc = A-panel . B-panel (NV vectors wide) over kc steps, then stored through the epilogue into c
+// (row stride ldc)
+template <int NV = G_NV>
 inline void ukernel(int64_t kc, const float* __restrict ap, const float* __restrict bp, float* c, int64_t ldc,
                     const Epilogue& e) {
-    vf acc[G_MR][G_NV];
+    vf acc[G_MR][NV];
     for (int i = 0; i < G_MR; ++i)
-        for (int v = 0; v < G_NV; ++v) acc[i][v] = vf{};
+        for (int v = 0; v < NV; ++v) acc[i][v] = vf{};
     for (int64_t k = 0; k < kc; ++k) {
-        vf b[G_NV];
-        for (int v = 0; v < G_NV; ++v) b[v] = vload(bp + v * VW);
-        __builtin_prefetch(bp + 8 * G_NR);
+        vf b[NV];
+        for (int v = 0; v < NV; ++v) b[v] = vload(bp + v * VW);
+        __builtin_prefetch(bp + 8 * NV * VW);
         for (int i = 0; i < G_MR; ++i) {
             const float a = ap[i];
-            for (int v = 0; v < G_NV; ++v) acc[i][v] += b[v] * a;
+            for (int v = 0; v < NV; ++v) acc[i][v] += b[v] * a;
         }
         ap += G_MR;
-        bp += G_NR;
+        bp += NV * VW;
     }
     for (int i = 0; i < G_MR; ++i)
-        for (int v = 0; v < G_NV; ++v) {
+        for (int v = 0; v < NV; ++v) {
             float* p = c + i * ldc + v * VW;
             vf r = e.add ? vload(p) + acc[i][v] : acc[i][v];
             if (e.cs) r *= vload(e.cs + v * VW);
@@ -94,14 +96,15 @@ inline void ukernel(int64_t kc, const float* __restrict ap, const float* __restr
         }
 }
 
-// An edge tile (mr <= MR rows, nr <= NR columns): the full microkernel into a scratch tile.
+// An edge tile (mr <= MR rows, nr <= NV * VW columns): the full microkernel into a scratch tile.
+template <int NV = G_NV>
 inline void ukernel_edge(int64_t kc, const float* ap, const float* bp, float* c, int64_t ldc, const Epilogue& e,
                          int mr, int nr) {
-    alignas(64) float t[G_MR * G_NR];
-    ukernel(kc, ap, bp, t, G_NR, Epilogue{false, nullptr, nullptr});
+    alignas(64) float t[G_MR * NV * VW];
+    ukernel<NV>(kc, ap, bp, t, NV * VW, Epilogue{false, nullptr, nullptr});
     for (int i = 0; i < mr; ++i)
         for (int j = 0; j < nr; ++j) {
-            float r = e.add ? c[i * ldc + j] + t[i * G_NR + j] : t[i * G_NR + j];
+            float r = e.add ? c[i * ldc + j] + t[i * NV * VW + j] : t[i * NV * VW + j];
             if (e.cs) r *= e.cs[j];
             if (e.bias) r += e.bias[j];
             c[i * ldc + j] = r;
@@ -215,24 +218,48 @@ void pack_b_panel(const dk::GemmArgs& g, int64_t n0, int nr, int64_t k0, int64_t
                               : g.scale2 * (g.b2_nt ? g.b2[(n0 + j) * g.ldb2 + q] : g.b2[q * g.ldb2 + n0 + j]);
 }
 
+// The projection a2 = a . op(proj) (R columns, op(proj) = proj^T for proj_t: proj [R, K]) is computed
+// from the packed A tiles while they are in L1, one VW-wide panel of op(proj) at a time (rpack: its
+// K block's ceil(R / VW) panels, kc x VW each), into a2_out's rows, K block by K block.
+void pack_proj(const dk::GemmArgs& g, int64_t k0, int64_t kc, float* rpack) {
+    for (int64_t q = 0; q * VW < g.R; ++q)
+        for (int64_t k = 0; k < kc; ++k)
+            for (int j = 0; j < VW; ++j) {
+                const int64_t col = q * VW + j;
+                rpack[(q * kc + k) * VW + j] = col >= g.R ? 0.0f
+                                               : g.proj_t ? g.proj[col * g.ldp + k0 + k] : g.proj[(k0 + k) * g.ldp + col];
+            }
+}
+
+// Pack row tile [row, row + mr) of A for K block kb into dst (kc steps, then in the last block the
+// tile's R rank-term steps from a2). With proj: first add the tile's a . op(proj) over this block
+// into a2_out (so a2 is complete when the last block packs it).
+void pack_tile(const dk::GemmArgs& g, int64_t kb, int64_t nkb, int64_t row, int mr, float* dst, const float* rpack,
+               bool proj) {
+    const int64_t k0 = kb * G_KC, kc = std::min(G_KC, g.K - k0);
+    pack_rows(g.a + row * g.lda + k0, g.lda, mr, kc, dst);
+    if (proj)
+        for (int64_t q = 0; q * VW < g.R; ++q)
+            ukernel_edge<1>(kc, dst, rpack + q * kc * VW, g.a2_out + row * g.R + q * VW, g.R,
+                            Epilogue{kb > 0, nullptr, nullptr}, mr, (int)std::min<int64_t>(VW, g.R - q * VW));
+    if (kb == nkb - 1 && g.a2) pack_rows(g.a2 + row * g.lda2, g.lda2, mr, g.R, dst + kc * G_MR);
+}
+
 // Rows [m_lo, m_hi) x panels [p_lo, p_hi) of the N block at n0 (nc columns) for K block kb; bpack holds
 // the block's packed panels (kx = kc + the rank-R steps in the last block), panel p at p * NR * kx_max
 // (a fixed place: in the N split a thread repacks its panels for the next K block while another
-// still reads its own).
+// still reads its own). proj: also compute these rows' projection (see pack_tile).
 void gemm_block(const dk::GemmArgs& g, int64_t n0, int64_t nc, int64_t kb, int64_t nkb, int64_t m_lo, int64_t m_hi,
-                int64_t p_lo, int64_t p_hi, const float* bpack, int64_t kx_max, float* apack) {
+                int64_t p_lo, int64_t p_hi, const float* bpack, int64_t kx_max, float* apack, const float* rpack,
+                bool proj) {
     const int64_t k0 = kb * G_KC, kc = std::min(G_KC, g.K - k0);
     const bool last = kb == nkb - 1, ext = last && g.a2;
     const int64_t kx = kc + (ext ? g.R : 0);
     const Epilogue e{g.accumulate || kb > 0, last ? g.cs : nullptr, last && g.bias ? g.bias + n0 : nullptr};
     for (int64_t m0 = m_lo; m0 < m_hi; m0 += G_MC) {
         const int64_t mc = std::min(G_MC, m_hi - m0);
-        for (int64_t i = 0; i < mc; i += G_MR) {
-            const int mr = (int)std::min<int64_t>(G_MR, mc - i);
-            float* dst = apack + i * kx;
-            pack_rows(g.a + (m0 + i) * g.lda + k0, g.lda, mr, kc, dst);
-            if (ext) pack_rows(g.a2 + (m0 + i) * g.lda2, g.lda2, mr, g.R, dst + kc * G_MR);
-        }
+        for (int64_t i = 0; i < mc; i += G_MR)
+            pack_tile(g, kb, nkb, m0 + i, (int)std::min<int64_t>(G_MR, mc - i), apack + i * kx, rpack, proj);
         for (int64_t p = p_lo; p < p_hi; ++p) {
             const int nr = (int)std::min<int64_t>(G_NR, nc - p * G_NR);
             const float* bp = bpack + p * G_NR * kx_max;
@@ -250,8 +277,14 @@ void gemm_block(const dk::GemmArgs& g, int64_t n0, int64_t nc, int64_t kb, int64
 // Threads split M (each a share of MR-row tiles over every panel; the panels of a K block are packed
 // by all threads, then a barrier) when there are enough rows for every thread to have several MC
 // blocks' worth; otherwise they split the panels of N (each packs and uses its own panels, and packs
-// all of A: no barriers). Either way each C element has one writer and one summation order.
-void gemm(const dk::GemmArgs& g, int nthreads) {
+// all of A: no barriers; a projection is then computed first, rows split, then a barrier). Either way
+// each C element (and a2 element) has one writer and one summation order.
+void gemm(const dk::GemmArgs& args, int nthreads) {
+    dk::GemmArgs g = args;
+    if (g.proj) {  // the rank term's A2 is the projection, computed here
+        g.a2 = g.a2_out;
+        g.lda2 = g.R;
+    }
     const int64_t M = g.M, N = g.N, K = g.K;
     if (M <= 0 || N <= 0) return;
     const int64_t nkb = std::max<int64_t>(1, (K + G_KC - 1) / G_KC);
@@ -260,25 +293,40 @@ void gemm(const dk::GemmArgs& g, int nthreads) {
     const bool split_m = tiles >= 4 * (int64_t)nthreads;
     const int T = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, split_m ? tiles : panels_max));
     const int64_t kx_max = std::min(G_KC, K) + (g.a2 ? g.R : 0);
+    const int64_t rpanels = g.proj ? (g.R + VW - 1) / VW : 0;
     float* bpack = scratch(0, panels_max * G_NR * kx_max);
 #pragma omp parallel num_threads(T)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         float* apack = scratch(1, G_MC * kx_max);
+        float* rpack = g.proj ? scratch(2, rpanels * VW * std::min(G_KC, K)) : nullptr;
+        const int64_t row_share = (tiles + nt - 1) / nt * G_MR;
+        const int64_t m_lo = std::min(M, t * row_share), m_hi = std::min(M, m_lo + row_share);
+        if (g.proj && !split_m) {  // the projection first: this thread's rows, every K block
+            for (int64_t kb = 0; kb < nkb; ++kb) {
+                const int64_t k0 = kb * G_KC, kc = std::min(G_KC, K - k0);
+                pack_proj(g, k0, kc, rpack);
+                for (int64_t row = m_lo; row < m_hi; row += G_MR) {
+                    dk::GemmArgs only = g;
+                    only.a2 = nullptr;  // pack and project; the rank steps are packed in the main pass
+                    pack_tile(only, kb, nkb, row, (int)std::min<int64_t>(G_MR, m_hi - row), apack, rpack, true);
+                }
+            }
+#pragma omp barrier
+        }
         for (int64_t n0 = 0; n0 < N; n0 += G_NC) {
             const int64_t nc = std::min(G_NC, N - n0), panels = (nc + G_NR - 1) / G_NR;
+            const bool proj = g.proj && split_m && n0 == 0;  // projected in the first N block's passes
             for (int64_t kb = 0; kb < nkb; ++kb) {
                 const int64_t k0 = kb * G_KC, kc = std::min(G_KC, K - k0);
                 const bool ext = kb == nkb - 1 && g.a2;
-                const int64_t kx = kc + (ext ? g.R : 0);
+                if (proj) pack_proj(g, k0, kc, rpack);
                 if (split_m) {
 #pragma omp for schedule(static)
                     for (int64_t p = 0; p < panels; ++p)
                         pack_b_panel(g, n0 + p * G_NR, (int)std::min<int64_t>(G_NR, nc - p * G_NR), k0, kc, ext,
                                      bpack + p * G_NR * kx_max);  // implicit barrier: every panel packed
-                    const int64_t share = (tiles + nt - 1) / nt * G_MR;
-                    const int64_t m_lo = std::min(M, t * share), m_hi = std::min(M, m_lo + share);
-                    gemm_block(g, n0, nc, kb, nkb, m_lo, m_hi, 0, panels, bpack, kx_max, apack);
+                    gemm_block(g, n0, nc, kb, nkb, m_lo, m_hi, 0, panels, bpack, kx_max, apack, rpack, proj);
 #pragma omp barrier
                 } else {
                     const int64_t share = (panels + nt - 1) / nt;
@@ -286,7 +334,7 @@ void gemm(const dk::GemmArgs& g, int nthreads) {
                     for (int64_t p = p_lo; p < p_hi; ++p)
                         pack_b_panel(g, n0 + p * G_NR, (int)std::min<int64_t>(G_NR, nc - p * G_NR), k0, kc, ext,
                                      bpack + p * G_NR * kx_max);
-                    gemm_block(g, n0, nc, kb, nkb, 0, M, p_lo, p_hi, bpack, kx_max, apack);
+                    gemm_block(g, n0, nc, kb, nkb, 0, M, p_lo, p_hi, bpack, kx_max, apack, nullptr, false);
                 }
             }
             if (!split_m && n0 + G_NC < N) {

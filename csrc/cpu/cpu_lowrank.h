@@ -32,12 +32,15 @@ namespace dk {
 // not null) an NF4 W: 4-bit codes with absmax[e / blocksize] for element e = row * ldb + column of
 // its row-major [rows, ldb] layout (fp32 scales, code[16]; ldb % 8 == 0, so each aligned run of 8
 // lies in one block). op2(B2) = B2^T for b2_nt (B2 [N, R], stride ldb2) else B2 ([R, N]); a2 null:
-// no rank-R term. R <= 64.
+// no rank-R term. R <= 64. With proj (then a2 is null): the kernel computes A2 = A . op(proj) itself
+// into a2_out [M, R] (contiguous) and uses it, op(proj) = proj^T for proj_t (proj [R, K], stride ldp)
+// else proj ([K, R]): xa = x A^T in the forward, dyb = dY B in dX's GEMM, from A's packed tiles.
 struct GemmArgs {
     const float* a; int64_t lda;
     const float* b; int64_t ldb; int b_nt;
     const uint8_t* b_nf4; const float* absmax; const float* code; int64_t blocksize;
     const float* a2; int64_t lda2; const float* b2; int64_t ldb2; int b2_nt; int64_t R; float scale2;
+    const float* proj; int64_t ldp; int proj_t; float* a2_out;
     const float* cs; const float* bias;
     float* c; int64_t ldc; int accumulate;
     int64_t M, N, K;

@@ -181,19 +181,21 @@ PYBIND11_MODULE(_cpu, m) {
         "gemm",
         [](uintptr_t a, int64_t lda, uintptr_t b, int64_t ldb, int b_nt, uintptr_t b_nf4, uintptr_t absmax, uintptr_t code,
            int64_t blocksize, uintptr_t a2, int64_t lda2, uintptr_t b2, int64_t ldb2, int b2_nt, int64_t R, float scale2,
-           uintptr_t cs, uintptr_t bias, uintptr_t c, int64_t ldc, int accumulate, int64_t M, int64_t N, int64_t K,
+           uintptr_t proj, int64_t ldp, int proj_t, uintptr_t a2_out, uintptr_t cs, uintptr_t bias, uintptr_t c, int64_t ldc, int accumulate, int64_t M, int64_t N, int64_t K,
            int nthreads,
            const std::string& isa) {
             const dk::LowRankKernels& k = pick_lowrank(isa);
             dk::GemmArgs g{ptr<const float>(a), lda, ptr<const float>(b), ldb, b_nt, ptr<const uint8_t>(b_nf4),
                            ptr<const float>(absmax), ptr<const float>(code), blocksize, ptr<const float>(a2), lda2,
-                           ptr<const float>(b2), ldb2, b2_nt, R, scale2, ptr<const float>(cs), ptr<const float>(bias),
+                           ptr<const float>(b2), ldb2, b2_nt, R, scale2, ptr<const float>(proj), ldp, proj_t,
+                           ptr<float>(a2_out), ptr<const float>(cs), ptr<const float>(bias),
                            ptr<float>(c), ldc,
                            accumulate, M, N, K};
             py::gil_scoped_release nogil;
             k.gemm(g, nthreads);
         },
-        "c[M, N] = ((accumulate: c) + a . op(b) + scale2 * a2 . op2(b2)) * cs + bias, fp32 (cpu_lowrank.h GemmArgs)");
+        "c[M, N] = ((accumulate: c) + a . op(b) + scale2 * a2 . op2(b2)) * cs + bias, fp32; a2 = a . op(proj) "
+        "computed (into a2_out) when proj is given (cpu_lowrank.h GemmArgs)");
     bind_quantize(m);
 }
 

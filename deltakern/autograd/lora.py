@@ -30,6 +30,13 @@ def _fused(x: torch.Tensor, M: int, N: int, K: int, weight_kind: str, r: int) ->
     return registry.fused_path("lora", x, M, N, K, weight_kind, r)
 
 
+def _projects(t: torch.Tensor) -> bool:
+    """Whether the fused path computes xa (dyb) inside its GEMM: the ops that return it
+    (`lora_fwd_xa`, `lora_dx_dyb`) run where the CPU backend runs the LoRA ops (the Triton path
+    and the interpreter lane keep lowrank_xat + lora_fwd)."""
+    return t.device.type == "cpu" and registry.resolve("lora_fwd", "cpu") == "cpu"
+
+
 class LoRALinearFunction(torch.autograd.Function):
     r"""y = x W^T + b + s (D(x) A^T) B^T, with W frozen (dense or NF4).
 
@@ -39,11 +46,14 @@ class LoRALinearFunction(torch.autograd.Function):
     gives PEFT's mask); with p = 0 or outside training x_d = x and no mask exists.
 
     Forward:
-        xa  = x_d A^T                                   [M, r]  (deltakern::lowrank_xat)
+        xa  = x_d A^T                                   [M, r]  (deltakern::lowrank_xat; on the CPU
+                                                                 without dropout lora_fwd_xa returns it
+                                                                 with y, from the GEMM's packed x)
         y   = x W^T + s xa B^T + b                      [M, N]  (one fused op, fp32 accumulator; the
                                                                  composition: b + s xa B^T, then += x W^T)
     Backward, with dY = dL/dy [M, N]:
-        dyb = dY B                                      [M, r]  (deltakern::lowrank_xat with B^T)
+        dyb = dY B                                      [M, r]  (deltakern::lowrank_xat with B^T; on
+                                                                 the CPU without dropout lora_dx_dyb)
         dX  = dY W + s (dyb A) * m / (1 - p)            [M, K]  (one fused op; mask term only if p > 0)
         dA  = s dyb^T x_d                               [r, K]  (deltakern::lowrank_gtx)
         dB  = s dY^T xa                                 [N, r]  (deltakern::lowrank_gtx: one pass
@@ -80,9 +90,13 @@ class LoRALinearFunction(torch.autograd.Function):
         else:
             keep = None
             xd = x2
-        xa = lowrank.xat(xd, lora_A)
+        project = fused and keep is None and _projects(x2)
+        xa = None if project else lowrank.xat(xd, lora_A)
 
-        if is_nf4 and fused:
+        if project:  # xa computed inside the forward GEMM
+            out, xa = registry.run("lora_fwd_xa", x2, weight, absmax, code, N, K, blocksize, bias, lora_A, lora_B,
+                                   scaling)
+        elif is_nf4 and fused:
             out = registry.run("lora_fwd_nf4", x2, weight, absmax, code, N, K, blocksize, bias, xa, lora_B, scaling)
         elif fused:
             out = registry.run("lora_fwd", x2, weight, bias, xa, lora_B, scaling)
@@ -106,9 +120,12 @@ class LoRALinearFunction(torch.autograd.Function):
         keep_scale = 1.0 / (1.0 - p)
         dx = db = dA = dB = None
 
-        dyb = lowrank.xat(dy2, lora_B.t()) if (need_x or need_A) else None
+        project = need_x and fused and keep is None and _projects(dy2)
+        dyb = lowrank.xat(dy2, lora_B.t()) if (need_x or need_A) and not project else None
         if need_x:
-            if is_nf4 and fused:
+            if project:  # dyb computed inside the dX GEMM
+                dx, dyb = registry.run("lora_dx_dyb", dy2, weight, absmax, code, N, K, blocksize, lora_B, lora_A, s)
+            elif is_nf4 and fused:
                 dx = registry.run("lora_dx_nf4", dy2, weight, absmax, code, N, K, blocksize, dyb, lora_A, s,
                                                      keep, keep_scale)
             elif fused:

@@ -1,6 +1,6 @@
 """CPU implementations of the layer ops, registered as the `cpu` backend of
 
-    linear_fwd, linear_bwd, lora_fwd, lora_fwd_nf4, lora_dx, lora_dx_nf4,
+    linear_fwd, linear_bwd, lora_fwd, lora_fwd_nf4, lora_dx, lora_dx_nf4, lora_fwd_xa, lora_dx_dyb,
     dora_norm_parts, dora_fwd, dora_bwd, dora_colsum
 
 so a CPU call runs them by default (`DELTAKERN_BACKEND=torch` still runs the references, the oracle).
@@ -9,7 +9,8 @@ so a CPU call runs them by default (`DELTAKERN_BACKEND=torch` still runs the ref
   (extension loaded, AVX2 / AVX-512, M > 16, at least GEMM_MIN_WORK multiply-adds): the rank-r term
   rides as r more steps of its K loop and DoRA's column scale and the bias go into its last pass,
   so y = (x W^T + s xa B^T) [* g] + b and dX = dY W + s dyb A are each one pass over their output;
-  an NF4 W is decoded while packed (fp32 inputs), never built. Otherwise they are composed of torch's
+  an NF4 W is decoded while packed (fp32 inputs), never built; lora_fwd_xa / lora_dx_dyb also compute
+  xa = x A^T / dyb = dY B from the GEMM's packed tiles of x / dY. Otherwise they are composed of torch's
   fp32 matmuls as in `deltakern.backends.compose`: the rank-r term (and the bias) first, the big GEMM
   adding into it (beta = 1); DoRA's g folded into W or into the [M, N] operand, whichever is smaller.
 * DoRA's db and c = sum dY (y - b) come from one native pass (which also forms dY * g); without the
@@ -215,6 +216,41 @@ def lora_dx_nf4(dy, packed, absmax, code, N, K, blocksize, dyb, lora_A, scaling,
                 lora = torch.where(mask.bool(), lora * mask_scale, 0.0)
             return _round(acc.add_(lora, alpha=scaling), dy.dtype)
     return _lora_dx(dy, packed, absmax, code, N, K, blocksize, dyb, lora_A, scaling, mask, mask_scale)
+
+
+def _projected(a, weight, absmax, code, N, K, blocksize, b_t: bool, proj, proj_t: bool, b2, b2_t: bool, scaling,
+               bias=None):
+    """(bias + a . op(W) + s (a . op(proj)) . op2(b2), a . op(proj)), rounded to a's dtype, by one pass of the
+    native GEMM (the projection computed from its packed tiles of a), or None when `_gemm` declines."""
+    r = proj.shape[0] if proj_t else proj.shape[1]
+    if not _gemm(a.shape[0], N, K, a.dtype, r):
+        return None
+    nf4 = None if absmax is None else _nf4_packed(weight, absmax, code, N, K, blocksize, a.dtype)
+    w = None if nf4 is not None else _weight(weight, absmax, code, N, K, blocksize, a.dtype)[0]
+    with autocast_off("cpu"):
+        out, a2 = _cpu_ext.gemm(f32(a), w, nf4=nf4, b_t=b_t, bias=f32(bias), proj=f32(proj), proj_t=proj_t, b2=f32(b2),
+                                b2_t=b2_t, scale2=scaling)
+    return _round(out, a.dtype), _round(a2, a.dtype)
+
+
+@_cpu("lora_fwd_xa")
+def lora_fwd_xa(x, weight, absmax, code, N, K, blocksize, bias, lora_A, lora_B, scaling):
+    """(y, xa): xa = x A^T computed inside the forward GEMM (see _projected); else xat, then lora_fwd."""
+    done = _projected(x, weight, absmax, code, N, K, blocksize, True, lora_A, True, lora_B, True, scaling, bias)
+    if done is not None:
+        return done
+    xa = lowrank.xat(x, lora_A)
+    return _lora_fwd(x, weight, absmax, code, N, K, blocksize, bias, xa, lora_B, scaling), xa
+
+
+@_cpu("lora_dx_dyb")
+def lora_dx_dyb(dy, weight, absmax, code, N, K, blocksize, lora_B, lora_A, scaling):
+    """(dX, dyb): dyb = dY B computed inside the dX GEMM; else xat, then lora_dx."""
+    done = _projected(dy, weight, absmax, code, N, K, blocksize, False, lora_B, False, lora_A, False, scaling)
+    if done is not None:
+        return done
+    dyb = lowrank.xat(dy, lora_B.t())
+    return _lora_dx(dy, weight, absmax, code, N, K, blocksize, dyb, lora_A, scaling, None, 1.0), dyb
 
 
 # ---- DoRA ---------------------------------------------------------------------------------------

@@ -90,6 +90,24 @@ def lora_dx_nf4(dy, packed, absmax, code, N, K, blocksize, dyb, lora_A, scaling,
                                            nf4=(absmax, code, blocksize))
 
 
+@_impl("lora_fwd_xa")
+def lora_fwd_xa(x, weight, absmax, code, N, K, blocksize, bias, lora_A, lora_B, scaling):
+    """xa by the rank-r op (cuBLAS on CUDA), then the fused forward (the CPU backend computes xa in its GEMM)."""
+    from deltakern.ops import lowrank
+
+    xa = lowrank.xat(x, lora_A)
+    return module("lora").lora_forward(x, weight, bias, xa, lora_B, scaling, nf4=_nf4(absmax, code, blocksize)), xa
+
+
+@_impl("lora_dx_dyb")
+def lora_dx_dyb(dy, weight, absmax, code, N, K, blocksize, lora_B, lora_A, scaling):
+    from deltakern.ops import lowrank
+
+    dyb = lowrank.xat(dy, lora_B.t())
+    dx = module("lora").lora_backward_dx(dy, weight, dyb, lora_A, scaling, None, 1.0, nf4=_nf4(absmax, code, blocksize))
+    return dx, dyb
+
+
 # ---- frozen linear (BitFit) ---------------------------------------------------------------------
 
 @_impl("linear_fwd")

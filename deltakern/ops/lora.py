@@ -1,7 +1,13 @@
-"""Schemas of the fused LoRA ops: `deltakern::lora_fwd`, `lora_fwd_nf4`, `lora_dx`, `lora_dx_nf4`.
+"""Schemas of the fused LoRA ops: `deltakern::lora_fwd`, `lora_fwd_nf4`, `lora_dx`, `lora_dx_nf4`,
+`lora_fwd_xa`, `lora_dx_dyb`.
 
     lora_fwd     out[M, N] = x[M, K] . W[N, K]^T + s * xa[M, r] . B[N, r]^T (+ bias[N])
     lora_dx      dx[M, K]  = dy[M, N] . W[N, K]  + s * (dyb[M, r] . A[r, K]) [* mask * mask_scale]
+    lora_fwd_xa  (lora_fwd's out, xa = x . A^T): the projection too (no dropout), dense or NF4 W
+    lora_dx_dyb  (lora_dx's dx, dyb = dy . B): likewise (no mask)
+
+The last two let a backend compute xa (dyb) inside the GEMM that reads x (dy) anyway: the CPU
+backend's packed GEMM projects its packed tiles of x while they are in cache.
 
 The `_nf4` variants take the weight as plain tensors: the packed bytes (flat uint8), the decoded
 fp32 block scales (`NF4Weight.absmax_fp32()`), the 16-entry code book, and N, K, blocksize as ints.
@@ -75,6 +81,36 @@ def lora_dx_nf4(
 @lora_dx_nf4.register_fake
 def _(dy, packed, absmax, code, N, K, blocksize, dyb, lora_A, scaling, mask, mask_scale):
     return dy.new_empty((dy.shape[0], K))
+
+
+@torch.library.custom_op("deltakern::lora_fwd_xa", mutates_args=())
+def lora_fwd_xa(
+    x: torch.Tensor, weight: torch.Tensor, absmax: Optional[torch.Tensor], code: Optional[torch.Tensor],
+    N: int, K: int, blocksize: int, bias: Optional[torch.Tensor], lora_A: torch.Tensor, lora_B: torch.Tensor,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lora_fwd's out [M, N], xa = x . A^T [M, r]) in x's dtype; weight dense [N, K] (absmax, code None)
+    or NF4 as in lora_fwd_nf4."""
+    return registry.call("lora_fwd_xa", x, weight, absmax, code, N, K, blocksize, bias, lora_A, lora_B, scaling)
+
+
+@lora_fwd_xa.register_fake
+def _(x, weight, absmax, code, N, K, blocksize, bias, lora_A, lora_B, scaling):
+    return x.new_empty((x.shape[0], N)), x.new_empty((x.shape[0], lora_A.shape[0]))
+
+
+@torch.library.custom_op("deltakern::lora_dx_dyb", mutates_args=())
+def lora_dx_dyb(
+    dy: torch.Tensor, weight: torch.Tensor, absmax: Optional[torch.Tensor], code: Optional[torch.Tensor],
+    N: int, K: int, blocksize: int, lora_B: torch.Tensor, lora_A: torch.Tensor, scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lora_dx's dx [M, K] without a mask, dyb = dy . B [M, r]) in dy's dtype; weight as in lora_fwd_xa."""
+    return registry.call("lora_dx_dyb", dy, weight, absmax, code, N, K, blocksize, lora_B, lora_A, scaling)
+
+
+@lora_dx_dyb.register_fake
+def _(dy, weight, absmax, code, N, K, blocksize, lora_B, lora_A, scaling):
+    return dy.new_empty((dy.shape[0], K)), dy.new_empty((dy.shape[0], lora_B.shape[1]))
 
 
 # Deprecated aliases: the references moved to deltakern.backends.reference.

@@ -1,4 +1,5 @@
-"""References of the fused LoRA ops (`deltakern::lora_fwd`, `lora_fwd_nf4`, `lora_dx`, `lora_dx_nf4`).
+"""References of the fused LoRA ops (`deltakern::lora_fwd`, `lora_fwd_nf4`, `lora_dx`, `lora_dx_nf4`,
+`lora_fwd_xa`, `lora_dx_dyb`).
 
     lora_fwd     out[M, N] = x[M, K] . W[N, K]^T + s * xa[M, r] . B[N, r]^T (+ bias[N])
     lora_dx      dx[M, K]  = dy[M, N] . W[N, K]  + s * (dyb[M, r] . A[r, K]) [* mask * mask_scale]
@@ -10,6 +11,7 @@ import torch
 
 from deltakern._autocast import autocast_off
 from deltakern.backends.reference._util import dense_weight_ref
+from deltakern.backends.reference.lowrank import lowrank_xat_ref
 from deltakern.backends.registry import register
 
 
@@ -54,3 +56,19 @@ def lora_dx(dy, weight, dyb, lora_A, scaling, mask, mask_scale):
 def lora_dx_nf4(dy, packed, absmax, code, N, K, blocksize, dyb, lora_A, scaling, mask, mask_scale):
     weight = dense_weight_ref(packed, absmax, code, N, K, blocksize, dy.dtype)
     return lora_dx_ref(dy, weight, dyb, lora_A, scaling, mask, mask_scale)
+
+
+def _dense(weight, absmax, code, N, K, blocksize, dtype):
+    return weight if absmax is None else dense_weight_ref(weight, absmax, code, N, K, blocksize, dtype)
+
+
+@register("lora_fwd_xa", "torch")
+def lora_fwd_xa(x, weight, absmax, code, N, K, blocksize, bias, lora_A, lora_B, scaling):
+    xa = lowrank_xat_ref(x, lora_A)
+    return lora_fwd_ref(x, _dense(weight, absmax, code, N, K, blocksize, x.dtype), bias, xa, lora_B, scaling), xa
+
+
+@register("lora_dx_dyb", "torch")
+def lora_dx_dyb(dy, weight, absmax, code, N, K, blocksize, lora_B, lora_A, scaling):
+    dyb = lowrank_xat_ref(dy, lora_B.t())
+    return lora_dx_ref(dy, _dense(weight, absmax, code, N, K, blocksize, dy.dtype), dyb, lora_A, scaling), dyb
