@@ -14,7 +14,7 @@ CUDA_X = SimpleNamespace(device=SimpleNamespace(type="cuda"))  # what fused_path
 FAMILIES = ("lora", "dora", "linear")
 OPS = ("nf4_quantize", "nf4_quantize_nested", "nf4_dequantize", "lora_fwd", "lora_fwd_nf4", "lora_dx", "lora_dx_nf4",
        "lora_fwd_xa", "lora_dx_dyb", "linear_fwd", "linear_bwd", "dora_norm_parts", "dora_fwd", "dora_bwd",
-       "dora_colsum", "dora_ctw")
+       "dora_colsum", "dora_ctw", "dora_fwd_xa", "dora_bwd_dyb")
 
 
 @pytest.fixture

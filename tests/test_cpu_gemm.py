@@ -186,3 +186,27 @@ def test_projecting_ops_match_the_reference(ext, dtype, nf4, M):
     dx_exact = f(dy) @ wv + 0.5 * (f(dy) @ f(B)) @ f(A)
     torch.testing.assert_close(y.double(), y_exact, rtol=tol, atol=tol * K**0.5)
     torch.testing.assert_close(dx.double(), dx_exact, rtol=tol, atol=tol * N**0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("nf4", [False, True])
+@pytest.mark.parametrize("M", [130, 20])
+def test_dora_projecting_ops_match_the_reference(ext, dtype, nf4, M):
+    """dora_fwd_xa / dora_bwd_dyb on the CPU (xa = x A^T, dyb = (dY * g) B inside the GEMM, g as a
+    column scale of the forward) against their references."""
+    from deltakern.backends.reference import dora as ref
+
+    K, N, r, bs = 512, 520, 8, 64
+    x, dy, y = _rand(M, K, seed=1).to(dtype), _rand(M, N, seed=2).to(dtype), _rand(M, N, seed=9).to(dtype)
+    A, B, bias = _rand(r, K, seed=3).to(dtype), _rand(N, r, seed=4).to(dtype), _rand(N, seed=5).to(dtype)
+    g = torch.rand(N, generator=torch.Generator().manual_seed(6)) + 0.5
+    wq, wd = _nf4(N, K, bs, seed=8)
+    w_args = (wq[0], wq[1], wq[2], N, K, bs) if nf4 else (wd.to(dtype), None, None, N, K, 0)
+    got = cpu_blas.dora_fwd_xa(x, *w_args, bias, A, B, g, 0.5) + cpu_blas.dora_bwd_dyb(dy, *w_args, B, A, g, y, bias,
+                                                                                         0.5, 1)
+    want = ref.dora_fwd_xa(x, *w_args, bias, A, B, g, 0.5) + ref.dora_bwd_dyb(dy, *w_args, B, A, g, y, bias, 0.5, 1)
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    for name, u, v in zip(("y", "xa", "dx", "db", "c", "dyb"), got, want):
+        assert u.dtype == v.dtype and u.shape == v.shape, name
+        scale = v.double().abs().max().item() + 1e-30
+        assert (u.double() - v.double()).abs().max().item() <= tol * scale, (name, dtype, nf4, M)

@@ -806,10 +806,14 @@ def _op_samples():
         (D.dora_colsum.default, (dy, x, *nq, None, xa, B, 0.5, 1.0, cols)),
         (D.dora_ctw.default, (C, *dn)),
         (D.dora_ctw.default, (C, *nq)),
+        (D.dora_fwd_xa.default, (x, *dn, b, A, B, g, 0.5)),
+        (D.dora_fwd_xa.default, (x, *nq, None, A, B, g, 0.5)),
+        (D.dora_bwd_dyb.default, (dy, *dn, B, A, g, y, b, 0.5, 1)),
+        (D.dora_bwd_dyb.default, (dy, *nq, B, A, g, None, None, 0.5, 0)),
     ]
 
 
-@pytest.mark.parametrize("i", range(11))
+@pytest.mark.parametrize("i", range(15))
 def test_opcheck_cpu(i):
     opcheck_sample(_op_samples(), i)
 
@@ -944,7 +948,7 @@ def test_gpu_vs_peft(impl, kind, dropout, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("i", range(11))
+@pytest.mark.parametrize("i", range(15))
 def test_gpu_opcheck(i):
     opcheck_sample(_op_samples(), i, "cuda")
 
@@ -978,3 +982,25 @@ def test_cpu_norm_recompute_skips_a_clean_repair_with_the_same_result(monkeypatc
     assert calls  # a cancelled row: the repair ran
     with pytest.raises(ValueError, match="became zero"):
         dora_norm.check_dora_norms()
+
+
+@pytest.mark.parametrize("kind", ["dense", "nf4"])
+def test_triton_projecting_ops_compose_the_fused_ones(kind):
+    """The triton backend's dora_fwd_xa / dora_bwd_dyb are the rank-r op and its dora_fwd / dora_bwd, composed."""
+    from deltakern.backends import triton as tb
+    from deltakern.ops import lowrank
+
+    x, W, b, A, B, m = make_problem((5,), 64, 40, 4, torch.float32, device=DEV)
+    dn = (W, None, None, 40, 64, 0)
+    if kind == "nf4":
+        q = nf4.quantize(W.float().cpu(), blocksize=32).to(DEV)
+        dn = (q.packed_bytes(), q.absmax_fp32(), q.code, 40, 64, q.blocksize)
+    g = torch.rand(40, generator=gen(3)).to(DEV) + 0.5
+    dy, y = rand((5, 40), 4, device=DEV), rand((5, 40), 5, device=DEV)
+    out, xa = tb.dora_fwd_xa(x, *dn, b, A, B, g, 0.5)
+    assert torch.equal(xa, lowrank.xat(x, A))
+    assert torch.equal(out, tb.dora_fwd(x, *dn, b, xa, B, g, None, 0.5, 1.0))
+    dx, db, c, dyb = tb.dora_bwd_dyb(dy, *dn, B, A, g, y, b, 0.5, 1)
+    assert torch.equal(dyb, lowrank.xat(dy, (B.float() * g[:, None]).t()))
+    for u, v in zip((dx, db, c), tb.dora_bwd(dy, *dn, dyb, A, g, None, y, b, 0.5, 1.0, 1, 1)):
+        assert torch.equal(u, v)

@@ -44,6 +44,14 @@ def adapter_autocast(compute: torch.dtype, device_type: str, params) -> contextl
     return contextlib.nullcontext()
 
 
+def projects_in_gemm(t: torch.Tensor, op: str) -> bool:
+    """Whether a layer's fused path takes its projection (xa = x A^T, dyb) from the op that also runs its
+    GEMM (`lora_fwd_xa`, `lora_dx_dyb`, `dora_fwd_xa`, `dora_bwd_dyb`): where the CPU backend runs `op`
+    (its packed GEMM projects x / dY's tiles while they are in cache). The Triton path and the
+    interpreter lane keep the separate rank-r op."""
+    return t.device.type == "cpu" and registry.resolve(op, "cpu") == "cpu"
+
+
 def dropped(x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
     """x * keep / (1 - p), computed the same way in forward and backward."""
     return torch.where(keep, x * scale, 0.0).to(x.dtype)

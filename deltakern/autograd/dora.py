@@ -11,7 +11,7 @@ import torch
 from deltakern._autocast import autocast_off
 from deltakern.autograd._common import (
     autocast_dtype, check_dropout_p, check_features, check_float_dtype, check_input, check_param, check_weight,
-    dense_weight, dropped, frozen_weight_kind,
+    dense_weight, dropped, frozen_weight_kind, projects_in_gemm,
 )
 import deltakern.ops.dora  # noqa: F401,E402  (defines torch.ops.deltakern.dora_*)
 from deltakern.autograd.dora_norm import (  # noqa: F401  (re-exported: they lived here)
@@ -80,7 +80,10 @@ class DoRALinearFunction(torch.autograd.Function):
 
     (x_d = x * keep / (1 - p), keep ~ Bernoulli(1 - p) drawn as torch's dropout draws it.)
 
-    Backward, dY = dL/dy, dYg = dY * g (never materialised on the fused path):
+    On the CPU without dropout, xa (and dyb below) come from the op that runs the GEMM
+    (`dora_fwd_xa`, `dora_bwd_dyb`: projected from its packed tiles of x, dY * g).
+
+    Backward, dY = dL/dy, dYg = dY * g (never materialised on the fused GPU path):
         dyb = dYg B = dY (g * B)                               [M, r]
         dX  = dYg W + s dyb A                                  (p = 0)
         dX  = dY W + keep/(1-p) * ((dY * (g - 1)) W + s dyb A) (p > 0)
@@ -124,8 +127,12 @@ class DoRALinearFunction(torch.autograd.Function):
                 xd, keep = torch.native_dropout(x, dropout_p, True)  # xd = x * keep / (1 - p), as `dropped` gives
             else:
                 keep, xd = None, x
-            xa = lowrank.xat(xd, lora_A)
-            if fused:
+            project = fused and keep is None and projects_in_gemm(x, "dora_fwd")
+            xa = None if project else lowrank.xat(xd, lora_A)
+            if project:  # xa computed inside the forward GEMM
+                y, xa = registry.run("dora_fwd_xa", x, weight, absmax, code, N, K, blocksize, bias, lora_A, lora_B, g,
+                                     scaling)
+            elif fused:
                 y = registry.run("dora_fwd", x, weight, absmax, code, N, K, blocksize, bias, xa, lora_B, g, keep,
                                                  scaling, ms)
             else:
@@ -159,10 +166,17 @@ class DoRALinearFunction(torch.autograd.Function):
         W = (weight, absmax, code, N, K, blocksize)
         dx = db = dA = dB = dm = None
 
-        dyb = lowrank.xat(dy, (B.float() * g[:, None]).to(dtype).t()) if (need_x or need_A) else None
+        project = fused and need_x and keep is None and projects_in_gemm(dy, "dora_bwd")
+        need_dyb = (need_x or need_A) and not project
+        dyb = lowrank.xat(dy, (B.float() * g[:, None]).to(dtype).t()) if need_dyb else None
         want_cy = need_c and keep is None
         c = None
-        if fused:
+        if project:  # dyb computed inside the dX GEMM
+            dx, db_, c_, dyb = registry.run("dora_bwd_dyb", dy, *W, B, A, g, y if want_cy else None, bias, s,
+                                            int(need_b))
+            db = db_ if need_b else None
+            c = c_ if want_cy else None
+        elif fused:
             if need_x or need_b or want_cy:
                 dx_, db_, c_ = registry.run(
                     "dora_bwd", dy, *W, dyb if need_x else dy[:, :0], A, g, keep, y if want_cy else None, bias, s,

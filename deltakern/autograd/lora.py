@@ -9,7 +9,7 @@ import torch
 from deltakern._autocast import autocast_off
 from deltakern.autograd._common import (
     autocast_dtype, check_dropout_p, check_features, check_float_dtype, check_input, check_param, check_weight,
-    dense_weight, dropped, frozen_weight_kind,
+    dense_weight, dropped, frozen_weight_kind, projects_in_gemm,
 )
 from deltakern.nf4 import NF4Weight
 from deltakern.backends import compose, registry
@@ -28,13 +28,6 @@ def _use_triton(M: int, N: int, K: int, weight_kind: str, r: int = 16) -> bool:
 
 def _fused(x: torch.Tensor, M: int, N: int, K: int, weight_kind: str, r: int) -> bool:
     return registry.fused_path("lora", x, M, N, K, weight_kind, r)
-
-
-def _projects(t: torch.Tensor) -> bool:
-    """Whether the fused path computes xa (dyb) inside its GEMM: the ops that return it
-    (`lora_fwd_xa`, `lora_dx_dyb`) run where the CPU backend runs the LoRA ops (the Triton path
-    and the interpreter lane keep lowrank_xat + lora_fwd)."""
-    return t.device.type == "cpu" and registry.resolve("lora_fwd", "cpu") == "cpu"
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -90,7 +83,7 @@ class LoRALinearFunction(torch.autograd.Function):
         else:
             keep = None
             xd = x2
-        project = fused and keep is None and _projects(x2)
+        project = fused and keep is None and projects_in_gemm(x2, "lora_fwd")
         xa = None if project else lowrank.xat(xd, lora_A)
 
         if project:  # xa computed inside the forward GEMM
@@ -120,7 +113,7 @@ class LoRALinearFunction(torch.autograd.Function):
         keep_scale = 1.0 / (1.0 - p)
         dx = db = dA = dB = None
 
-        project = need_x and fused and keep is None and _projects(dy2)
+        project = need_x and fused and keep is None and projects_in_gemm(dy2, "lora_fwd")
         dyb = lowrank.xat(dy2, lora_B.t()) if (need_x or need_A) and not project else None
         if need_x:
             if project:  # dyb computed inside the dX GEMM

@@ -1,7 +1,7 @@
 """CPU implementations of the layer ops, registered as the `cpu` backend of
 
     linear_fwd, linear_bwd, lora_fwd, lora_fwd_nf4, lora_dx, lora_dx_nf4, lora_fwd_xa, lora_dx_dyb,
-    dora_norm_parts, dora_fwd, dora_bwd, dora_colsum
+    dora_norm_parts, dora_fwd, dora_bwd, dora_colsum, dora_fwd_xa, dora_bwd_dyb
 
 so a CPU call runs them by default (`DELTAKERN_BACKEND=torch` still runs the references, the oracle).
 
@@ -9,8 +9,9 @@ so a CPU call runs them by default (`DELTAKERN_BACKEND=torch` still runs the ref
   (extension loaded, AVX2 / AVX-512, M > 16, at least GEMM_MIN_WORK multiply-adds): the rank-r term
   rides as r more steps of its K loop and DoRA's column scale and the bias go into its last pass,
   so y = (x W^T + s xa B^T) [* g] + b and dX = dY W + s dyb A are each one pass over their output;
-  an NF4 W is decoded while packed (fp32 inputs), never built; lora_fwd_xa / lora_dx_dyb also compute
-  xa = x A^T / dyb = dY B from the GEMM's packed tiles of x / dY. Otherwise they are composed of torch's
+  an NF4 W is decoded while packed (fp32 inputs), never built; lora_fwd_xa / dora_fwd_xa and
+  lora_dx_dyb / dora_bwd_dyb also compute xa = x A^T / dyb = dY B ((dY * g) B) from the GEMM's packed
+  tiles of x / dY. Otherwise they are composed of torch's
   fp32 matmuls as in `deltakern.backends.compose`: the rank-r term (and the bias) first, the big GEMM
   adding into it (beta = 1); DoRA's g folded into W or into the [M, N] operand, whichever is smaller.
 * DoRA's db and c = sum dY (y - b) come from one native pass (which also forms dY * g); without the
@@ -219,18 +220,20 @@ def lora_dx_nf4(dy, packed, absmax, code, N, K, blocksize, dyb, lora_A, scaling,
 
 
 def _projected(a, weight, absmax, code, N, K, blocksize, b_t: bool, proj, proj_t: bool, b2, b2_t: bool, scaling,
-               bias=None):
-    """(bias + a . op(W) + s (a . op(proj)) . op2(b2), a . op(proj)), rounded to a's dtype, by one pass of the
-    native GEMM (the projection computed from its packed tiles of a), or None when `_gemm` declines."""
+               bias=None, col_scale=None, dtype=None):
+    """((bias +) (a . op(W) + s (a . op(proj)) . op2(b2)) [* col_scale], a . op(proj)), both rounded to `dtype`
+    (default a's), by one pass of the native GEMM (the projection computed from its packed tiles of a),
+    or None when `_gemm` declines. `dtype` is also the one W is decoded for (a may be fp32 already)."""
+    dtype = dtype or a.dtype
     r = proj.shape[0] if proj_t else proj.shape[1]
-    if not _gemm(a.shape[0], N, K, a.dtype, r):
+    if not _gemm(a.shape[0], N, K, dtype, r):
         return None
-    nf4 = None if absmax is None else _nf4_packed(weight, absmax, code, N, K, blocksize, a.dtype)
-    w = None if nf4 is not None else _weight(weight, absmax, code, N, K, blocksize, a.dtype)[0]
+    nf4 = None if absmax is None else _nf4_packed(weight, absmax, code, N, K, blocksize, dtype)
+    w = None if nf4 is not None else _weight(weight, absmax, code, N, K, blocksize, dtype)[0]
     with autocast_off("cpu"):
         out, a2 = _cpu_ext.gemm(f32(a), w, nf4=nf4, b_t=b_t, bias=f32(bias), proj=f32(proj), proj_t=proj_t, b2=f32(b2),
-                                b2_t=b2_t, scale2=scaling)
-    return _round(out, a.dtype), _round(a2, a.dtype)
+                                b2_t=b2_t, scale2=scaling, col_scale=f32(col_scale))
+    return _round(out, dtype), _round(a2, dtype)
 
 
 @_cpu("lora_fwd_xa")
@@ -289,6 +292,18 @@ def dora_fwd(x, weight, absmax, code, N, K, blocksize, bias, xa, lora_B, g, keep
     return _round(y, x.dtype)
 
 
+@_cpu("dora_fwd_xa")
+def dora_fwd_xa(x, weight, absmax, code, N, K, blocksize, bias, lora_A, lora_B, g, scaling):
+    """(y, xa): y = (x W^T + s xa B^T) * g + b and xa = x A^T in one pass of the native GEMM; else
+    xat, then dora_fwd."""
+    done = _projected(x, weight, absmax, code, N, K, blocksize, True, lora_A, True, lora_B, True, scaling, bias,
+                      col_scale=g)
+    if done is not None:
+        return done
+    xa = lowrank.xat(x, lora_A)
+    return dora_fwd(x, weight, absmax, code, N, K, blocksize, bias, xa, lora_B, g, None, scaling, 1.0), xa
+
+
 def _col_sums(dy, y, bias, want_db: bool, g=None):
     """(dY * g or None, sum_rows dY or None, sum_rows dY * (y - b) or None), fp32: one pass of the native
     kernel (dY * g only when g is given) for fp32 operands with the extension loaded, else
@@ -332,6 +347,24 @@ def dora_bwd(dy, weight, absmax, code, N, K, blocksize, dyb, lora_A, g, keep, y,
             _, db, c = _col_sums(dy, y, bias, bool(compute_db))
     empty = lambda: dy.new_empty((0,), dtype=torch.float32)  # noqa: E731  (outputs must not alias)
     return dx, (db if db is not None else empty()), (c if c is not None else empty())
+
+
+@_cpu("dora_bwd_dyb")
+def dora_bwd_dyb(dy, weight, absmax, code, N, K, blocksize, lora_B, lora_A, g, y, bias, scaling, compute_db):
+    """(dx, db, c, dyb): dY * g, db and c from one pass (`_col_sums`), then dX = (dY * g) W + s dyb A with
+    dyb = (dY * g) B computed inside the native GEMM; else dyb by xat, then dora_bwd."""
+    with autocast_off("cpu"):
+        if _gemm(dy.shape[0], N, K, dy.dtype, lora_B.shape[1]):
+            dyg, db, c = _col_sums(dy, y, bias, bool(compute_db), f32(g))
+            dyg = f32(dy) * f32(g) if dyg is None else dyg
+            dx, dyb = _projected(dyg, weight, absmax, code, N, K, blocksize, False, lora_B, False, lora_A, False,
+                                 scaling, dtype=dy.dtype)
+            empty = lambda: dy.new_empty((0,), dtype=torch.float32)  # noqa: E731
+            return dx, (db if db is not None else empty()), (c if c is not None else empty()), dyb
+        dyb = lowrank.xat(dy, (lora_B.float() * g[:, None]).to(dy.dtype).t())
+    dx, db, c = dora_bwd(dy, weight, absmax, code, N, K, blocksize, dyb, lora_A, g, None, y, bias, scaling, 1.0, 1,
+                         compute_db)
+    return dx, db, c, dyb
 
 
 @_cpu("dora_colsum")

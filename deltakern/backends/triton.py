@@ -166,3 +166,22 @@ def dora_colsum(dy, x, weight, absmax, code, N, K, blocksize, keep, xa, lora_B, 
 @_impl("dora_ctw")
 def dora_ctw(c, weight, absmax, code, N, K, blocksize):
     return module("dora").ctw(c, weight, K, nf4=_nf4(absmax, code, blocksize))
+
+
+@_impl("dora_fwd_xa")
+def dora_fwd_xa(x, weight, absmax, code, N, K, blocksize, bias, lora_A, lora_B, g, scaling):
+    """xa by the rank-r op, then the fused forward (the CPU backend computes xa in its GEMM)."""
+    from deltakern.ops import lowrank
+
+    xa = lowrank.xat(x, lora_A)
+    return dora_fwd(x, weight, absmax, code, N, K, blocksize, bias, xa, lora_B, g, None, scaling, 1.0), xa
+
+
+@_impl("dora_bwd_dyb")
+def dora_bwd_dyb(dy, weight, absmax, code, N, K, blocksize, lora_B, lora_A, g, y, bias, scaling, compute_db):
+    from deltakern.ops import lowrank
+
+    dyb = lowrank.xat(dy, (lora_B.float() * g[:, None]).to(dy.dtype).t())
+    dx, db, c = dora_bwd(dy, weight, absmax, code, N, K, blocksize, dyb, lora_A, g, None, y, bias, scaling, 1.0, 1,
+                         compute_db)
+    return dx, db, c, dyb

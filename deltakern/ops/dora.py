@@ -1,4 +1,5 @@
-"""Schemas of the DoRA / QDoRA ops: `deltakern::dora_norm_parts`, `dora_fwd`, `dora_bwd`, `dora_colsum`, `dora_ctw`.
+"""Schemas of the DoRA / QDoRA ops: `deltakern::dora_norm_parts`, `dora_fwd`, `dora_bwd`, `dora_colsum`, `dora_ctw`,
+`dora_fwd_xa`, `dora_bwd_dyb`.
 
 Notation: x [M, K], W [N, K] frozen, A [r, K], B [N, r], s = scaling, g [N] fp32 = m / ||W + s B A||
 (the column scale), keep [M, K] bool dropout keep-mask or None, x_d = keep * x / (1 - p) rounded
@@ -14,6 +15,9 @@ to x's dtype (x itself without a mask), xa = x_d A^T.
     dora_colsum      c_j = sum_i dy_ij z_ij,  z = x_d W^T + s xa B^T  (fp32 [N]; only the columns
                      where `cols` is set, 0 elsewhere, when `cols` is given)
     dora_ctw         C^T W (fp32 [r, K]) for C [N, r]
+    dora_fwd_xa      (dora_fwd's y without a mask, xa = x A^T)
+    dora_bwd_dyb     (dora_bwd's dx, db, c with compute_dx and no mask, dyb = (dy * g) B): a backend may
+                     compute the projection inside the GEMM that reads x (dy * g) anyway (the CPU's does)
 
 W is dense (`absmax`, `code` None) or NF4 (`weight` = packed bytes, `absmax` = decoded fp32 block
 scales, `code` = 16 fp32 levels, N/K/blocksize describe it); NF4 is dequantized to the compute
@@ -79,6 +83,40 @@ def _(dy, weight, absmax, code, N, K, blocksize, dyb, lora_A, g, keep, y, bias, 
     f32 = torch.float32
     return (dy.new_empty((dy.shape[0], K) if compute_dx else (0,)),
             dy.new_empty((N if compute_db else 0,), dtype=f32), dy.new_empty((N if y is not None else 0,), dtype=f32))
+
+
+@torch.library.custom_op("deltakern::dora_fwd_xa", mutates_args=())
+def dora_fwd_xa(
+    x: torch.Tensor, weight: torch.Tensor, absmax: Optional[torch.Tensor], code: Optional[torch.Tensor],
+    N: int, K: int, blocksize: int, bias: Optional[torch.Tensor], lora_A: torch.Tensor, lora_B: torch.Tensor,
+    g: torch.Tensor, scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(DoRA output [M, N] without a mask, xa = x A^T [M, r]), both in x's dtype."""
+    return registry.call("dora_fwd_xa", x, weight, absmax, code, N, K, blocksize, bias, lora_A, lora_B, g, scaling)
+
+
+@dora_fwd_xa.register_fake
+def _(x, weight, absmax, code, N, K, blocksize, bias, lora_A, lora_B, g, scaling):
+    return x.new_empty((x.shape[0], N)), x.new_empty((x.shape[0], lora_A.shape[0]))
+
+
+@torch.library.custom_op("deltakern::dora_bwd_dyb", mutates_args=())
+def dora_bwd_dyb(
+    dy: torch.Tensor, weight: torch.Tensor, absmax: Optional[torch.Tensor], code: Optional[torch.Tensor],
+    N: int, K: int, blocksize: int, lora_B: torch.Tensor, lora_A: torch.Tensor, g: torch.Tensor,
+    y: Optional[torch.Tensor], bias: Optional[torch.Tensor], scaling: float, compute_db: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx [M, K], db fp32 [N] or [0], c fp32 [N] or [0], dyb = (dy * g) B [M, r] in dy's dtype): dora_bwd
+    with compute_dx and no mask, computing dyb itself."""
+    return registry.call("dora_bwd_dyb", dy, weight, absmax, code, N, K, blocksize, lora_B, lora_A, g, y, bias, scaling,
+                         compute_db)
+
+
+@dora_bwd_dyb.register_fake
+def _(dy, weight, absmax, code, N, K, blocksize, lora_B, lora_A, g, y, bias, scaling, compute_db):
+    f32 = torch.float32
+    return (dy.new_empty((dy.shape[0], K)), dy.new_empty((N if compute_db else 0,), dtype=f32),
+            dy.new_empty((N if y is not None else 0,), dtype=f32), dy.new_empty((dy.shape[0], lora_B.shape[1])))
 
 
 @torch.library.custom_op("deltakern::dora_colsum", mutates_args=())

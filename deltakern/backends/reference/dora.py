@@ -10,6 +10,7 @@ import torch
 
 from deltakern._autocast import autocast_off
 from deltakern.backends.reference._util import dense_weight_ref, f32
+from deltakern.backends.reference.lowrank import lowrank_xat_ref
 from deltakern.backends.registry import register
 
 
@@ -93,6 +94,25 @@ def dora_bwd(dy, weight, absmax, code, N, K, blocksize, dyb, lora_A, g, keep, y,
     dx, db, c = dora_bwd_ref(dy, w, dyb, lora_A, g, keep, y, bias, scaling, mask_scale, bool(compute_dx),
                              bool(compute_db))
     return dx, db.float(), c.float()
+
+
+def dora_dyb_ref(dy, lora_B, g):
+    """dyb = (dy * g) B as the layers form it: dy . (g B) with g B rounded to dy's dtype."""
+    return lowrank_xat_ref(dy, (lora_B.float() * g[:, None]).to(dy.dtype).t())
+
+
+@register("dora_fwd_xa", "torch")
+def dora_fwd_xa(x, weight, absmax, code, N, K, blocksize, bias, lora_A, lora_B, g, scaling):
+    xa = lowrank_xat_ref(x, lora_A)
+    return dora_fwd(x, weight, absmax, code, N, K, blocksize, bias, xa, lora_B, g, None, scaling, 1.0), xa
+
+
+@register("dora_bwd_dyb", "torch")
+def dora_bwd_dyb(dy, weight, absmax, code, N, K, blocksize, lora_B, lora_A, g, y, bias, scaling, compute_db):
+    dyb = dora_dyb_ref(dy, lora_B, g)
+    dx, db, c = dora_bwd(dy, weight, absmax, code, N, K, blocksize, dyb, lora_A, g, None, y, bias, scaling, 1.0, 1,
+                         compute_db)
+    return dx, db, c, dyb
 
 
 @register("dora_colsum", "torch")
