@@ -80,7 +80,8 @@ def _nf4(rows, cols, blocksize, seed):
 
 
 @pytest.mark.parametrize("M,rows,cols,blocksize", [(3, 8, 8, 32), (19, 40, 64, 64), (50, 33, 600, 64),
-                                                   (130, 100, 1056, 32), (64, 520, 256, 256)])
+                                                   (130, 100, 1056, 32), (33, 72, 136, 128), (64, 520, 256, 256),
+                                                   (40, 24, 1000, 4096)])  # blocks crossing rows: 600, 136, 1000
 @pytest.mark.parametrize("b_t", [True, False])
 def test_gemm_nf4_equals_dense_over_the_dequantized_weight(isa, threads, M, rows, cols, blocksize, b_t):
     nf4, dense = _nf4(rows, cols, blocksize, seed=rows + cols)
