@@ -10,8 +10,8 @@ The classifier is the encoder, mean pooling (as the model was trained to be used
 head. The head is trained with every method (like PEFT's `modules_to_save`); the encoder gets the
 delta, applied through the public API: `deltakern.quantize` for the Q-methods, then
 `deltakern.apply(encoder, LoRA(...) / DoRA(...) / BitFit() / Adapter() / PrefixTuning() /
-PromptTuning())`. CPU tensors run deltakern's CPU ops (fp32 BLAS compositions, native kernels where
-built); CUDA tensors run its kernels; the choice follows the device, nothing else changes.
+PromptTuning())`. CPU tensors run deltakern's CPU ops (fp32: its native GEMM and NF4 kernels where
+built, BLAS compositions otherwise); CUDA tensors run its kernels; the choice follows the device, nothing else changes.
 
 `--method quantize` runs the quantization demo instead: NF4-quantize the encoder and report memory
 before and after, how close the sentence embeddings stay, and whether the packed bytes equal

@@ -7,9 +7,10 @@ deltakern._cpu_ext on first use), for CPU tensors.
                                     LOWRANK_MIN_WORK multiply-adds; others: the references' BLAS)
 
 The layer ops (linear_*, lora_*, dora_*) of the `cpu` backend are registered in
-deltakern.backends.cpu_blas: BLAS compositions that need no extension, and that use this
-extension's NF4 matmuls (M <= 16, K % blocksize == 0: W read as 4-bit, never built) and its reused
-per-thread fp32 workspace for W when it is loaded. Ops registered by neither run the torch references.
+deltakern.backends.cpu_blas: with this extension loaded, its packed fp32 GEMM (the rank-r term,
+column scale and bias in the same pass, NF4 W decoded while packed), its NF4 matmuls (M <= 16,
+K % blocksize == 0: W read as 4-bit, never built) and its reused per-thread fp32 workspace for W;
+without it, BLAS compositions. Ops registered by neither run the torch references.
 """
 
 import torch

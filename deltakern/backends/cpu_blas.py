@@ -42,7 +42,7 @@ from deltakern.ops import lowrank
 DEVICES = ("cpu",)
 
 
-KIND = "fp32 BLAS compositions (native NF4 kernels where built)"
+KIND = "fp32: the native packed GEMM and NF4 kernels where built, BLAS compositions otherwise"
 
 
 def _cpu(op):
