@@ -26,12 +26,12 @@ DELTAKERN_CPU_ISA=scalar|avx2|avx512 forces an instruction set (tests); unset, t
 from __future__ import annotations
 
 import numbers
-import os
 import threading
 
 import torch
 
 from deltakern._native import NativeModule
+from deltakern.backends import registry
 
 
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -51,7 +51,7 @@ require = _native.require  # the module; RuntimeError saying how to get it if it
 
 def isa() -> str:
     """The instruction set the kernels run with: DELTAKERN_CPU_ISA if set, else the CPU's best."""
-    forced = os.environ.get("DELTAKERN_CPU_ISA", "").strip().lower()
+    forced = registry.getenv("DELTAKERN_CPU_ISA").strip().lower()
     return forced or require().best_isa()
 
 
