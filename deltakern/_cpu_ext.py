@@ -49,10 +49,19 @@ load_error = _native.load_error  # why `deltakern._cpu` could not be imported, o
 require = _native.require  # the module; RuntimeError saying how to get it if it is missing
 
 
+_best_isa: dict = {}  # module -> its best_isa() (the CPU does not change under a process)
+
+
 def isa() -> str:
     """The instruction set the kernels run with: DELTAKERN_CPU_ISA if set, else the CPU's best."""
     forced = registry.getenv("DELTAKERN_CPU_ISA").strip().lower()
-    return forced or require().best_isa()
+    if forced:
+        return forced
+    mod = require()
+    best = _best_isa.get(mod)
+    if best is None:
+        best = _best_isa[mod] = mod.best_isa()
+    return best
 
 
 # Work per thread below which one more thread does not pay (about 0.2 ms of one core here): waking a
@@ -378,10 +387,20 @@ def lowrank_colsums(d, y=None, bias=None, g=None, want_db: bool = True):
 GEMM_MIN_M = MAX_DECODE_M + 1  # rows below which the decode kernels (NF4) or BLAS's GEMV serve better
 
 
+_gemm_fast: dict = {}  # (module, isa) -> whether its GEMM runs a vector unit
+
+
 def gemm_fast() -> bool:
     """Whether `gemm` runs a vector unit here (AVX2 / AVX-512); the portable build is correct but slower
     than BLAS."""
-    return available() and load().lowrank_isa(isa()) != "scalar"
+    mod = load()
+    if mod is None:
+        return False
+    key = (mod, isa())
+    fast = _gemm_fast.get(key)
+    if fast is None:
+        fast = _gemm_fast[key] = mod.lowrank_isa(key[1]) != "scalar"
+    return fast
 
 
 def _gemm_operand(name: str, t, shape: tuple) -> torch.Tensor:
@@ -501,7 +520,8 @@ def _quant_table(name: str) -> torch.Tensor:
     if name not in _quant_tables:
         from deltakern import _codes
 
-        _quant_tables[name] = (_codes.nf4_thresholds() if name == "thresholds" else _codes.dynamic_midpoints()).contiguous()
+        table = _codes.nf4_thresholds() if name == "thresholds" else _codes.dynamic_midpoints()
+        _quant_tables[name] = table.contiguous()
     return _quant_tables[name]
 
 

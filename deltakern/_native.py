@@ -14,16 +14,29 @@ class NativeModule:
 
     def __init__(self, name: str, missing: str):
         self.name, self.missing = name, missing  # missing: how to get it, for require()'s error
-        self._module, self._error = UNSET, None
+        self._mod, self._error = UNSET, None
+
+    @property
+    def _module(self):
+        return self._mod
+
+    @_module.setter
+    def _module(self, module) -> None:
+        """Every change (an import, `set`, a test's monkeypatch) makes the registry resolve again: which
+        backends can run may change with it."""
+        from deltakern.backends import registry
+
+        self._mod = module
+        registry.invalidate()
 
     def load(self):
         """The module, or None if it cannot be imported (tried once, then cached)."""
-        if self._module is UNSET:
+        if self._mod is UNSET:
             try:
                 self._module, self._error = importlib.import_module(f"deltakern.{self.name}"), None
             except Exception as exc:  # ImportError, or a module built for another Python / broken .so
                 self._module, self._error = None, f"{type(exc).__name__}: {exc}"
-        return self._module
+        return self._mod
 
     def available(self) -> bool:
         return self.load() is not None

@@ -33,6 +33,23 @@ def test_every_op_has_a_reference_and_a_schema():
         assert hasattr(torch.ops.deltakern, op), op
 
 
+def test_resolve_follows_the_extension_and_the_environment(clean_env):
+    """resolve() remembers its answers, keyed by the environment it reads; a change of the extension's
+    state (an import, NativeModule.set, a monkeypatch of its module) makes it resolve again."""
+    from deltakern import _cpu_ext
+
+    if not _cpu_ext.available():
+        pytest.skip("needs the native CPU extension")
+    assert registry.resolve("nf4_dequantize", "cpu") == "cpu"
+    clean_env.setenv("DELTAKERN_BACKEND", "torch")
+    assert registry.resolve("nf4_dequantize", "cpu") == "torch"
+    clean_env.delenv("DELTAKERN_BACKEND")
+    clean_env.setattr(_cpu_ext._native, "_module", None)  # as if its import had failed
+    assert registry.resolve("nf4_dequantize", "cpu") == "torch"
+    clean_env.undo()
+    assert registry.resolve("nf4_dequantize", "cpu") == "cpu"
+
+
 def test_default_order(clean_env):
     for op in OPS:
         assert registry.resolve(op, "cuda") == ("triton" if triton_backend.available() else "torch"), op

@@ -61,6 +61,7 @@ def register(op: str, backend: str, devices: Optional[tuple] = None,
     def deco(fn):
         _IMPLS.setdefault(op, {})[backend] = Impl(fn, None if devices is None else tuple(devices),
                                                  available or (lambda: True), kind)
+        invalidate()
         return fn
 
     return deco
@@ -139,9 +140,28 @@ def default_order(device: str) -> tuple:
     return order
 
 
+_RESOLVED: dict = {}  # (op, device, the environment variables the rule reads) -> backend name
+
+
+def invalidate() -> None:
+    """Forget the resolved backends: an implementation was registered or an extension module swapped
+    (`_native.NativeModule.set`), so availability may differ. The environment is part of the key."""
+    _RESOLVED.clear()
+
+
 def resolve(op: str, device: str) -> str:
     """The name of the backend that runs `op` on a tensor of device type `device` (see the module
-    docstring for the rule)."""
+    docstring for the rule). Remembered per op, device and the values of the variables the rule reads
+    (a layer resolves several ops per call; the availability checks behind it import modules)."""
+    key = (op, device, getenv(_op_var(op)), getenv("DELTAKERN_BACKEND"), getenv("DELTAKERN_CPU_KERNELS"),
+           getenv("TRITON_INTERPRET"))
+    name = _RESOLVED.get(key)
+    if name is None:
+        name = _RESOLVED[key] = _resolve(op, device)
+    return name
+
+
+def _resolve(op: str, device: str) -> str:
     impls = _IMPLS.get(op)
     if not impls:
         raise KeyError(f"no implementation of deltakern::{op} is registered")
