@@ -44,9 +44,9 @@ def test_resolve_follows_the_extension_and_the_environment(clean_env):
     clean_env.setenv("DELTAKERN_BACKEND", "torch")
     assert registry.resolve("nf4_dequantize", "cpu") == "torch"
     clean_env.delenv("DELTAKERN_BACKEND")
-    clean_env.setattr(_cpu_ext._native, "_module", None)  # as if its import had failed
-    assert registry.resolve("nf4_dequantize", "cpu") == "torch"
-    clean_env.undo()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_cpu_ext._native, "_module", None)  # as if its import had failed
+        assert registry.resolve("nf4_dequantize", "cpu") == "torch"
     assert registry.resolve("nf4_dequantize", "cpu") == "cpu"
 
 
