@@ -119,9 +119,9 @@ def linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor] = None) -> torc
             raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
     x2 = x.reshape(-1, K)
     if not is_nf4 and device.type == "cpu" and dtype in (torch.float32, torch.float64) \
-            and registry.resolve("linear_fwd", "cpu") == "cpu" and not cpu_blas.native_gemm(x2.shape[0], N, K, dtype):
-        # below the native GEMM's size the cpu backend's dense linear is this very addmm (and its
-        # backward dY W, sum dY): torch's own autograd runs it without the Function's Python overhead
+            and registry.resolve("linear_fwd", "cpu") == "cpu" and not cpu_blas.native_linear(x2.shape[0], N, K, dtype):
+        # the cpu backend's dense linear is then this very addmm (and its backward dY W, sum dY): torch's
+        # own autograd runs it without the Function's Python overhead
         return torch.nn.functional.linear(x, weight, bias)
     if is_nf4:
         y = FrozenLinearFunction.apply(x2, weight.packed_bytes(), weight.absmax_fp32(), weight.code, bias, N,
