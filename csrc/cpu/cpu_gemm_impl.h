@@ -1,18 +1,21 @@
 // The fp32 GEMM of cpu_lowrank.h (LowRankKernels::gemm), written once over GCC vectors of VW floats;
 // included by the cpu_lowrank_*.cpp units after cpu_lowrank_impl.h (same vf, vload, vstore).
 //
-//     C[M, N] = (accumulate ? C : 0) + bias[N] + A[M, K] . op(B) + scale2 * A2[M, R] . op2(B2)
+//     C[M, N] = ((accumulate ? C : 0) + A[M, K] . op(B) + scale2 * A2[M, R] . op2(B2)) * cs[N] + bias[N]
 //
 // op(B) = B^T for a [N, K] row-major B (nt: y = x W^T), else B as [K, N] rows (dX = dY W); the
 // rank-R term (the LoRA term s xa B^T or s dyb A) rides along as R extra steps of the last K block,
-// so C is written once, with no separate rank-r pass over it.
+// and the column scale (DoRA's g) and the bias are applied as that block's tiles are stored, so C is
+// written once, with no separate rank-r or epilogue pass over it. With a projection (proj), A2 =
+// A . op(proj) (xa = x A^T, dyb = dY B) is computed from the packed tiles of A before they are used.
 //
 // Blocking (BLIS's loop nest): K in blocks of KC (+ R in the last), N in blocks of NC. Per block,
-// B is packed into NR-wide column panels, k-major (all threads pack panels, then a barrier); each
-// thread takes its share of M in MR-row tiles, packs MC rows of A into MR-tall panels and runs the
+// B is packed into NR-wide column panels, k-major; A in MR-tall panels, MC rows at a time; the
 // MR x NR microkernel (MR x NV vector accumulators, one broadcast of A and NV vector loads of B per
-// step) over every panel. A thread's C rows have one writer, so the sums (fp32 FMAs, K-block order,
-// k ascending within a block) never depend on the thread count.
+// step) runs over every panel. Threads split M when there are enough row tiles (all pack B's
+// panels, then a barrier; each runs its rows) and else N (each packs its own panels and all of A).
+// Every C element has one writer and one summation order (fp32 FMAs, K-block order, k ascending
+// within a block), so results never depend on the thread count.
 //
 // Packing transposes 8 x 8 tiles with AVX shuffles where the unit has them (nt B, and A); NF4 B
 // (W as 4-bit codes and fp32 block scales) is decoded while packed: W never exists dense.

@@ -11,9 +11,9 @@ so a CPU call runs them by default (`DELTAKERN_BACKEND=torch` still runs the ref
   so y = (x W^T + s xa B^T) [* g] + b and dX = dY W + s dyb A are each one pass over their output;
   an NF4 W is decoded while packed (fp32 inputs), never built; lora_fwd_xa / dora_fwd_xa and
   lora_dx_dyb / dora_bwd_dyb also compute xa = x A^T / dyb = dY B ((dY * g) B) from the GEMM's packed
-  tiles of x / dY. Otherwise they are composed of torch's
-  fp32 matmuls as in `deltakern.backends.compose`: the rank-r term (and the bias) first, the big GEMM
-  adding into it (beta = 1); DoRA's g folded into W or into the [M, N] operand, whichever is smaller.
+  tiles of x / dY. Otherwise they are composed of torch's fp32 matmuls as in
+  `deltakern.backends.compose`: the rank-r term (and the bias) first, the big GEMM adding into it
+  (beta = 1); DoRA's g folded into W or into the [M, N] operand, whichever is smaller.
 * DoRA's db and c = sum dY (y - b) come from one native pass (which also forms dY * g); without the
   extension a cache-resident torch loop. dora_colsum with a column mask computes only those columns.
 * Everything is computed in fp32: fp16 / bf16 inputs are upcast and the outputs rounded once (what
@@ -158,7 +158,7 @@ def _product(a, weight, absmax, code, N: int, K: int, blocksize: int, dtype, b_t
 
 @_cpu("linear_fwd")
 def linear_fwd(x, weight, absmax, code, N, K, blocksize, bias):
-    """b + x W^T as one GEMM (the bias in its first pass); NF4 decode: the native matmul."""
+    """b + x W^T as one GEMM (the bias added as its tiles are stored); NF4 decode: the native matmul."""
     if absmax is not None and _decode(x.shape[0], K, blocksize, x.dtype):
         return _cpu_ext.nf4_matmul(x, weight, absmax, code, N, K, blocksize, bias)
     with autocast_off("cpu"):
