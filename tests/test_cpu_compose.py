@@ -174,6 +174,28 @@ def test_dora_norm_parts(kind):
     check(sq, d(W).square().sum(1), d(W).square().sum(1), K, 1, torch.float32, "||W_j||^2")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("r", [5, 16, 17])
+def test_dora_norm_parts_nf4_without_squares(monkeypatch, dtype, r):
+    """An NF4 W without the squares (the cached steady state): W A^T by the decode matmul for r <= 16
+    (K % blocksize == 0), the workspace path otherwise; both the values of W A^T over W rounded to A's
+    dtype."""
+    from deltakern import _cpu_ext
+
+    N, K = 26, 96
+    (w, absmax, code, bs), W = weight(N, K, "nf4", dtype)
+    A = rnd((r, K), 2, K**-0.5).to(dtype)
+    calls = []
+    real = _cpu_ext.nf4_matmul
+    monkeypatch.setattr(_cpu_ext, "nf4_matmul", lambda *a, **k: calls.append(1) or real(*a, **k))
+    wa, sq = cb.dora_norm_parts(w, absmax, code, N, K, bs, A, 0)
+    assert len(calls) == (1 if r <= 16 and _cpu_ext.available() else 0)
+    assert wa.shape == (N, r) and wa.is_contiguous() and wa.dtype == torch.float32 and sq.numel() == 0
+    check(wa, d(W) @ d(A).t(), a(W) @ a(A).t(), K, 0, torch.float32, "W A^T")
+    full, _ = cb.dora_norm_parts(w, absmax, code, N, K, bs, A, 1)  # the workspace path
+    check(wa, d(full), a(W) @ a(A).t(), 2 * K, 0, torch.float32, "W A^T (both paths)")
+
+
 def test_lora_db_dB_one_pass():
     M, N, r = 13, 11, 3
     dy, xa = rnd((M, N), 1), rnd((M, r), 2)

@@ -271,7 +271,12 @@ def lora_dx_dyb(dy, weight, absmax, code, N, K, blocksize, lora_B, lora_A, scali
 
 @_cpu("dora_norm_parts")
 def dora_norm_parts(weight, absmax, code, N, K, blocksize, lora_A, compute_sumsq):
-    """W A^T as (A W^T)^T (the fast BLAS layout), fp32; ||W_j||^2 as the reference."""
+    """W A^T as (A W^T)^T (the fast BLAS layout), fp32; ||W_j||^2 as the reference. An NF4 W without the
+    squares (the steady state: they are cached) and r <= 16: A W^T by the decode matmul, which reads W as
+    4-bit (one pass over 0.5 byte per weight instead of decoding to a 4-byte workspace and reading it)."""
+    if absmax is not None and not compute_sumsq and _decode(lora_A.shape[0], K, blocksize, lora_A.dtype):
+        awt = _cpu_ext.nf4_matmul(lora_A, weight, absmax, code, N, K, blocksize, out_dtype=torch.float32)
+        return awt.t().contiguous(), awt.new_empty((0,))
     w, _ = _weight(weight, absmax, code, N, K, blocksize, lora_A.dtype)
     with autocast_off("cpu"):
         wa = lowrank.xat(w, f32(lora_A)).contiguous().float()
