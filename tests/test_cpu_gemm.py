@@ -117,6 +117,17 @@ def test_gemm_bad_inputs(ext):
         _cpu_ext.gemm(a, b, b_t=True, a2=torch.randn(20, 4), b2=torch.randn(4, 24), b2_t=True)
     with pytest.raises(ValueError, match="bias must have shape"):
         _cpu_ext.gemm(a, b, b_t=True, bias=torch.randn(23))
+    with pytest.raises(ValueError, match="not both"):
+        _cpu_ext.gemm(a, b, b_t=True, a2=torch.randn(20, 4), proj=torch.randn(4, 16), proj_t=True,
+                      b2=torch.randn(24, 4), b2_t=True)
+    with pytest.raises(ValueError, match="pass b2 as well"):
+        _cpu_ext.gemm(a, b, b_t=True, proj=torch.randn(4, 16), proj_t=True)
+    with pytest.raises(ValueError, match="proj has shape"):
+        _cpu_ext.gemm(a, b, b_t=True, proj=torch.randn(4, 15), proj_t=True, b2=torch.randn(24, 4), b2_t=True)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        _cpu_ext.gemm(a, b, b_t=True, col_scale=torch.ones(24), out=torch.empty(20, 24))
+    with pytest.raises(TypeError, match="must be torch.float32"):
+        _cpu_ext.gemm(a, b, b_t=True, col_scale=torch.ones(24, dtype=torch.float64))
     out = torch.full((20, 24), 7.0)
     with pytest.raises(ValueError, match="out must have shape"):
         _cpu_ext.gemm(a, b, b_t=True, out=torch.empty(20, 23))

@@ -143,17 +143,23 @@ def _dense_product(a, w, b_t: bool, bias=None, a2=None, b2=None, b2_t: bool = Fa
     return term.addmm_(f32(a), wt)
 
 
+def _gemm_weight(weight, absmax, code, N: int, K: int, blocksize: int, dtype):
+    """(w, nf4): W as the native GEMM takes it. An NF4 W it can decode while packing (`_nf4_packed`) as
+    (None, its nf4= operand), else (the fp32 W of `_weight`: dense, or the decoded workspace, None)."""
+    nf4 = None if absmax is None else _nf4_packed(weight, absmax, code, N, K, blocksize, dtype)
+    return (None if nf4 is not None else _weight(weight, absmax, code, N, K, blocksize, dtype)[0]), nf4
+
+
 def _product(a, weight, absmax, code, N: int, K: int, blocksize: int, dtype, b_t: bool, bias=None, a2=None, b2=None,
              b2_t: bool = False, scale2: float = 1.0, col_scale=None):
-    """_dense_product for a dense or NF4 W [N, K] as the layer ops receive it: an NF4 W is decoded while
-    the native GEMM packs it (fp32 inputs), else into the reused workspace (`_weight`)."""
+    """_dense_product for a dense or NF4 W [N, K] as the layer ops receive it: on the native GEMM an NF4 W
+    is decoded while packed where it can be (`_gemm_weight`); else W as `_weight` gives it."""
     r = 0 if a2 is None else a2.shape[1]
-    if absmax is not None and _gemm(a.shape[0], N, K, dtype, r):
-        nf4 = _nf4_packed(weight, absmax, code, N, K, blocksize, dtype)
-        if nf4 is not None:
-            return _dense_product(a, None, b_t, bias, a2, b2, b2_t, scale2, nf4=nf4, col_scale=col_scale)
-    w = _weight(weight, absmax, code, N, K, blocksize, dtype)[0]
-    return _dense_product(a, w, b_t, bias, a2, b2, b2_t, scale2, col_scale=col_scale)
+    if _gemm(a.shape[0], N, K, dtype, r):
+        w, nf4 = _gemm_weight(weight, absmax, code, N, K, blocksize, dtype)
+    else:
+        w, nf4 = _weight(weight, absmax, code, N, K, blocksize, dtype)[0], None
+    return _dense_product(a, w, b_t, bias, a2, b2, b2_t, scale2, nf4=nf4, col_scale=col_scale)
 
 
 @_cpu("linear_fwd")
@@ -238,8 +244,7 @@ def _projected(a, weight, absmax, code, N, K, blocksize, b_t: bool, proj, proj_t
     r = proj.shape[0] if proj_t else proj.shape[1]
     if not _gemm(a.shape[0], N, K, dtype, r):
         return None
-    nf4 = None if absmax is None else _nf4_packed(weight, absmax, code, N, K, blocksize, dtype)
-    w = None if nf4 is not None else _weight(weight, absmax, code, N, K, blocksize, dtype)[0]
+    w, nf4 = _gemm_weight(weight, absmax, code, N, K, blocksize, dtype)
     with autocast_off("cpu"):
         out, a2 = _cpu_ext.gemm(f32(a), w, nf4=nf4, b_t=b_t, bias=f32(bias), proj=f32(proj), proj_t=proj_t, b2=f32(b2),
                                 b2_t=b2_t, scale2=scaling, col_scale=f32(col_scale))
@@ -319,6 +324,11 @@ def dora_fwd_xa(x, weight, absmax, code, N, K, blocksize, bias, lora_A, lora_B, 
     return dora_fwd(x, weight, absmax, code, N, K, blocksize, bias, xa, lora_B, g, None, scaling, 1.0), xa
 
 
+def _or_empty(t, like):
+    """t, or a fresh empty fp32 tensor (an op's absent output; outputs must not alias one another)."""
+    return t if t is not None else like.new_empty((0,), dtype=torch.float32)
+
+
 def _col_sums(dy, y, bias, want_db: bool, g=None):
     """(dY * g or None, sum_rows dY or None, sum_rows dY * (y - b) or None), fp32: one pass of the native
     kernel (dY * g only when g is given) for fp32 operands with the extension loaded, else
@@ -360,8 +370,7 @@ def dora_bwd(dy, weight, absmax, code, N, K, blocksize, dyb, lora_A, g, keep, y,
             dx = _round(dx, dy.dtype)
         else:
             _, db, c = _col_sums(dy, y, bias, bool(compute_db))
-    empty = lambda: dy.new_empty((0,), dtype=torch.float32)  # noqa: E731  (outputs must not alias)
-    return dx, (db if db is not None else empty()), (c if c is not None else empty())
+    return dx, _or_empty(db, dy), _or_empty(c, dy)
 
 
 @_cpu("dora_bwd_dyb")
@@ -374,8 +383,7 @@ def dora_bwd_dyb(dy, weight, absmax, code, N, K, blocksize, lora_B, lora_A, g, y
             dyg = f32(dy) * f32(g) if dyg is None else dyg
             dx, dyb = _projected(dyg, weight, absmax, code, N, K, blocksize, False, lora_B, False, lora_A, False,
                                  scaling, dtype=dy.dtype)
-            empty = lambda: dy.new_empty((0,), dtype=torch.float32)  # noqa: E731
-            return dx, (db if db is not None else empty()), (c if c is not None else empty()), dyb
+            return dx, _or_empty(db, dy), _or_empty(c, dy), dyb
         dyb = lowrank.xat(dy, (lora_B.float() * g[:, None]).to(dy.dtype).t())
     dx, db, c = dora_bwd(dy, weight, absmax, code, N, K, blocksize, dyb, lora_A, g, None, y, bias, scaling, 1.0, 1,
                          compute_db)
