@@ -78,6 +78,9 @@ inline void ukernel(int64_t kc, const float* __restrict ap, const float* __restr
     vf acc[G_MR][NV];
     for (int i = 0; i < G_MR; ++i)
         for (int v = 0; v < NV; ++v) acc[i][v] = vf{};
+    if (e.add)  // the tile written a K block ago: its lines arrive while the k loop runs
+        for (int i = 0; i < G_MR; ++i)
+            for (int j = 0; j < NV * VW; j += 16) __builtin_prefetch(c + i * ldc + j, 1);
     for (int64_t k = 0; k < kc; ++k) {
         vf b[NV];
         for (int v = 0; v < NV; ++v) b[v] = vload(bp + v * VW);
