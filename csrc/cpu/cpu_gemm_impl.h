@@ -156,6 +156,11 @@ inline void nf4_row8(const dk::GemmArgs& g, int64_t n, int64_t k, float* out) {
     }
 }
 
+// Element e = row * ldb + column of an NF4 W: code[nibble] * absmax[block] (high nibble first).
+inline float nf4_at(const dk::GemmArgs& g, int64_t e) {
+    return g.code[(g.b_nf4[e / 2] >> (e % 2 ? 0 : 4)) & 15] * g.absmax[e / g.blocksize];
+}
+
 // Rows [p0, p0 + mr) of the A-side operand x[., ldx] over columns [k0, k0 + kc) into an MR-tall panel
 // dst[k * MR + i] (rows past mr zero).
 inline void pack_rows(const float* x, int64_t ldx, int mr, int64_t kc, float* dst) {
@@ -183,7 +188,7 @@ void pack_b_panel(const dk::GemmArgs& g, int64_t n0, int nr, int64_t k0, int64_t
                 for (; j < G_NR; j += 8) nf4_row8(g, k0 + k, n0 + j, d + j);
             for (; j < G_NR; ++j) {
                 const int64_t e = (k0 + k) * g.ldb + n0 + j;
-                d[j] = j < nr ? g.code[(g.b_nf4[e / 2] >> (e % 2 ? 0 : 4)) & 15] * g.absmax[e / g.blocksize] : 0.0f;
+                d[j] = j < nr ? nf4_at(g, e) : 0.0f;
             }
         }
     } else if (g.b_nf4) {  // W [N, K] as NF4 (nt): decode 8 x 8 tiles, transpose
@@ -197,8 +202,7 @@ void pack_b_panel(const dk::GemmArgs& g, int64_t n0, int nr, int64_t k0, int64_t
         for (; k < kc; ++k)
             for (int j = 0; j < G_NR; ++j) {
                 const int64_t e = (n0 + j) * g.ldb + k0 + k;
-                dst[k * G_NR + j] = j < nr ? g.code[(g.b_nf4[e / 2] >> (e % 2 ? 0 : 4)) & 15] * g.absmax[e / g.blocksize]
-                                           : 0.0f;
+                dst[k * G_NR + j] = j < nr ? nf4_at(g, e) : 0.0f;
             }
     } else if (g.b_nt) {  // B [N, K]: transpose
         const float* src = g.b + n0 * g.ldb + k0;
@@ -232,8 +236,9 @@ void pack_proj(const dk::GemmArgs& g, int64_t k0, int64_t kc, float* rpack) {
         for (int64_t k = 0; k < kc; ++k)
             for (int j = 0; j < VW; ++j) {
                 const int64_t col = q * VW + j;
-                rpack[(q * kc + k) * VW + j] = col >= g.R ? 0.0f
-                                               : g.proj_t ? g.proj[col * g.ldp + k0 + k] : g.proj[(k0 + k) * g.ldp + col];
+                float v = 0.0f;
+                if (col < g.R) v = g.proj_t ? g.proj[col * g.ldp + k0 + k] : g.proj[(k0 + k) * g.ldp + col];
+                rpack[(q * kc + k) * VW + j] = v;
             }
 }
 
@@ -300,52 +305,65 @@ void gemm(const dk::GemmArgs& args, int nthreads) {
     const int T = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, split_m ? tiles : panels_max));
     const int64_t kx_max = std::min(G_KC, K) + (g.a2 ? g.R : 0);
     const int64_t rpanels = g.proj ? (g.R + VW - 1) / VW : 0;
-    float* bpack = scratch(0, panels_max * G_NR * kx_max);
+    float* bpack = scratch(0, panels_max * G_NR * kx_max);  // may throw std::bad_alloc (MemoryError)
+    int no_memory = 0;
 #pragma omp parallel num_threads(T)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        float* apack = scratch(1, G_MC * kx_max);
-        float* rpack = g.proj ? scratch(2, rpanels * VW * std::min(G_KC, K)) : nullptr;
-        const int64_t row_share = (tiles + nt - 1) / nt * G_MR;
-        const int64_t m_lo = std::min(M, t * row_share), m_hi = std::min(M, m_lo + row_share);
-        if (g.proj && !split_m) {  // the projection first: this thread's rows, every K block
-            for (int64_t kb = 0; kb < nkb; ++kb) {
-                const int64_t k0 = kb * G_KC, kc = std::min(G_KC, K - k0);
-                pack_proj(g, k0, kc, rpack);
-                for (int64_t row = m_lo; row < m_hi; row += G_MR) {
-                    dk::GemmArgs only = g;
-                    only.a2 = nullptr;  // pack and project; the rank steps are packed in the main pass
-                    pack_tile(only, kb, nkb, row, (int)std::min<int64_t>(G_MR, m_hi - row), apack, rpack, true);
-                }
-            }
-#pragma omp barrier
+        float *apack = nullptr, *rpack = nullptr;
+        try {  // no exception may leave a parallel region: every thread learns of a failure, then returns
+            apack = scratch(1, G_MC * kx_max);
+            if (g.proj) rpack = scratch(2, rpanels * VW * std::min(G_KC, K));
+        } catch (const std::bad_alloc&) {
+#pragma omp atomic write
+            no_memory = 1;
         }
-        for (int64_t n0 = 0; n0 < N; n0 += G_NC) {
-            const int64_t nc = std::min(G_NC, N - n0), panels = (nc + G_NR - 1) / G_NR;
-            const bool proj = g.proj && split_m && n0 == 0;  // projected in the first N block's passes
-            for (int64_t kb = 0; kb < nkb; ++kb) {
-                const int64_t k0 = kb * G_KC, kc = std::min(G_KC, K - k0);
-                const bool ext = kb == nkb - 1 && g.a2;
-                if (proj) pack_proj(g, k0, kc, rpack);
-                if (split_m) {
-#pragma omp for schedule(static)
-                    for (int64_t p = 0; p < panels; ++p)
-                        pack_b_panel(g, n0 + p * G_NR, (int)std::min<int64_t>(G_NR, nc - p * G_NR), k0, kc, ext,
-                                     bpack + p * G_NR * kx_max);  // implicit barrier: every panel packed
-                    gemm_block(g, n0, nc, kb, nkb, m_lo, m_hi, 0, panels, bpack, kx_max, apack, rpack, proj);
 #pragma omp barrier
-                } else {
-                    const int64_t share = (panels + nt - 1) / nt;
-                    const int64_t p_lo = std::min(panels, t * share), p_hi = std::min(panels, p_lo + share);
-                    for (int64_t p = p_lo; p < p_hi; ++p)
-                        pack_b_panel(g, n0 + p * G_NR, (int)std::min<int64_t>(G_NR, nc - p * G_NR), k0, kc, ext,
-                                     bpack + p * G_NR * kx_max);
-                    gemm_block(g, n0, nc, kb, nkb, 0, M, p_lo, p_hi, bpack, kx_max, apack, nullptr, false);
+        int failed;
+#pragma omp atomic read
+        failed = no_memory;
+        if (!failed) {  // the same branch for every thread: the worksharing and barriers below match
+            const int64_t row_share = (tiles + nt - 1) / nt * G_MR;
+            const int64_t m_lo = std::min(M, t * row_share), m_hi = std::min(M, m_lo + row_share);
+            if (g.proj && !split_m) {  // the projection first: this thread's rows, every K block
+                for (int64_t kb = 0; kb < nkb; ++kb) {
+                    const int64_t k0 = kb * G_KC, kc = std::min(G_KC, K - k0);
+                    pack_proj(g, k0, kc, rpack);
+                    for (int64_t row = m_lo; row < m_hi; row += G_MR) {
+                        dk::GemmArgs only = g;
+                        only.a2 = nullptr;  // pack and project; the rank steps are packed in the main pass
+                        pack_tile(only, kb, nkb, row, (int)std::min<int64_t>(G_MR, m_hi - row), apack, rpack, true);
+                    }
                 }
-            }
-            if (!split_m && n0 + G_NC < N) {
 #pragma omp barrier
-            }  // the next N block's shares differ: no thread repacks a panel another still reads
+            }
+            for (int64_t n0 = 0; n0 < N; n0 += G_NC) {
+                const int64_t nc = std::min(G_NC, N - n0), panels = (nc + G_NR - 1) / G_NR;
+                const bool proj = g.proj && split_m && n0 == 0;  // projected in the first N block's passes
+                for (int64_t kb = 0; kb < nkb; ++kb) {
+                    const int64_t k0 = kb * G_KC, kc = std::min(G_KC, K - k0);
+                    const bool ext = kb == nkb - 1 && g.a2;
+                    if (proj) pack_proj(g, k0, kc, rpack);
+                    if (split_m) {
+#pragma omp for schedule(static)
+                        for (int64_t p = 0; p < panels; ++p)
+                            pack_b_panel(g, n0 + p * G_NR, (int)std::min<int64_t>(G_NR, nc - p * G_NR), k0, kc, ext,
+                                         bpack + p * G_NR * kx_max);  // implicit barrier: every panel packed
+                        gemm_block(g, n0, nc, kb, nkb, m_lo, m_hi, 0, panels, bpack, kx_max, apack, rpack, proj);
+#pragma omp barrier
+                    } else {
+                        const int64_t share = (panels + nt - 1) / nt;
+                        const int64_t p_lo = std::min(panels, t * share), p_hi = std::min(panels, p_lo + share);
+                        for (int64_t p = p_lo; p < p_hi; ++p)
+                            pack_b_panel(g, n0 + p * G_NR, (int)std::min<int64_t>(G_NR, nc - p * G_NR), k0, kc, ext,
+                                         bpack + p * G_NR * kx_max);
+                        gemm_block(g, n0, nc, kb, nkb, 0, M, p_lo, p_hi, bpack, kx_max, apack, nullptr, false);
+                    }
+                }
+                if (!split_m && n0 + G_NC < N) {
+#pragma omp barrier
+                }  // the next N block's shares differ: no thread repacks a panel another still reads
+            }
         }
     }
 }
