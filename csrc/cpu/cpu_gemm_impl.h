@@ -326,14 +326,13 @@ void gemm(const dk::GemmArgs& args, int nthreads) {
             const int64_t row_share = (tiles + nt - 1) / nt * G_MR;
             const int64_t m_lo = std::min(M, t * row_share), m_hi = std::min(M, m_lo + row_share);
             if (g.proj && !split_m) {  // the projection first: this thread's rows, every K block
+                dk::GemmArgs only = g;
+                only.a2 = nullptr;  // pack and project; the rank steps are packed in the main pass
                 for (int64_t kb = 0; kb < nkb; ++kb) {
                     const int64_t k0 = kb * G_KC, kc = std::min(G_KC, K - k0);
                     pack_proj(g, k0, kc, rpack);
-                    for (int64_t row = m_lo; row < m_hi; row += G_MR) {
-                        dk::GemmArgs only = g;
-                        only.a2 = nullptr;  // pack and project; the rank steps are packed in the main pass
+                    for (int64_t row = m_lo; row < m_hi; row += G_MR)
                         pack_tile(only, kb, nkb, row, (int)std::min<int64_t>(G_MR, m_hi - row), apack, rpack, true);
-                    }
                 }
 #pragma omp barrier
             }

@@ -118,25 +118,16 @@ def _weight(weight, absmax, code, N: int, K: int, blocksize: int, dtype):
 # ---- frozen linear (BitFit) -------------------------------------------------------------------
 
 
-def _dense_product(a, w, b_t: bool, bias=None, a2=None, b2=None, b2_t: bool = False, scale2: float = 1.0, nf4=None,
-                   col_scale=None):
-    """fp32 (a . op(W) + scale2 * a2 . op2(b2)) * col_scale + bias for a ready fp32 (float64) W [N, K]
-    (or `nf4`, the native GEMM's NF4 operand, with w None), op(W) = W^T (b_t: y = x W^T) or W (dX =
-    dY W), op2(b2) = b2^T (b2_t) or b2; col_scale and bias optional. The native GEMM when `_gemm` says
-    so (the rank-r term as r more steps, scale and bias in its last pass), else BLAS (the rank-r term
-    and bias first, then the big product adds into them)."""
-    M, (N, K) = a.shape[0], (nf4[3:5] if w is None else w.shape)
+def _dense_product(a, w, b_t: bool, bias=None, a2=None, b2=None, b2_t: bool = False, scale2: float = 1.0):
+    """fp32 bias + a . op(W) + scale2 * a2 . op2(b2) for a ready fp32 (float64) W [N, K], op(W) = W^T
+    (b_t: y = x W^T) or W (dX = dY W), op2(b2) = b2^T (b2_t) or b2: the native GEMM when `_gemm` says so
+    (the rank-r term as r more steps, the bias in its last pass), else BLAS (the rank-r term and bias
+    first, then the big product adds into them)."""
+    (M, K), N = a.shape, (w.shape[0] if b_t else w.shape[1])
     r = 0 if a2 is None else a2.shape[1]
-    if w is None or (w.dtype == torch.float32 and _gemm(M, N, K, a.dtype, r)):
-        return _cpu_ext.gemm(f32(a), w, nf4=nf4, b_t=b_t, bias=f32(bias), a2=f32(a2), b2=f32(b2), b2_t=b2_t,
-                             scale2=scale2, col_scale=f32(col_scale))
+    if w.dtype == torch.float32 and _gemm(M, N, K, a.dtype, r):
+        return _cpu_ext.gemm(f32(a), w, b_t=b_t, bias=f32(bias), a2=f32(a2), b2=f32(b2), b2_t=b2_t, scale2=scale2)
     wt = w.t() if b_t else w
-    if col_scale is not None:  # (a W + s a2 b2) * cs + b: the product, then scale and bias in place
-        y = torch.mm(f32(a), wt)
-        if a2 is not None:
-            y.addmm_(f32(a2), f32(b2).t() if b2_t else f32(b2), alpha=scale2)
-        y.mul_(col_scale.to(y.dtype))
-        return y if bias is None else y.add_(f32(bias).to(y.dtype))
     if a2 is None:
         return torch.mm(f32(a), wt) if bias is None else torch.addmm(f32(bias), f32(a), wt)
     term = lowrank.gb(f32(a2), f32(b2).t().contiguous() if b2_t else f32(b2), scale2, f32(bias))
@@ -150,16 +141,24 @@ def _gemm_weight(weight, absmax, code, N: int, K: int, blocksize: int, dtype):
     return (None if nf4 is not None else _weight(weight, absmax, code, N, K, blocksize, dtype)[0]), nf4
 
 
+def _on_gemm(a, weight, absmax, code, N: int, K: int, blocksize: int, dtype, b_t: bool, **terms):
+    """_cpu_ext.gemm(a, op(W), **terms) for a dense or NF4 W [N, K] as the layer ops receive it (the caller
+    checked `_gemm`): an NF4 W decoded while packed where it can be (`_gemm_weight`); the tensors of
+    `terms` (bias, a2, b2, col_scale, proj) as fp32."""
+    w, nf4 = _gemm_weight(weight, absmax, code, N, K, blocksize, dtype)
+    kw = {k: f32(v) if isinstance(v, torch.Tensor) else v for k, v in terms.items()}
+    return _cpu_ext.gemm(f32(a), w, nf4=nf4, b_t=b_t, **kw)
+
+
 def _product(a, weight, absmax, code, N: int, K: int, blocksize: int, dtype, b_t: bool, bias=None, a2=None, b2=None,
-             b2_t: bool = False, scale2: float = 1.0, col_scale=None):
-    """_dense_product for a dense or NF4 W [N, K] as the layer ops receive it: on the native GEMM an NF4 W
-    is decoded while packed where it can be (`_gemm_weight`); else W as `_weight` gives it."""
+             b2_t: bool = False, scale2: float = 1.0):
+    """_dense_product for a dense or NF4 W [N, K] as the layer ops receive it: `_on_gemm` when `_gemm`
+    says so, else BLAS on W as `_weight` gives it."""
     r = 0 if a2 is None else a2.shape[1]
     if _gemm(a.shape[0], N, K, dtype, r):
-        w, nf4 = _gemm_weight(weight, absmax, code, N, K, blocksize, dtype)
-    else:
-        w, nf4 = _weight(weight, absmax, code, N, K, blocksize, dtype)[0], None
-    return _dense_product(a, w, b_t, bias, a2, b2, b2_t, scale2, nf4=nf4, col_scale=col_scale)
+        return _on_gemm(a, weight, absmax, code, N, K, blocksize, dtype, b_t, bias=bias, a2=a2, b2=b2, b2_t=b2_t,
+                        scale2=scale2)
+    return _dense_product(a, _weight(weight, absmax, code, N, K, blocksize, dtype)[0], b_t, bias, a2, b2, b2_t, scale2)
 
 
 @_cpu("linear_fwd")
@@ -244,10 +243,9 @@ def _projected(a, weight, absmax, code, N, K, blocksize, b_t: bool, proj, proj_t
     r = proj.shape[0] if proj_t else proj.shape[1]
     if not _gemm(a.shape[0], N, K, dtype, r):
         return None
-    w, nf4 = _gemm_weight(weight, absmax, code, N, K, blocksize, dtype)
     with autocast_off("cpu"):
-        out, a2 = _cpu_ext.gemm(f32(a), w, nf4=nf4, b_t=b_t, bias=f32(bias), proj=f32(proj), proj_t=proj_t, b2=f32(b2),
-                                b2_t=b2_t, scale2=scaling, col_scale=f32(col_scale))
+        out, a2 = _on_gemm(a, weight, absmax, code, N, K, blocksize, dtype, b_t, bias=bias, proj=proj, proj_t=proj_t,
+                           b2=b2, b2_t=b2_t, scale2=scaling, col_scale=col_scale)
     return _round(out, dtype), _round(a2, dtype)
 
 
@@ -296,8 +294,8 @@ def dora_fwd(x, weight, absmax, code, N, K, blocksize, bias, xa, lora_B, g, keep
         return ref_dora.dora_fwd_ref(x, w, bias, xa, lora_B, g, keep, scaling, mask_scale)
     with autocast_off("cpu"):
         if _gemm(x.shape[0], N, K, x.dtype, lora_B.shape[1]):  # y = (x W^T + s xa B^T) * g + b in one GEMM pass
-            y = _product(x, weight, absmax, code, N, K, blocksize, x.dtype, True, bias, xa, lora_B, True, scaling,
-                         col_scale=g)
+            y = _on_gemm(x, weight, absmax, code, N, K, blocksize, x.dtype, True, bias=bias, a2=xa, b2=lora_B,
+                         b2_t=True, scale2=scaling, col_scale=g)
             return _round(y, x.dtype)
         w, scratch = _weight(weight, absmax, code, N, K, blocksize, x.dtype)
         xf, gw, xaf = f32(x), g.to(w.dtype), f32(xa)
@@ -338,6 +336,12 @@ def _col_sums(dy, y, bias, want_db: bool, g=None):
     return (None, *compose.col_sums(dy, y, bias, want_db))
 
 
+def _scaled_col_sums(dy, y, bias, compute_db, g):
+    """(dY * g fp32, db, c): `_col_sums` with g, forming dY * g by torch when the native pass cannot."""
+    dyg, db, c = _col_sums(dy, y, bias, bool(compute_db), f32(g))
+    return (f32(dy) * f32(g) if dyg is None else dyg), db, c
+
+
 @_cpu("dora_bwd")
 def dora_bwd(dy, weight, absmax, code, N, K, blocksize, dyb, lora_A, g, keep, y, bias, scaling, mask_scale,
              compute_dx, compute_db):
@@ -353,8 +357,7 @@ def dora_bwd(dy, weight, absmax, code, N, K, blocksize, dyb, lora_A, g, keep, y,
         elif compute_dx and _gemm(dy.shape[0], N, K, dy.dtype, lora_A.shape[0]):
             # dX = (dY * g) W + s dyb A in one GEMM pass (an NF4 W decoded while packed); dY * g comes from
             # the pass that sums db and c
-            dyg, db, c = _col_sums(dy, y, bias, bool(compute_db), f32(g))
-            dyg = f32(dy) * f32(g) if dyg is None else dyg
+            dyg, db, c = _scaled_col_sums(dy, y, bias, compute_db, g)
             dx = _product(dyg, weight, absmax, code, N, K, blocksize, dy.dtype, False, None, dyb, lora_A, False,
                           scaling)
             dx = _round(dx, dy.dtype)
@@ -379,8 +382,7 @@ def dora_bwd_dyb(dy, weight, absmax, code, N, K, blocksize, lora_B, lora_A, g, y
     dyb = (dY * g) B computed inside the native GEMM; else dyb by xat, then dora_bwd."""
     with autocast_off("cpu"):
         if _gemm(dy.shape[0], N, K, dy.dtype, lora_B.shape[1]):
-            dyg, db, c = _col_sums(dy, y, bias, bool(compute_db), f32(g))
-            dyg = f32(dy) * f32(g) if dyg is None else dyg
+            dyg, db, c = _scaled_col_sums(dy, y, bias, compute_db, g)
             dx, dyb = _projected(dyg, weight, absmax, code, N, K, blocksize, False, lora_B, False, lora_A, False,
                                  scaling, dtype=dy.dtype)
             return dx, _or_empty(db, dy), _or_empty(c, dy), dyb
